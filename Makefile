@@ -1,0 +1,41 @@
+# The two commands: `make run` and `make test`. Both build .venv from pyproject.toml when needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+WORKDIR ?= runs/mnist_cnn
+PYTEST_ARGS ?=
+
+.PHONY: run test lint format bench notebook clean venv
+
+venv: $(STAMP)
+
+# Rebuilt only when pyproject.toml changes: a fast no-op otherwise.
+$(STAMP): pyproject.toml
+	@echo "setting up $(VENV) from pyproject.toml (first time: a minute or two)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -qq --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m experiments.two_layer_sigmoid --workdir runs/two_layer_sigmoid
+
+# pytest exits 5 when it collected no test: that is a broken setup, not a pass.
+test: $(STAMP)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (setup problem)"; exit 1; fi; \
+	exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check jaxnets experiments tests bench scripts
+	$(VENV)/bin/ruff format --check jaxnets experiments tests bench scripts
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix jaxnets experiments tests bench scripts
+	$(VENV)/bin/ruff format jaxnets experiments tests bench scripts
+
+bench: $(STAMP)
+	@echo "make bench: not yet (see issue 9)"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
