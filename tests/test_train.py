@@ -1,0 +1,261 @@
+"""The training engine: steps, epoch runner, fit, and data parallelism over fake CPU devices."""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxnets import parallel, train
+
+
+class _TinyNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(10)(nn.tanh(nn.Dense(16)(x)))
+
+
+def _data(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 6, 6, 1), dtype=np.uint8), rng.integers(0, 10, n).astype(
+        np.int32
+    )
+
+
+def _loss(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _preprocess(images, *, keys):
+    x = images.astype(jnp.float32) / 255.0
+    if keys is not None:  # a random, per-example perturbation: exercises the key plumbing
+        x = x + 0.01 * jax.vmap(lambda k: jax.random.normal(k, x.shape[1:]))(keys)
+    return x
+
+
+TX = optax.sgd(0.1, momentum=0.9, nesterov=True)
+
+
+def _run(
+    backend="pmap",
+    devices=1,
+    k=1,
+    epochs=2,
+    batch=32,
+    data=None,
+    hooks=train.Hooks(),
+    state=None,
+    tx=TX,
+    evaluate=True,
+):
+    images, labels = data if data is not None else _data()
+    dp = parallel.make_data_parallel(backend=backend, devices=devices)
+    model = _TinyNet()
+    if state is None:
+        state = train.create_train_state(
+            model, tx, _preprocess(images[:1], keys=None), key=jax.random.key(0)
+        )
+    step = train.make_train_step(
+        model.apply, _loss, tx, preprocess=_preprocess, axis_name=dp.axis_name
+    )
+    ev = None
+    if evaluate:
+        ev = train.make_evaluation(
+            train.make_eval_step(
+                model.apply, _loss, preprocess=_preprocess, axis_name=dp.axis_name
+            ),
+            dp,
+            images[:50],
+            labels[:50],
+            batch_size=batch,
+        )
+    result = train.fit(
+        dp.replicate(state),
+        train.make_epoch_runner(step, dp),
+        dp,
+        (images, labels),
+        data_key=jax.random.key(1),
+        epochs=epochs,
+        batch_size=batch,
+        evaluation=ev,
+        steps_per_dispatch=k,
+        log_every_steps=4,
+        hooks=hooks,
+    )
+    host_state = jax.device_get(dp.unreplicate(result.state))
+    return host_state, result
+
+
+def _assert_close(a, b, rtol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol)
+
+
+def test_one_device_step_matches_hand_written_sgd():
+    """One step of the engine == value_and_grad + optax by hand on the same batch."""
+    images, labels = _data(32)
+    model = _TinyNet()
+    state = train.create_train_state(
+        model, TX, _preprocess(images[:1], keys=None), key=jax.random.key(0)
+    )
+    step = jax.jit(train.make_train_step(model.apply, _loss, TX))
+    x = images.astype(jnp.float32) / 255.0
+    new_state, m = step(state, (x, labels))
+
+    def objective(p):
+        return _loss(model.apply({"params": p}, x), labels).mean()
+
+    loss, grads = jax.value_and_grad(objective)(state.params)
+    updates, _ = TX.update(grads, TX.init(state.params), state.params)
+    _assert_close(new_state.params, optax.apply_updates(state.params, updates), 1e-6)
+    assert int(new_state.step) == 1 and int(m["count"]) == 32
+    np.testing.assert_allclose(float(m["loss"]) / 32, float(loss), rtol=1e-6)
+
+
+@pytest.mark.parametrize("devices", [2, 8])
+def test_n_devices_equal_one_device(devices):
+    ref, _ = _run(devices=1, epochs=3)  # 24 steps
+    got, _ = _run(devices=devices, epochs=3)
+    assert int(got.step) == int(ref.step) == 24
+    _assert_close(got.params, ref.params, 1e-5)
+
+
+def test_pmap_and_shard_map_backends_agree():
+    a, ra = _run("pmap", devices=4)
+    b, rb = _run("shard_map", devices=4)
+    _assert_close(a.params, b.params, 1e-6)
+    assert ra.history[-1]["val_loss"] == pytest.approx(rb.history[-1]["val_loss"], rel=1e-6)
+
+
+def test_scanned_chunks_equal_single_steps():
+    loop, _ = _run(k=1)
+    scanned, _ = _run(k=8)
+    _assert_close(scanned.params, loop.params, 1e-6)
+
+
+def test_same_seed_is_bit_identical():
+    a, _ = _run(devices=2)
+    b, _ = _run(devices=2)
+    assert train.params_sha256(a.params) == train.params_sha256(b.params)
+    c, _ = _run(devices=2, data=_data(seed=1))
+    assert train.params_sha256(c.params) != train.params_sha256(a.params)
+
+
+def test_resume_mid_epoch_is_bit_identical():
+    full, _ = _run(devices=2, epochs=2)
+    calls = []
+    stop_after = train.Hooks(
+        should_stop=lambda: len(calls) >= 3, on_steps=lambda step, state, done: calls.append(step)
+    )
+    part, res = _run(devices=2, epochs=2, hooks=stop_after)
+    assert res.stopped_early and int(part.step) == 3
+    resumed, _ = _run(devices=2, epochs=2, state=part)
+    assert train.params_sha256(resumed.params) == train.params_sha256(full.params)
+    np.testing.assert_array_equal(np.asarray(resumed.key), np.asarray(full.key))
+
+
+def test_history_and_logs():
+    records = []
+    _, res = _run(epochs=2, hooks=train.Hooks(on_log=records.append))
+    assert [r["epoch"] for r in res.history] == [1, 2]
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == [4, 8, 12, 16]
+    assert all(0 <= r["accuracy"] <= 1 and np.isfinite(r["loss"]) for r in records)
+    assert {"val_loss", "val_accuracy"} <= set(res.history[-1])
+
+
+def test_evaluation_counts_every_example_once():
+    """Padding in the last eval batch is masked: accuracy == numpy argmax on all 50."""
+    images, labels = _data(50)
+    dp = parallel.make_data_parallel(devices=2)
+    model = _TinyNet()
+    state = train.create_train_state(
+        model, TX, _preprocess(images[:1], keys=None), key=jax.random.key(3)
+    )
+    ev = train.make_evaluation(
+        train.make_eval_step(model.apply, _loss, preprocess=_preprocess, axis_name="batch"),
+        dp,
+        images,
+        labels,
+        batch_size=16,
+    )
+    got = train.evaluate(ev, dp.replicate(state.params))
+    logits = model.apply({"params": state.params}, _preprocess(images, keys=None))
+    np.testing.assert_allclose(got["accuracy"], np.mean(np.argmax(logits, -1) == labels))
+    np.testing.assert_allclose(got["loss"], float(_loss(logits, labels).mean()), rtol=1e-5)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+    with pytest.raises(
+        ValueError,
+        match=r"global batch 30 is not divisible by 8 devices.*"
+        r"--batch-size 32",
+    ):
+        _run(devices=8, batch=30)
+
+
+def test_batch_larger_than_data_is_a_clear_error():
+    with pytest.raises(ValueError, match="batch size 512 is larger than the 256"):
+        _run(batch=512, evaluate=False)
+
+
+def test_non_finite_loss_stops_with_the_step_range():
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss between steps"):
+        _run(tx=optax.sgd(1e38), epochs=1)
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("backend", parallel.BACKENDS)
+def test_second_epoch_does_not_recompile(backend):
+    images, labels = _data()
+    dp = parallel.make_data_parallel(backend=backend, devices=2)
+    model = _TinyNet()
+    state = train.create_train_state(
+        model, TX, _preprocess(images[:1], keys=None), key=jax.random.key(0)
+    )
+    run = train.make_epoch_runner(
+        train.make_train_step(
+            model.apply, _loss, TX, preprocess=_preprocess, axis_name=dp.axis_name
+        ),
+        dp,
+    )
+    state, data = dp.replicate(state), dp.replicate((images, labels))
+    idx = train.epoch_indices(jax.random.key(1), 0, len(labels), 32)
+    state, _ = run(state, data, dp.shard_columns(idx[:1]))
+    with _count_compiles() as compiles:
+        for epoch in range(2):
+            idx = train.epoch_indices(jax.random.key(1), epoch, len(labels), 32)
+            for s in range(1, idx.shape[0]):
+                state, m = run(state, data, dp.shard_columns(idx[s : s + 1]))
+        jax.block_until_ready(m)
+    assert compiles == []
+
+
+def test_epoch_indices_are_a_pure_function_of_key_and_epoch():
+    key = jax.random.key(5)
+    a = train.epoch_indices(key, 3, 100, 10)
+    np.testing.assert_array_equal(a, train.epoch_indices(key, 3, 100, 10))
+    assert not np.array_equal(a, train.epoch_indices(key, 4, 100, 10))
+    assert a.shape == (10, 10) and sorted(a.ravel().tolist()) == list(range(100))
+    b = train.epoch_indices(key, 0, 105, 10)  # the remainder is dropped
+    assert b.shape == (10, 10) and len(set(b.ravel().tolist())) == 100
