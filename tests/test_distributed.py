@@ -1,0 +1,48 @@
+"""Two processes on 127.0.0.1 (2 CPU devices each, gloo) == one process with 4 devices."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import test_train
+
+HERE = Path(__file__).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_four_devices(tmp_path):
+    port = _free_port()
+    out = tmp_path / "params.npz"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent)])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "distributed_worker.py"), str(i), str(port), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    got = np.load(out)
+    ref_state, ref_result = test_train._run(devices=4, epochs=2)
+    ref_leaves = jax.tree.leaves(ref_state.params)
+    assert len(ref_leaves) == len(got.files) - 1
+    for i, leaf in enumerate(ref_leaves):
+        np.testing.assert_allclose(got[f"arr_{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-6)
+    assert float(got["val_loss"]) == pytest.approx(ref_result.history[-1]["val_loss"], rel=1e-5)
