@@ -85,7 +85,7 @@ def stratified_tail_split(labels: np.ndarray, num_test: int) -> np.ndarray:
 
 
 def to_npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An ``.npz`` (deflated zip of ``.npy`` files) with fixed timestamps: same input, same bytes."""
+    """An ``.npz`` (deflated zip of ``.npy``s) with fixed timestamps: same input, same bytes."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
         for name, array in arrays.items():

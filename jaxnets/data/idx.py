@@ -144,6 +144,6 @@ def find_idx_files(directory: str | os.PathLike, split: str) -> tuple[str, str]:
             raise ValueError(
                 f"IDX directory {directory!r} has no {stem} or {stem}.gz (split {split!r}); "
                 f"it holds {present[:10]}. Put the four MNIST-format files there "
-                "(e.g. apt-get install dataset-fashion-mnist gives /usr/share/datasets/fashion-mnist)"
+                "(e.g. apt-get install dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)"
             )
     return paths[0], paths[1]

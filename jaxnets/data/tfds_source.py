@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
@@ -11,6 +12,7 @@ import urllib.request
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from jaxnets.data import idx, sources
 
@@ -72,8 +74,14 @@ class _IdxBuilder:
         "Put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
         "and t10k-labels-idx1-ubyte.gz (or their un-gzipped versions) in the manual directory."
     )
-    disable_shuffling = True
     SOURCE_NAME = ""
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # tfds 4.9.10 resolves the code path of builders inside packages through
+        # `importlib_resources`, which it only requires on Python < 3.9: say it directly.
+        return epath.Path(inspect.getfile(cls))
 
     def _info(self):
         return tfds.core.DatasetInfo(
@@ -86,6 +94,7 @@ class _IdxBuilder:
                 }
             ),
             supervised_keys=("image", "label"),
+            disable_shuffling=True,
             homepage=URLS[self.SOURCE_NAME],
         )
 
