@@ -1,0 +1,54 @@
+"""Data: MNIST-format sources as numpy arrays, epoch order, and on-device augmentation."""
+
+from jaxnets.data import augment
+from jaxnets.data.augment import (
+    AugmentConfig,
+    TransformParams,
+    apply_transform,
+    fit_featurewise_stats,
+    random_transform,
+    sample_transform_params,
+    standardize,
+)
+from jaxnets.data.batching import epoch_permutation, normalize, split_validation
+from jaxnets.data.idx import read_idx, write_idx
+from jaxnets.data.sources import (
+    HOW_TO_GET_DATA,
+    Dataset,
+    DatasetInfo,
+    default_cache_dir,
+    load,
+)
+
+
+def __getattr__(name):
+    # TFDS is imported lazily: loading the sample or an IDX directory does not pay for it.
+    if name in ("DataUnavailableError", "host_reachable"):
+        from jaxnets.data import tfds_source
+
+        return getattr(tfds_source, name)
+    raise AttributeError(f"module 'jaxnets.data' has no attribute {name!r}")
+
+
+__all__ = [
+    "HOW_TO_GET_DATA",
+    "AugmentConfig",
+    "DataUnavailableError",
+    "Dataset",
+    "DatasetInfo",
+    "TransformParams",
+    "apply_transform",
+    "augment",
+    "default_cache_dir",
+    "epoch_permutation",
+    "fit_featurewise_stats",
+    "host_reachable",
+    "load",
+    "normalize",
+    "random_transform",
+    "read_idx",
+    "sample_transform_params",
+    "split_validation",
+    "standardize",
+    "write_idx",
+]

@@ -1,0 +1,61 @@
+"""Epoch order as a pure function of (key, epoch), Keras validation split, uint8 scaling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnets.types import PRNGKey
+
+
+def epoch_permutation(key: PRNGKey, epoch: int | jax.Array, num_examples: int) -> jax.Array:
+    """The example order of ``epoch``: a permutation from ``jax.random.fold_in(key, epoch)``.
+
+    A pure function of ``(key, epoch)``, so the batch of any step can be recomputed after a
+    restart: step ``s`` of an epoch uses ``perm[s * batch : (s + 1) * batch]``. Jittable (with
+    ``num_examples`` static).
+
+    Args:
+      key: the data-order key of the run.
+      epoch: the epoch number (int or int32 scalar array).
+      num_examples: the size of the training split.
+
+    Returns:
+      int32 [num_examples], a permutation of ``range(num_examples)``.
+    """
+    return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+
+def split_validation(images, labels, fraction: float):
+    """Holds out the LAST ``fraction`` of the examples, before any shuffling (Keras semantics).
+
+    Keras ``fit(validation_split=f)`` keeps ``x[:int(n * (1 - f))]`` for training and the rest
+    for validation.
+
+    Args:
+      images: [N, ...] numpy or jax array.
+      labels: [N] numpy or jax array.
+      fraction: in ``[0, 1)``.
+
+    Returns:
+      ``((train_images, train_labels), (val_images, val_labels))``.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction {fraction} is outside [0, 1); use e.g. 0.2")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    split_at = int(len(images) * (1.0 - fraction))
+    return (images[:split_at], labels[:split_at]), (images[split_at:], labels[split_at:])
+
+
+def normalize(images: jax.Array | np.ndarray) -> jax.Array:
+    """uint8 images in 0..255 to float32 in [0, 1] (``x / 255``), on the device.
+
+    Args:
+      images: uint8 [..., H, W, C].
+
+    Returns:
+      float32, same shape.
+    """
+    return jnp.asarray(images).astype(jnp.float32) / 255.0
