@@ -45,8 +45,9 @@ class TrainState(NamedTuple):
 
 
 def make_state(seed: int, *, typed_key: bool = True) -> TrainState:
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    k0, k1, k2, k3 = jax.random.split(jax.random.key(seed), 4)
     params = {
+        "embed": jax.random.normal(k0, (64, 256)),  # big enough to be its own data file
         "dense": {"w": jax.random.normal(k1, (8, 16)), "b": jnp.arange(16.0) * seed},
         "out": {"w": jax.random.normal(k2, (16, 4)).astype(jnp.bfloat16)},
         "mask": jax.random.bernoulli(k3, 0.5, (5,)),
@@ -71,8 +72,8 @@ def assert_trees_equal(actual, expected):
 
 
 def largest_data_file(step_dir: str) -> str:
-    files = [f for f in glob.glob(f"{step_dir}/state/**", recursive=True) if os.path.isfile(f)]
-    return max(files, key=os.path.getsize)
+    """The biggest file of array data (OCDBT data files live in `d/` directories)."""
+    return max(glob.glob(f"{step_dir}/state/**/d/*", recursive=True), key=os.path.getsize)
 
 
 @pytest.mark.parametrize("typed_key", [True, False])
@@ -148,9 +149,15 @@ def corrupt(path: str, how: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "how, item", [("delete", "data"), ("truncate", "data"), ("flip", "data"), ("truncate", "meta")]
+    "how, item, reason",
+    [
+        ("delete", "data", "cannot read its arrays"),
+        ("truncate", "data", "cannot read its arrays"),
+        ("flip", "data", r"its data differs from what was saved, in state.params\['embed'\]"),
+        ("truncate", "meta", "cannot read its metadata: JSONDecodeError"),
+    ],
 )
-def test_corrupted_latest_falls_back_to_previous(tmp_path, how, item):
+def test_corrupted_latest_falls_back_to_previous(tmp_path, how, item, reason):
     with Checkpointer(tmp_path) as ckpt:
         for step in (1, 2, 3):
             ckpt.save(step, make_state(step), metadata={"saved_at": step})
@@ -159,7 +166,9 @@ def test_corrupted_latest_falls_back_to_previous(tmp_path, how, item):
 
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.latest_step() == 3
-        with pytest.warns(RuntimeWarning, match=r"checkpoint step 3 .* unreadable .* step 2"):
+        with pytest.warns(
+            RuntimeWarning, match=rf"checkpoint step 3 .* unreadable \({reason}.*step 2"
+        ):
             state, meta, step = ckpt.restore(make_state(0))
         assert (step, meta) == (2, {"saved_at": 2})
         assert_trees_equal(state, make_state(2))
@@ -316,21 +325,21 @@ def killed_state(step: int, size: int) -> dict:
 def test_kill_9_leaves_a_valid_checkpoint(tmp_path, moment):
     size = 1 << 23  # 32 MiB of float32: the write outlasts the kill
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, str(tmp_path), str(size)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         env=env,
-    )
-    try:
-        for line in proc.stdout:
-            if line.strip() == moment:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
+    ) as proc:
+        try:
+            for line in proc.stdout:
+                if line.strip() == moment:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+        finally:
+            proc.kill()  # no-op once killed; ends the child if the test fails first
+            proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     unfinished = glob.glob(f"{tmp_path}/*.orbax-checkpoint-tmp*")
 
