@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 import math
 import os
@@ -420,16 +418,10 @@ class Checkpointer:
     def wait_until_finished(self) -> None:
         """Blocks until the pending async save is committed; re-raises its error if it failed.
 
-        Safe to call from code running inside an asyncio event loop (a notebook cell):
-        the wait then happens on a worker thread, so it cannot deadlock the loop.
+        Safe inside a running asyncio event loop (a notebook cell): it joins Orbax's
+        finalize thread and runs no event loop of its own.
         """
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            self._manager.wait_until_finished()
-            return
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(self._manager.wait_until_finished).result()
+        self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Flushes the pending save and releases Orbax's threads."""

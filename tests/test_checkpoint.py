@@ -82,7 +82,10 @@ def test_round_trip_is_bit_exact(tmp_path, typed_key, async_save):
     state = make_state(3, typed_key=typed_key)
     meta = {"config": {"lr": 0.1, "layers": [8, 16]}, "epoch": 2, "batch_in_epoch": 7}
     with Checkpointer(tmp_path, async_save=async_save) as ckpt:
-        assert ckpt.save(30, state, metadata=meta, metrics={"loss": 0.25})
+        donated = jax.tree.map(jnp.copy, state)
+        assert ckpt.save(30, donated, metadata=meta, metrics={"loss": 0.25})
+        for x in jax.tree.leaves(donated):  # as the next donating train step would
+            x.delete()
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [30]
         restored, restored_meta, step = ckpt.restore(make_state(0, typed_key=typed_key))
@@ -429,3 +432,17 @@ def test_check_workdir_read_only(tmp_path):
             Checkpointer(readonly / "ckpt")
     finally:
         readonly.chmod(0o700)
+
+
+def test_python_scalars_and_numpy_leaves_round_trip(tmp_path):
+    state = {"step": 7, "lr": 0.5, "counts": np.arange(3, dtype=np.int32), "w": jnp.ones(2)}
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(7, state, metadata={})
+        restored, _, _ = ckpt.restore(
+            {"step": 0, "lr": 0.0, "counts": np.zeros(3, np.int32), "w": jnp.zeros(2)}
+        )
+    assert restored["step"] == 7 and type(restored["step"]) is int
+    assert restored["lr"] == 0.5 and type(restored["lr"]) is float
+    assert isinstance(restored["counts"], np.ndarray)
+    np.testing.assert_array_equal(restored["counts"], state["counts"])
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.ones(2, np.float32))
