@@ -1,0 +1,167 @@
+"""Models: one contract checked for every model, then the CNN's own facts."""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnets import losses
+from jaxnets.models import MnistCNN
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    """What every model must satisfy: add one entry per model to MODELS."""
+
+    name: str
+    make: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]  # one example, no batch axis
+    output_shape: tuple[int, ...]  # one example, no batch axis
+    num_params: int  # pinned
+    intermediates: dict[str, tuple[int, ...]]  # sown name -> shape of one example
+
+
+CNN_INTERMEDIATES = {
+    "conv1_tanh": (24, 24, 4),
+    "pool1": (11, 11, 8),
+    "pool2": (4, 4, 16),
+    "flatten": (256,),
+    "dense1_tanh": (128,),
+}
+MODELS = [
+    ModelCase("mnist_cnn", MnistCNN, (28, 28, 1), (10,), 35_754, CNN_INTERMEDIATES),
+    ModelCase(
+        "mnist_cnn_im2col",
+        functools.partial(MnistCNN, conv_impl="im2col"),
+        (28, 28, 1),
+        (10,),
+        35_754,
+        CNN_INTERMEDIATES,
+    ),
+]
+BATCH = 3
+
+
+def _inputs(case, seed=0, batch=BATCH):
+    return jax.random.uniform(jax.random.key(seed), (batch, *case.input_shape))
+
+
+# Compiling an init takes seconds on XLA:CPU (threefry): one jitted init per model, reused.
+_INITS, _PARAMS = {}, {}
+
+
+def _fresh_init(case, seed):
+    if case.name not in _INITS:
+        _INITS[case.name] = jax.jit(case.make().init)
+    return _INITS[case.name](jax.random.key(seed), _inputs(case))["params"]
+
+
+def _init(case, seed=0):
+    """Parameters for (case, seed), initialised once per test session (compiling is slow)."""
+    if (case.name, seed) not in _PARAMS:
+        _PARAMS[case.name, seed] = _fresh_init(case, seed)
+    return _PARAMS[case.name, seed]
+
+
+@pytest.fixture(params=MODELS, ids=lambda case: case.name)
+def case(request):
+    return request.param
+
+
+def test_parameter_count(case):
+    params = jax.eval_shape(case.make().init, jax.random.key(0), _inputs(case))["params"]
+    assert sum(math.prod(p.shape) for p in jax.tree.leaves(params)) == case.num_params
+
+
+def test_output_and_intermediate_shapes_and_finite(case):
+    model, params = case.make(), _init(case)
+    logits, state = model.apply(
+        {"params": params}, _inputs(case, seed=1), mutable=["intermediates"]
+    )
+    assert logits.shape == (BATCH, *case.output_shape) and logits.dtype == jnp.float32
+    assert np.isfinite(logits).all()
+    shapes = {name: value[0].shape for name, value in state.get("intermediates", {}).items()}
+    assert shapes == {name: (BATCH, *shape) for name, shape in case.intermediates.items()}
+
+
+def test_init_is_a_function_of_the_key(case):
+    chex.assert_trees_all_equal(_fresh_init(case, 5), _fresh_init(case, 5))
+    first, other = jax.tree.leaves(_init(case)), jax.tree.leaves(_fresh_init(case, 5))
+    assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_jit_matches_eager(case):
+    model, params = case.make(), _init(case)
+    x = _inputs(case, seed=2)
+    eager = model.apply({"params": params}, x)
+    jitted = jax.jit(model.apply)({"params": params}, x)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-6)
+
+
+# The MNIST CNN's own facts.
+def test_cnn_initialisers_are_keras1():
+    params = _init(MODELS[0], seed=0)
+    for name, (k, cin, cout) in {
+        "conv1": (5, 1, 4),
+        "conv2": (3, 4, 8),
+        "conv3": (3, 8, 16),
+    }.items():
+        kernel = params[name]["kernel"]
+        assert kernel.shape == (k, k, cin, cout)  # HWIO
+        limit = math.sqrt(6 / (k * k * cin + k * k * cout))  # glorot_uniform
+        assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.8 * limit
+        np.testing.assert_allclose(np.var(kernel), limit**2 / 3, rtol=0.35)
+        np.testing.assert_array_equal(params[name]["bias"], 0.0)
+    dense = np.concatenate([params["dense1"]["kernel"].ravel(), params["dense2"]["kernel"].ravel()])
+    np.testing.assert_allclose(dense.std(), 0.05, rtol=0.02)  # init='normal' in Keras 1
+    assert abs(dense.mean()) < 1e-3
+    np.testing.assert_array_equal(params["dense1"]["bias"], 0.0)
+
+
+def test_cnn_rejects_bad_images_with_the_fix():
+    model, params = MnistCNN(), _init(MODELS[0])
+    with pytest.raises(ValueError, match=r"uint8.*astype\(jnp.float32\) / 255"):
+        model.apply({"params": params}, jnp.zeros((2, 28, 28, 1), jnp.uint8))
+    with pytest.raises(ValueError, match=r"\(2, 28, 28\).*images\[\.\.\., None\]"):
+        model.apply({"params": params}, jnp.zeros((2, 28, 28)))
+    with pytest.raises(ValueError, match="conv_impl='fft'"):
+        MnistCNN(conv_impl="fft").apply({"params": params}, jnp.zeros((2, 28, 28, 1)))
+
+
+def _loss_fn(model, images, labels):
+    def loss_fn(params):
+        logits = model.apply({"params": params}, images)
+        return losses.softmax_cross_entropy(logits, labels)
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("image_kind", ["uniform", "digit_like"])
+def test_im2col_matches_xla_in_values_and_gradients(image_kind):
+    key_x, key_y = jax.random.split(jax.random.key(7))
+    images = jax.random.uniform(key_x, (8, 28, 28, 1))
+    if image_kind == "digit_like":
+        # Flat zero background, like MNIST: many tied maxima in the pools.
+        images = jnp.where(images > 0.7, images, 0.0).at[:, :4].set(0.0)
+    labels = jax.random.randint(key_y, (8,), 0, 10)
+    xla, im2col = MnistCNN(conv_impl="xla"), MnistCNN(conv_impl="im2col")
+    params = _init(MODELS[0])
+    # The same parameter tree, and the same initial values for the same key.
+    chex.assert_trees_all_equal(params, _init(MODELS[1]))
+    np.testing.assert_allclose(
+        im2col.apply({"params": params}, images),
+        xla.apply({"params": params}, images),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    value_xla, grad_xla = jax.jit(jax.value_and_grad(_loss_fn(xla, images, labels)))(params)
+    value_i2c, grad_i2c = jax.jit(jax.value_and_grad(_loss_fn(im2col, images, labels)))(params)
+    np.testing.assert_allclose(value_i2c, value_xla, rtol=1e-5)
+    chex.assert_trees_all_close(grad_i2c, grad_xla, rtol=1e-5, atol=1e-5)
