@@ -29,12 +29,11 @@ from jax import lax
 
 from jaxnets.config import config_to_dict, parse_config
 from jaxnets.models.mlp import (
-    TwoLayerSigmoid,
     sum_squared_error,
     two_layer_forward,
     two_layer_manual_grads,
-    two_layer_params_from_flax,
     two_layer_train_many,
+    uniform_01,
 )
 
 INITS = ("numpy", "jax")
@@ -52,7 +51,7 @@ class Config:
         default="numpy",
         metadata={
             "help": "numpy: the tutorial's np.random.seed(seed); W1=rand(3,4); W2=rand(4,1) "
-            "(net k takes the k-th such draw); jax: TwoLayerSigmoid.init, uniform [0,1)"
+            "(net k takes the k-th such draw); jax: uniform [0,1) from jax.random.key(seed)"
         },
     )
     nets: int = dataclasses.field(default=1, metadata={"help": "random initialisations"})
@@ -89,8 +88,8 @@ def init_params(config: Config) -> dict:
     """Batched params {"w1": [nets, 3, 4], "w2": [nets, 4, 1]} float32, uniform on [0, 1).
 
     "numpy" draws exactly as the tutorial: ``np.random.seed(seed)`` then, net after net,
-    ``W1 = rand(3, 4); W2 = rand(4, 1)`` (net 0 is the tutorial's net); "jax" initialises
-    `TwoLayerSigmoid` from ``jax.random.split(jax.random.key(seed), nets)``.
+    ``W1 = rand(3, 4); W2 = rand(4, 1)`` (net 0 is the tutorial's net); "jax" draws with
+    `uniform_01` (the default ``kernel_init`` of `TwoLayerSigmoid`) from ``jax.random.key(seed)``.
     """
     if config.init == "numpy":
         # RandomState(seed) is the stream of np.random.seed(seed), without the global state.
@@ -98,9 +97,11 @@ def init_params(config: Config) -> dict:
         w1 = draws[:, :12].reshape(config.nets, 3, 4)
         w2 = draws[:, 12:].reshape(config.nets, 4, 1)
         return {"w1": jnp.asarray(w1, jnp.float32), "w2": jnp.asarray(w2, jnp.float32)}
-    model = TwoLayerSigmoid()
-    keys = jax.random.split(jax.random.key(config.seed), config.nets)
-    return jax.vmap(lambda key: two_layer_params_from_flax(model.init(key, X)))(keys)
+    key_w1, key_w2 = jax.random.split(jax.random.key(config.seed))
+    return {
+        "w1": uniform_01(key_w1, (config.nets, 3, 4), jnp.float32),
+        "w2": uniform_01(key_w2, (config.nets, 4, 1), jnp.float32),
+    }
 
 
 def train_one(params, x, y, learning_rate, *, iterations: int, check: bool):

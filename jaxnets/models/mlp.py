@@ -36,6 +36,7 @@ class TwoLayerSigmoid(nn.Module):
       out: number of outputs.
       use_bias: the seed has no biases (b = 0).
       kernel_init: weight initialiser; `uniform_01` reproduces the seed's ``np.random.rand``.
+      bias_init: bias initialiser (used only with ``use_bias``).
 
     Example:
         >>> model = TwoLayerSigmoid()
@@ -48,11 +49,14 @@ class TwoLayerSigmoid(nn.Module):
     out: int = 1
     use_bias: bool = False
     kernel_init: Initializer = uniform_01
+    bias_init: Initializer = nn.initializers.zeros_init()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """Args: x: [batch, d_in] float. Returns: [batch, out] probabilities in (0, 1)."""
-        dense = functools.partial(nn.Dense, use_bias=self.use_bias, kernel_init=self.kernel_init)
+        dense = functools.partial(
+            nn.Dense, use_bias=self.use_bias, kernel_init=self.kernel_init, bias_init=self.bias_init
+        )
         h = nn.sigmoid(dense(self.hidden, name="hidden")(x))
         return nn.sigmoid(dense(self.out, name="output")(h))
 
@@ -221,12 +225,12 @@ def _check_many(params: Params, x, y) -> None:
 _NETS_PER_CHUNK = 2048
 
 
-@functools.partial(jax.jit, static_argnames=("iterations",))
-def _train_many(params, x, y, learning_rate, *, iterations):
+@functools.partial(jax.jit, static_argnames=("iterations", "nets_per_chunk"))
+def _train_many(params, x, y, learning_rate, *, iterations, nets_per_chunk=_NETS_PER_CHUNK):
     dtype = params["w1"].dtype
     x, y, learning_rate = x.astype(dtype), y.astype(dtype), jnp.asarray(learning_rate, dtype)
     nets = params["w1"].shape[0]
-    chunks = -(-nets // _NETS_PER_CHUNK)
+    chunks = -(-nets // nets_per_chunk)
     size = -(-nets // chunks)
     pad = chunks * size - nets
 
