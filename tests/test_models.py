@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxnets import losses
-from jaxnets.models import MnistCNN
+from jaxnets.models import MnistCNN, TwoLayerSigmoid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ MODELS = [
         35_754,
         CNN_INTERMEDIATES,
     ),
+    ModelCase("two_layer_sigmoid", TwoLayerSigmoid, (3,), (1,), 3 * 4 + 4 * 1, {}),
 ]
 BATCH = 3
 
