@@ -65,6 +65,12 @@ def sgd(
     `p <- sign(p) * max(|p| - lr_t * l1, 0)` (exact zeros; `l1_proximal`). Using both
     gives the elastic net.
 
+    Strength under momentum: the velocity multiplies a steady gradient step by
+    `1 / (1 - momentum)`, the decay and proximal steps are applied once, so the fixed points
+    of `sgd(l1=a, weight_decay=b)` are those of `loss + (1 - momentum) * (a * ||p||_1 +
+    0.5 * b * ||p||^2)`. To match coupled penalties of strength `a`, `b` (or a run without
+    momentum), pass `a / (1 - momentum)`, `b / (1 - momentum)`.
+
     Works inside `jit` and under `vmap` over hyperparameters, directly or through
     `optax.inject_hyperparams(sgd)` (pass callable masks there as `static_args`).
 

@@ -483,3 +483,24 @@ def test_update_without_params_says_how_to_call(tx):
     params = {"kernel": jnp.ones((2, 2))}
     with pytest.raises(ValueError, match=r"tx.update\(grads, opt_state, params\)"):
         tx.update(params, tx.init(params))
+
+
+def _converge(tx, steps=3000):
+    def step_fn(_, carry):
+        params, state = carry
+        updates, state = tx.update(jax.grad(_loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    params = jax.tree.map(jnp.asarray, _P0)
+    return jax.jit(lambda p: jax.lax.fori_loop(0, steps, step_fn, (p, tx.init(p)))[0])(params)
+
+
+def test_momentum_scales_the_stationary_strength_by_one_minus_momentum():
+    """Velocity amplifies gradient steps by 1/(1-m), not the prox/decay: l1/(1-m) matches."""
+    ista = _converge(sgd(0.05, l1=0.5, weight_decay=0.2))
+    heavy_ball = _converge(sgd(0.05, momentum=0.9, l1=0.5 / 0.1, weight_decay=0.2 / 0.1))
+    chex.assert_trees_all_close(heavy_ball, ista, atol=1e-5)
+    assert np.any(np.asarray(ista["kernel"]) == 0.0)
+    np.testing.assert_array_equal(heavy_ball["kernel"] == 0.0, ista["kernel"] == 0.0)
+    unmatched = _converge(sgd(0.05, momentum=0.9, l1=0.5, weight_decay=0.2))
+    assert np.max(np.abs(unmatched["kernel"] - ista["kernel"])) > 1e-2
