@@ -107,9 +107,10 @@ class MnistCNN(nn.Module):
         by reshape) or 'xla' (lax.conv_general_dilated + reduce_window max pool). Same
         parameters, same function (outputs and gradients agree to 1e-5). On the 2-core Zen 3
         CPU, jitted forward+backward of a batch of 100 took 5.2 ms with 'im2col' against
-        9.3 ms with 'xla' (1.6-1.8x over repeated runs, scripts/bench_cnn_conv.py); about a
-        third of the gain is the pool gradient (select_and_scatter is slow on XLA:CPU). Not
-        measured on GPU/TPU, where 'xla' (cuDNN/TPU convolutions) may be the better choice.
+        9.3 ms with 'xla' (1.6-1.8x over repeated runs, scripts/bench_cnn_conv.py); about
+        70% of the gain is the pool gradient (reduce_window's select_and_scatter is slow on
+        XLA:CPU), the rest the convolutions. Not measured on GPU/TPU, where 'xla'
+        (cuDNN/TPU convolutions) may be the better choice.
 
     Example:
       >>> model = MnistCNN()
