@@ -64,6 +64,8 @@ def _concrete(x) -> np.ndarray | None:
     """The value of `x` on the host if it is known outside tracing, else None (no sync)."""
     if isinstance(x, jax.core.Tracer):
         return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None  # a multi-host global array: this host cannot see all of it
     return np.asarray(x)
 
 

@@ -38,8 +38,8 @@ CNN_INTERMEDIATES = {
 MODELS = [
     ModelCase("mnist_cnn", MnistCNN, (28, 28, 1), (10,), 35_754, CNN_INTERMEDIATES),
     ModelCase(
-        "mnist_cnn_im2col",
-        functools.partial(MnistCNN, conv_impl="im2col"),
+        "mnist_cnn_xla",
+        functools.partial(MnistCNN, conv_impl="xla"),
         (28, 28, 1),
         (10,),
         35_754,

@@ -71,6 +71,8 @@ class ValidConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        if self.impl not in CONV_IMPLS:
+            raise ValueError(f"ValidConv: impl={self.impl!r}; use one of {CONV_IMPLS}")
         k = self.kernel_size
         kernel = self.param(
             "kernel", nn.initializers.glorot_uniform(), (k, k, x.shape[-1], self.features)
@@ -101,9 +103,14 @@ class MnistCNN(nn.Module):
 
     Attributes:
       num_classes: number of output logits.
-      conv_impl: 'xla' (lax.conv + reduce_window pool) or 'im2col' (shifted slices + one
-        matmul per convolution, reshape max pool). Same parameters, same function; im2col is
-        faster on XLA:CPU for these tiny channel counts.
+      conv_impl: 'im2col' (default: shifted slices + one matmul per convolution, max pool
+        by reshape) or 'xla' (lax.conv_general_dilated + reduce_window max pool). Same
+        parameters, same function (outputs and gradients agree to 1e-5). On the 2-core Zen 3
+        CPU, jitted forward+backward of a batch of 100 took 5.2 ms with 'im2col' against
+        9.3 ms with 'xla' (1.6-1.8x over repeated runs, scripts/bench_cnn_conv.py); about
+        70% of the gain is the pool gradient (reduce_window's select_and_scatter is slow on
+        XLA:CPU), the rest the convolutions. Not measured on GPU/TPU, where 'xla'
+        (cuDNN/TPU convolutions) may be the better choice.
 
     Example:
       >>> model = MnistCNN()
@@ -113,7 +120,7 @@ class MnistCNN(nn.Module):
     """
 
     num_classes: int = 10
-    conv_impl: ConvImpl = "xla"
+    conv_impl: ConvImpl = "im2col"
 
     @nn.compact
     def __call__(self, images: Array) -> Array:
