@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m experiments.two_layer_sigmoid --workdir runs/two_layer_sigmoid
+	$(PY) -m experiments.mnist_cnn --workdir $(WORKDIR)
 
 # pytest exits 5 when it collected no test: that is a broken setup, not a pass.
 test: $(STAMP)

@@ -1,1 +1,58 @@
-"""jaxnets."""
+"""jaxnets: a small functional JAX/Flax/Optax training toolkit."""
+
+from jaxnets import checkpoint, config, data, losses, metrics, models, optim, parallel
+from jaxnets import regularizers, train
+from jaxnets.checkpoint import Checkpointer, PreemptionGuard
+from jaxnets.models import MnistCNN, TwoLayerSigmoid
+from jaxnets.optim import inverse_time_decay, sgd
+from jaxnets.parallel import make_data_parallel
+from jaxnets.regularizers import (
+    add_decoupled_weight_decay,
+    kernel_mask,
+    l1_penalty,
+    l1_proximal,
+    l2_penalty,
+    sparsity,
+)
+from jaxnets.train import (
+    TrainState,
+    create_train_state,
+    fit,
+    make_epoch_runner,
+    make_eval_step,
+    make_train_step,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpointer",
+    "MnistCNN",
+    "PreemptionGuard",
+    "TrainState",
+    "TwoLayerSigmoid",
+    "add_decoupled_weight_decay",
+    "checkpoint",
+    "config",
+    "create_train_state",
+    "data",
+    "fit",
+    "inverse_time_decay",
+    "kernel_mask",
+    "l1_penalty",
+    "l1_proximal",
+    "l2_penalty",
+    "losses",
+    "make_data_parallel",
+    "make_epoch_runner",
+    "make_eval_step",
+    "make_train_step",
+    "metrics",
+    "models",
+    "optim",
+    "parallel",
+    "regularizers",
+    "sgd",
+    "sparsity",
+    "train",
+]

@@ -173,6 +173,10 @@ def test_bundled_sample_offline():
     assert 0.75 < (train.images == 0).mean() < 0.85 and train.images.max() == 255
     train_rows = {img.tobytes() for img in train.images}
     assert not any(img.tobytes() in train_rows for img in test.images)
+    # Served shuffled: Keras' "last 20%" validation split and any prefix hold every class.
+    _, (_, val_labels) = data.split_validation(train.images, train.labels, 0.2)
+    assert np.bincount(val_labels, minlength=10).min() >= 50
+    assert np.bincount(train.labels[:200], minlength=10).min() >= 5
 
 
 def test_bundled_sample_file_is_small():

