@@ -1,7 +1,17 @@
 """jaxnets: a small functional JAX/Flax/Optax training toolkit."""
 
-from jaxnets import checkpoint, config, data, losses, metrics, models, optim, parallel
-from jaxnets import regularizers, train
+from jaxnets import (
+    checkpoint,
+    config,
+    data,
+    losses,
+    metrics,
+    models,
+    optim,
+    parallel,
+    regularizers,
+    train,
+)
 from jaxnets.checkpoint import Checkpointer, PreemptionGuard
 from jaxnets.models import MnistCNN, TwoLayerSigmoid
 from jaxnets.optim import inverse_time_decay, sgd
