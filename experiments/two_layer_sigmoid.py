@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxnets import parallel
 from jaxnets.config import config_to_dict, parse_config
 from jaxnets.models.mlp import (
     sum_squared_error,
@@ -55,6 +56,10 @@ class Config:
         },
     )
     nets: int = dataclasses.field(default=1, metadata={"help": "random initialisations"})
+    devices: int | None = dataclasses.field(
+        default=1, metadata={"help": "split --nets over this many devices (none: all)"}
+    )
+    parallel: str = dataclasses.field(default="pmap", metadata={"help": "pmap | shard_map"})
     check: bool = dataclasses.field(
         default=False, metadata={"help": "assert jax.grad == hand backprop at every step"}
     )
@@ -164,6 +169,30 @@ def _plot_hist(path: str, final_loss: np.ndarray, threshold: float) -> None:
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
+def make_train_many_on_devices(config: Config):
+    """`(params, x, y) -> (params, final_loss)` host arrays, the nets split over the devices.
+
+    Each device trains its share of the nets with `two_layer_train_many`; with one device
+    (or `--devices 1`) this is the plain call. The nets are independent, so the result of a
+    net does not depend on the device count.
+    """
+    dp = parallel.make_data_parallel(backend=config.parallel, devices=config.devices)
+    many = dict(iterations=config.iterations, learning_rate=config.learning_rate)
+    if dp.num_devices == 1:
+        return lambda p, x, y: jax.device_get(two_layer_train_many(p, x, y, **many))
+    dp.check_batch(config.nets)
+    run = dp.map(
+        lambda p, x, y: two_layer_train_many(p, x, y, **many),
+        in_specs=(parallel.ROWS, parallel.REPLICATED, parallel.REPLICATED),
+        out_specs=parallel.ROWS,
+    )
+
+    def train_fn(p, x, y):
+        return dp.gather_rows(run(dp.shard_rows(p), dp.replicate(x), dp.replicate(y)))
+
+    return train_fn
+
+
 def main(config: Config) -> dict:
     """Trains the seed net (and `config.nets` nets at once); returns the numbers it reports."""
     _validate(config)
@@ -211,10 +240,9 @@ def main(config: Config) -> dict:
     _plot_loss(os.path.join(config.workdir, "loss.png"), curve)
 
     if config.nets > 1:
-        many = dict(iterations=config.iterations, learning_rate=config.learning_rate)
-        _, first_s = _timed(lambda: two_layer_train_many(params, x, y, **many))
-        (_, nets_loss), run_s = _timed(lambda: two_layer_train_many(params, x, y, **many))
-        nets_loss = np.asarray(nets_loss)
+        train_many = make_train_many_on_devices(config)
+        _, first_s = _timed(lambda: train_many(params, x, y))
+        (_, nets_loss), run_s = _timed(lambda: train_many(params, x, y))
         reached = int(np.sum(nets_loss < config.threshold))
         results["nets"] = {
             "count": config.nets,

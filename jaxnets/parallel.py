@@ -36,6 +36,7 @@ BACKENDS = ("pmap", "shard_map")
 # in_specs/out_specs vocabulary shared by both backends.
 REPLICATED = "replicated"  # the same value on every device
 COLUMNS = "columns"  # split along axis 1: [steps, global_batch] -> [steps, local_batch]
+ROWS = "rows"  # split along axis 0: [models, ...] -> [models / devices, ...]
 
 BATCH_NOT_DIVISIBLE = (
     "global batch {batch} is not divisible by {n} devices; use --batch-size {suggestion} "
@@ -129,6 +130,29 @@ class DataParallel(NamedTuple):
 
         return jax.tree.map(put, local_columns)
 
+    def shard_rows(self, tree: Any) -> Any:
+        """Splits arrays over devices along axis 0 (e.g. many independent models).
+
+        One process only; the leading size must divide by the device count.
+        """
+        sharding = NamedSharding(self.mesh, P(self.axis_name))
+        n = self.num_devices
+
+        def put(x):
+            x = np.asarray(x)
+            self.check_batch(x.shape[0])
+            if self.backend == "pmap":
+                x = x.reshape(n, x.shape[0] // n, *x.shape[1:])
+            return jax.device_put(x, sharding)
+
+        return jax.tree.map(put, tree)
+
+    def gather_rows(self, tree: Any) -> Any:
+        """The host value of a ROWS-sharded output, leading axis restored."""
+        if self.backend == "pmap":
+            return jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)
+        return jax.tree.map(np.asarray, tree)
+
     def process_columns(self, global_columns: np.ndarray) -> np.ndarray:
         """This process's block of columns of a global `[steps, global_batch]` array."""
         per_device = self.check_batch(global_columns.shape[1])
@@ -148,15 +172,15 @@ class DataParallel(NamedTuple):
 
         Args:
           fn: the per-device function; collectives over `self.axis_name` inside.
-          in_specs: one of REPLICATED / COLUMNS per positional argument.
-          out_specs: a pytree prefix of REPLICATED / COLUMNS for the outputs.
+          in_specs: one of REPLICATED / COLUMNS / ROWS per positional argument.
+          out_specs: a pytree prefix of REPLICATED / COLUMNS / ROWS for the outputs.
           donate_argnums: arguments whose buffers may be reused (the train state).
         """
         for spec in list(in_specs) + jax.tree.leaves(out_specs):
-            if spec not in (REPLICATED, COLUMNS):
-                raise ValueError(f"unknown spec {spec!r}: use REPLICATED or COLUMNS")
+            if spec not in (REPLICATED, COLUMNS, ROWS):
+                raise ValueError(f"unknown spec {spec!r}: use REPLICATED, COLUMNS or ROWS")
         if self.backend == "pmap":
-            axes = {REPLICATED: 0, COLUMNS: 1}
+            axes = {REPLICATED: 0, COLUMNS: 1, ROWS: 0}
             return jax.pmap(
                 fn,
                 axis_name=self.axis_name,
@@ -165,7 +189,7 @@ class DataParallel(NamedTuple):
                 devices=self.devices,
                 donate_argnums=donate_argnums,
             )
-        specs = {REPLICATED: P(), COLUMNS: P(None, self.axis_name)}
+        specs = {REPLICATED: P(), COLUMNS: P(None, self.axis_name), ROWS: P(self.axis_name)}
         mapped = jax.shard_map(
             fn,
             mesh=self.mesh,

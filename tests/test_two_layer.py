@@ -254,3 +254,22 @@ def test_config_errors_name_the_fix(tmp_path):
         exp.main(exp.Config(init="torch", workdir=str(tmp_path)))
     with pytest.raises(ValueError, match="nets must be >= 1, got 0"):
         exp.main(dataclasses.replace(exp.get_config(), nets=0, workdir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(("backend", "devices"), [("pmap", 8), ("shard_map", 2)])
+def test_nets_split_over_devices_equal_one_device(backend, devices):
+    """--nets N --devices D: each net's result does not depend on where it was trained."""
+    config = dataclasses.replace(
+        exp.get_config(), nets=16, iterations=50, init="jax", parallel=backend
+    )
+    params = exp.init_params(config)
+    x, y = jnp.asarray(exp.X), jnp.asarray(exp.Y)
+    one = exp.make_train_many_on_devices(dataclasses.replace(config, devices=1))
+    many = exp.make_train_many_on_devices(dataclasses.replace(config, devices=devices))
+    (p1, loss1), (pn, lossn) = one(params, x, y), many(params, x, y)
+    assert np.asarray(lossn).shape == (16,)
+    np.testing.assert_allclose(np.asarray(lossn), np.asarray(loss1), rtol=1e-6)
+    for k in p1:
+        np.testing.assert_allclose(np.asarray(pn[k]), np.asarray(p1[k]), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="global batch 16 is not divisible by 3 devices"):
+        exp.make_train_many_on_devices(dataclasses.replace(config, devices=3))
