@@ -336,6 +336,11 @@ if __name__ == "__main__":
     out = main(cfg)
     wd = Path(cfg.workdir)
     print(json.dumps({"test": out["test"], "params_sha256": out["params_sha256"]}, indent=2))
+    if out["stopped_early"]:
+        print(
+            f"stopped by a signal at step {out['step']} (checkpoint saved); "
+            "run the same command again to resume"
+        )
     print(
         f"plot: {wd / 'curves.png'}\nmetrics: {wd / 'metrics.jsonl'}\n"
         f"summary: {wd / 'summary.json'}\ntensorboard: tensorboard --logdir {wd / 'tb'}"
