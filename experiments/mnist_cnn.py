@@ -268,6 +268,7 @@ def main(config: Config) -> dict:
             steps_per_dispatch=config.steps_per_dispatch,
             log_every_steps=config.log_every_steps,
             save_every_steps=config.checkpoint_every_steps,
+            on_nonfinite="warn" if config.skip_nonfinite else "raise",
             hooks=train.Hooks(
                 on_log=on_log,
                 on_steps=on_steps,

@@ -19,6 +19,7 @@ A complete loop from the public parts (what `fit` does, without logging):
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -342,6 +343,7 @@ def fit(
     log_every_steps: int = 10,
     save_every_steps: int = 0,
     hooks: Hooks = Hooks(),
+    on_nonfinite: str = "raise",
 ) -> FitResult:
     """Trains until `epochs` epochs are done, resuming from `state.step`.
 
@@ -358,10 +360,15 @@ def fit(
       log_every_steps: metrics are read back (one sync) every this many steps.
       save_every_steps: chunks end on multiples of this (so `on_steps` can save there).
       hooks: host-side logging, checkpoint and stop hooks.
+      on_nonfinite: "raise": a non-finite training loss stops training with
+        FloatingPointError naming the step range (checked at log points, no extra sync);
+        "warn": log a warning and go on (with `optax.apply_if_finite` skipping the update).
 
     Returns:
       FitResult(state, history, stopped_early).
     """
+    if on_nonfinite not in ("raise", "warn"):
+        raise ValueError(f"on_nonfinite={on_nonfinite!r}; use 'raise' or 'warn'")
     images, labels = train_data
     dp.check_batch(batch_size)
     steps_per_epoch = len(labels) // batch_size
@@ -388,7 +395,7 @@ def fit(
             if end % log_every_steps == 0 or end == steps_per_epoch:
                 sums = _drain(pending, dp)
                 pending = []
-                _check_finite(sums, last_logged, step)
+                _check_finite(sums, last_logged, step, on_nonfinite)
                 epoch_sums = sums if epoch_sums is None else _add(epoch_sums, sums)
                 record = {"kind": "train", "step": step, "epoch": epoch, **summarize(sums)}
                 if hooks.on_log:
@@ -431,13 +438,17 @@ def _add(a: dict, b: dict) -> dict:
     return {k: a[k] + b[k] for k in a}
 
 
-def _check_finite(sums: dict, first_step: int, last_step: int) -> None:
-    if not np.isfinite(sums["loss"]):
-        raise FloatingPointError(
-            f"non-finite training loss between steps {first_step + 1} and {last_step}: "
-            "lower the learning rate, check the inputs, or pass --skip-nonfinite; the last "
-            "checkpoint saved before this is intact"
-        )
+def _check_finite(sums: dict, first_step: int, last_step: int, on_nonfinite: str) -> None:
+    if np.isfinite(sums["loss"]):
+        return
+    where = f"non-finite training loss between steps {first_step + 1} and {last_step}"
+    if on_nonfinite == "warn":
+        logging.getLogger("jaxnets.train").warning("%s (updates skipped)", where)
+        return
+    raise FloatingPointError(
+        f"{where}: lower the learning rate, check the inputs, or pass --skip-nonfinite; the "
+        "last checkpoint saved before this is intact"
+    )
 
 
 def params_sha256(params: PyTree) -> str:

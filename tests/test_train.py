@@ -53,6 +53,8 @@ def _run(
     state=None,
     tx=TX,
     evaluate=True,
+    loss=_loss,
+    on_nonfinite="raise",
 ):
     images, labels = data if data is not None else _data()
     dp = parallel.make_data_parallel(backend=backend, devices=devices)
@@ -62,7 +64,7 @@ def _run(
             model, tx, _preprocess(images[:1], keys=None), key=jax.random.key(0)
         )
     step = train.make_train_step(
-        model.apply, _loss, tx, preprocess=_preprocess, axis_name=dp.axis_name
+        model.apply, loss, tx, preprocess=_preprocess, axis_name=dp.axis_name
     )
     ev = None
     if evaluate:
@@ -87,6 +89,7 @@ def _run(
         steps_per_dispatch=k,
         log_every_steps=4,
         hooks=hooks,
+        on_nonfinite=on_nonfinite,
     )
     host_state = jax.device_get(dp.unreplicate(result.state))
     return host_state, result
@@ -208,6 +211,28 @@ def test_batch_larger_than_data_is_a_clear_error():
 def test_non_finite_loss_stops_with_the_step_range():
     with pytest.raises(FloatingPointError, match=r"non-finite training loss between steps"):
         _run(tx=optax.sgd(1e38), epochs=1)
+
+
+def _poisoned_loss(logits, labels):
+    """Cross-entropy, but NaN (value and gradient) for examples labelled 99."""
+    safe = jnp.where(labels == 99, 0, labels)
+    return _loss(logits, safe) * jnp.where(labels == 99, jnp.nan, 1.0)
+
+
+def test_skip_nonfinite_skips_the_poisoned_step_and_warns(caplog):
+    images, labels = _data()
+    labels = labels.copy()
+    labels[7] = 99  # lands in exactly one batch of each epoch
+    data = (images, labels)
+    with pytest.raises(FloatingPointError, match="non-finite training loss between steps 1 and 4"):
+        _run(data=data, loss=_poisoned_loss, evaluate=False, epochs=1)
+    skip_tx = optax.apply_if_finite(TX, max_consecutive_errors=5)
+    state, _ = _run(
+        data=data, loss=_poisoned_loss, evaluate=False, epochs=2, tx=skip_tx, on_nonfinite="warn"
+    )
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert int(state.opt_state.total_notfinite) == 2  # one poisoned step per epoch, skipped
+    assert "non-finite training loss between steps" in caplog.text
 
 
 @contextlib.contextmanager
