@@ -149,3 +149,14 @@ def test_sigterm_saves_at_the_next_step_and_resumes_bit_identical(uninterrupted,
     assert saved[-1] == summary["step"]  # saved where it stopped, mid-epoch or not
     resumed = _run(tmp_path, "t")
     assert resumed["params_sha256"] == uninterrupted["params_sha256"]
+
+
+def test_resume_on_a_different_device_count(uninterrupted, tmp_path):
+    """Saved on 2 devices, resumed on 1: same run to float rounding (not bit-exact)."""
+    _run(tmp_path, "d", epochs=1, devices=2)
+    resumed = _run(tmp_path, "d", devices=1)
+    assert resumed["step"] == 16 and resumed["devices"]["count"] == 1
+    assert resumed["test"]["loss"] == pytest.approx(uninterrupted["test"]["loss"], rel=1e-4)
+    assert resumed["validation"]["loss"] == pytest.approx(
+        uninterrupted["validation"]["loss"], rel=1e-4
+    )
