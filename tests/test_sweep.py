@@ -87,31 +87,36 @@ def _separate_run(config, train_data, val_data):
 
 
 @pytest.mark.slow
-def test_vmapped_sweep_on_4_devices_equals_separate_runs_on_1():
+def test_sweep_on_several_devices_equals_separate_runs_on_1():
     train_data, val_data = _data(160, 0), _data(40, 1)
-    result = sweep.run_sweep(
-        _TinyNet(),
-        _loss,
-        CONFIGS,
-        train_data,
-        val_data,
-        epochs=EPOCHS,
-        batch_size=BATCH,
-        nesterov=True,
-        preprocess=_preprocess,
-        dp=parallel.make_data_parallel(backend="pmap", devices=4),
-        steps_per_dispatch=2,  # chunks of 2, 2, 1 steps: the scanned and the direct path
-    )
-    assert result.results["num_models"] == len(CONFIGS)
+    results = [
+        sweep.run_sweep(
+            _TinyNet(),
+            _loss,
+            CONFIGS,
+            train_data,
+            val_data,
+            epochs=EPOCHS,
+            batch_size=BATCH,
+            nesterov=True,
+            preprocess=_preprocess,
+            dp=parallel.make_data_parallel(backend=backend, devices=devices),
+            steps_per_dispatch=k,  # k=2: chunks of 2, 2, 1 steps, the scanned and direct paths
+            vectorize=vectorize,
+        )
+        for vectorize, backend, devices, k in [("vmap", "pmap", 4, 2), ("map", "shard_map", 2, 1)]
+    ]
     for k, config in enumerate(CONFIGS):
         params, history = _separate_run(config, train_data, val_data)
-        chex.assert_trees_all_close(
-            jax.tree.map(lambda x, k=k: x[k], result.state.params), params, atol=1e-5, rtol=1e-5
-        )
-        run = result.results["runs"][k]
-        for mine, theirs in zip(run["history"], history, strict=True):
-            for name in sweep.RESULT_COLUMNS:
-                np.testing.assert_allclose(mine[name], theirs[name], atol=1e-5, rtol=1e-5)
+        for result in results:
+            assert result.results["num_models"] == len(CONFIGS)
+            chex.assert_trees_all_close(
+                jax.tree.map(lambda x, k=k: x[k], result.state.params), params, atol=1e-5, rtol=1e-5
+            )
+            run = result.results["runs"][k]
+            for mine, theirs in zip(run["history"], history, strict=True):
+                for name in sweep.RESULT_COLUMNS:
+                    np.testing.assert_allclose(mine[name], theirs[name], atol=1e-5, rtol=1e-5)
     # The two seed-0 configs started from the same weights.
     init = sweep.create_sweep_state(
         _TinyNet(), sweep.complete_configs(CONFIGS, {}), jnp.zeros((1, 6, 6, 1))
@@ -250,6 +255,7 @@ def test_parse_sweep_rejects_a_repeated_name():
         ({"learning_rate": -0.1}, "learning_rate must be a finite number >= 0"),
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
         ({"nesterov": True}, r"unknown names \['nesterov'\]"),
+        ({"vectorize": "pmap"}, r"unknown names \['vectorize'\]"),
     ],
 )
 def test_bad_configs_fail_before_tracing(config, message):
