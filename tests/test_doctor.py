@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 import sys
@@ -10,7 +11,9 @@ import jax
 import pytest
 
 from jaxnets import __main__ as cli
-from jaxnets import doctor
+
+# The module, also when jaxnets/__init__.py re-exports the function as `jaxnets.doctor`.
+doctor = importlib.import_module("jaxnets.doctor")
 
 PYPROJECT = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
 
