@@ -1,0 +1,224 @@
+"""`python -m jaxnets doctor`: versions against the tested pins, devices, data, known problems.
+
+Run it first when something does not work, and paste its output into a bug report:
+
+    $ python -m jaxnets doctor
+    jaxnets 0.1.0 doctor
+    packages (installed vs tested pin):
+      jax                  0.10.2   pin 0.10.2   ok
+    ...
+
+`doctor()` returns the same report as a dict (and prints it unless `print_report=False`).
+TensorFlow is never imported: whether it is installed is read from the import system.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import importlib.util
+import os
+import re
+import sys
+from typing import Any
+
+# The packages whose versions decide whether jaxnets works; pins come from jaxnets' metadata.
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy")
+# Accelerator runtimes: installed without the matching device means jax fell back to CPU.
+ACCELERATOR_PACKAGES = {"libtpu": "tpu", "jax-cuda12-plugin": "gpu", "jax-cuda13-plugin": "gpu"}
+
+COLAB_TPU_OBSOLETE = (
+    "jax.tools.colab_tpu is imported: setup_tpu() is obsolete. Colab TPU runtimes are TPU VMs "
+    "where jax sees the TPU directly; remove the jax.tools.colab_tpu import and setup_tpu() call "
+    "(old tutorials that call it fail on current runtimes)"
+)
+
+_PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*==\s*([^;\s]+)\s*(;.*)?$")
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned_versions(distribution: str = "jaxnets") -> dict[str, str]:
+    """`{package: version}` of the `==` pins among `distribution`'s runtime requirements.
+
+    Requirements behind an extra (`; extra == "dev"`) are left out. Empty when the
+    distribution is not installed (e.g. the source tree is used without `pip install -e .`).
+    """
+    try:
+        requires = importlib.metadata.requires(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    pins = {}
+    for line in requires:
+        match = _PIN.match(line)
+        if match and not (match.group(3) and "extra" in match.group(3)):
+            pins[_normalize(match.group(1))] = match.group(2)
+    return pins
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of a distribution, or None."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _data_report() -> dict[str, Any]:
+    from jaxnets.data.sources import default_cache_dir
+
+    sample = importlib.resources.files("jaxnets.data").joinpath("mnist_sample.npz")
+    # tfds.core.constants.get_default_data_dir(), without importing TFDS.
+    tfds_dir = os.environ.get(
+        "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    )
+    prepared = []
+    if os.path.isdir(tfds_dir):
+        names = ("mnist", "fashion_mnist", "jaxnets_mnist", "jaxnets_fashion_mnist")
+        prepared = sorted(n for n in names if os.path.isdir(os.path.join(tfds_dir, n)))
+    cache_dir = default_cache_dir()
+    cached = (
+        sorted(f for f in os.listdir(cache_dir) if f.endswith(".npz"))
+        if os.path.isdir(cache_dir)
+        else []
+    )
+    return {
+        "bundled_sample": str(sample),
+        "bundled_sample_present": sample.is_file(),
+        "tfds_data_dir": tfds_dir,
+        "tfds_data_dir_exists": os.path.isdir(tfds_dir),
+        "tfds_prepared": prepared,
+        "cache_dir": cache_dir,
+        "cached_arrays": cached,
+    }
+
+
+def _device_report() -> dict[str, Any]:
+    import jax
+
+    devices = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "process_count": jax.process_count(),
+        "process_index": jax.process_index(),
+        "device_count": len(devices),
+        "local_device_count": jax.local_device_count(),
+        "devices": [
+            {
+                "id": d.id,
+                "platform": d.platform,
+                "kind": d.device_kind,
+                "process_index": d.process_index,
+            }
+            for d in devices
+        ],
+    }
+
+
+def _warnings(packages: dict, devices: dict, pins_found: bool) -> list[str]:
+    warnings = []
+    if not pins_found:
+        warnings.append(
+            "jaxnets is not installed as a package, so the tested pins are unknown; "
+            "install it with `pip install -e .` from the source tree"
+        )
+    for name, info in packages.items():
+        if info["installed"] is None:
+            warnings.append(f"{name} is not installed; pip install '{name}=={info['pin']}'")
+        elif info["pin"] is not None and info["installed"] != info["pin"]:
+            warnings.append(
+                f"{name} {info['installed']} differs from the tested pin {info['pin']}; "
+                f"if something breaks, pip install '{name}=={info['pin']}'"
+            )
+    jax_v, jaxlib_v = packages["jax"]["installed"], packages["jaxlib"]["installed"]
+    if jax_v and jaxlib_v and jax_v != jaxlib_v:
+        warnings.append(
+            f"jax {jax_v} and jaxlib {jaxlib_v} differ; install matching versions: "
+            f"pip install 'jax=={jax_v}' 'jaxlib=={jax_v}' (a runtime that upgrades one under "
+            "you, as Colab can, breaks imports or compilation)"
+        )
+    for package, platform in ACCELERATOR_PACKAGES.items():
+        version = installed_version(package)
+        if version is not None and devices["backend"] == "cpu":
+            warnings.append(
+                f"{package} {version} is installed but jax runs on CPU: no {platform} was found "
+                f"or its runtime failed to start (check the jax import log, driver, and that "
+                f"{package} matches jaxlib {jaxlib_v})"
+            )
+    if "jax.tools.colab_tpu" in sys.modules:
+        warnings.append(COLAB_TPU_OBSOLETE)
+    return warnings
+
+
+def doctor(*, print_report: bool = True) -> dict[str, Any]:
+    """Checks the installation; returns (and prints) the report.
+
+    Returns:
+      A dict: `jaxnets` (version), `python`, `packages` ({name: {installed, pin, ok}}),
+      `tensorflow_installed` (bool; TensorFlow is not needed), `devices` (backend,
+      process_count, device_count, devices [{id, platform, kind, process_index}]), `data`
+      (bundled sample, TFDS data dir and what is prepared there, cache dir), `warnings`
+      (a list of sentences, each with the fix).
+    """
+    pins = pinned_versions()
+    packages = {}
+    for name in PACKAGES:
+        installed, pin = installed_version(name), pins.get(_normalize(name))
+        packages[name] = {"installed": installed, "pin": pin, "ok": pin is None or installed == pin}
+    devices = _device_report()
+    report = {
+        "jaxnets": installed_version("jaxnets"),
+        "python": sys.version.split()[0],
+        "packages": packages,
+        "tensorflow_installed": importlib.util.find_spec("tensorflow") is not None,
+        "devices": devices,
+        "data": _data_report(),
+    }
+    report["warnings"] = _warnings(packages, devices, bool(pins))
+    if print_report:
+        print(format_report(report))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as the text `python -m jaxnets doctor` prints."""
+    lines = [f"jaxnets {report['jaxnets'] or '(not installed)'} doctor, python {report['python']}"]
+    lines.append("packages (installed vs tested pin):")
+    for name, info in report["packages"].items():
+        status = "ok" if info["ok"] and info["installed"] else "MISMATCH"
+        lines.append(
+            f"  {name:<20} {info['installed'] or '-':<10} pin {info['pin'] or '-':<10} {status}"
+        )
+    tf = (
+        "installed (not needed)" if report["tensorflow_installed"] else "not installed (not needed)"
+    )
+    lines.append(f"tensorflow: {tf}")
+    dev = report["devices"]
+    lines.append(
+        f"devices: backend {dev['backend']}, {dev['device_count']} device(s), "
+        f"{dev['local_device_count']} local, process {dev['process_index']} of "
+        f"{dev['process_count']}"
+    )
+    kinds: dict[tuple, int] = {}
+    for d in dev["devices"]:
+        kinds[(d["platform"], d["kind"])] = kinds.get((d["platform"], d["kind"]), 0) + 1
+    for (platform, kind), count in kinds.items():
+        lines.append(f"  {count} x {platform} ({kind})")
+    data = report["data"]
+    lines.append("data:")
+    lines.append(
+        f"  bundled sample: {data['bundled_sample']}"
+        + ("" if data["bundled_sample_present"] else "  MISSING: reinstall jaxnets")
+    )
+    prepared = ", ".join(data["tfds_prepared"]) or "nothing prepared"
+    exists = "" if data["tfds_data_dir_exists"] else " (does not exist)"
+    lines.append(f"  TFDS data dir: {data['tfds_data_dir']}{exists}: {prepared}")
+    lines.append(f"  cache dir: {data['cache_dir']}: {len(data['cached_arrays'])} cached arrays")
+    if report["warnings"]:
+        lines.append("warnings:")
+        lines += [f"  - {w}" for w in report["warnings"]]
+    else:
+        lines.append("no warnings")
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""`python -m jaxnets doctor`: pins from the installed metadata, devices, data, warnings."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+import sys
+
+import jax
+import pytest
+
+from jaxnets import __main__ as cli
+
+# The module, also when jaxnets/__init__.py re-exports the function as `jaxnets.doctor`.
+doctor = importlib.import_module("jaxnets.doctor")
+
+PYPROJECT = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def _pyproject_pins():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    return {d.split("==")[0].lower(): d.split("==")[1] for d in deps if "==" in d}
+
+
+def test_pins_come_from_the_installed_metadata_and_match_pyproject():
+    pins = doctor.pinned_versions()
+    assert pins == _pyproject_pins()  # runtime pins only: no dev/cuda/tpu extras
+    assert "pytest" not in pins and pins["jax"] == _pyproject_pins()["jax"]
+
+
+def test_report_in_this_venv_has_installed_equal_to_pins_and_no_warnings(capsys):
+    report = doctor.doctor()
+    pins = _pyproject_pins()
+    for name in doctor.PACKAGES:
+        info = report["packages"][name]
+        assert info["pin"] == pins[name], name
+        assert info["installed"] == pins[name] == doctor.installed_version(name), name
+        assert info["ok"]
+    assert report["warnings"] == []
+    assert report["tensorflow_installed"] is False
+    assert "tensorflow" not in sys.modules  # checked without importing it
+    assert report["devices"]["device_count"] == len(jax.devices()) == 8  # conftest's fake CPUs
+    assert report["devices"]["devices"][0]["kind"] == jax.devices()[0].device_kind
+    assert report["devices"]["process_count"] == 1
+    assert report["data"]["bundled_sample_present"] is True
+    out = capsys.readouterr().out
+    assert f"jax                  {jax.__version__}" in out and "8 x cpu (cpu)" in out
+
+
+def test_version_mismatches_warn_with_the_fix(monkeypatch):
+    real = doctor.installed_version
+    fake = {"flax": "0.11.0", "jaxlib": "0.10.1"}
+    monkeypatch.setattr(doctor, "installed_version", lambda name: fake.get(name, real(name)))
+    report = doctor.doctor(print_report=False)
+    assert report["packages"]["flax"] == {"installed": "0.11.0", "pin": "0.12.8", "ok": False}
+    warnings = "\n".join(report["warnings"])
+    assert (
+        "flax 0.11.0 differs from the tested pin 0.12.8; if something breaks, pip install "
+        "'flax==0.12.8'" in warnings
+    )
+    assert f"jax {jax.__version__} and jaxlib 0.10.1 differ" in warnings
+    assert "MISMATCH" in doctor.format_report(report)
+
+
+def test_accelerator_runtime_without_its_device_and_colab_tpu_import_warn(monkeypatch):
+    real = doctor.installed_version
+    monkeypatch.setattr(
+        doctor, "installed_version", lambda n: "0.0.9" if n == "libtpu" else real(n)
+    )
+    monkeypatch.setitem(sys.modules, "jax.tools.colab_tpu", object())
+    warnings = doctor.doctor(print_report=False)["warnings"]
+    assert any(w.startswith("libtpu 0.0.9 is installed but jax runs on CPU") for w in warnings)
+    assert doctor.COLAB_TPU_OBSOLETE in warnings
+
+
+def test_without_installed_metadata_the_pins_are_unknown(monkeypatch):
+    monkeypatch.setattr(doctor, "pinned_versions", lambda: {})
+    report = doctor.doctor(print_report=False)
+    assert report["packages"]["jax"]["pin"] is None
+    assert any("pip install -e ." in w for w in report["warnings"])
+
+
+def test_cli_json_is_the_report(capsys):
+    assert cli.main(["doctor", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == doctor.doctor(print_report=False)
+    with pytest.raises(SystemExit):
+        cli.main(["nonsense"])
