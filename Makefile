@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 WORKDIR ?= runs/mnist_cnn
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format bench notebook clean venv
+.PHONY: run test lint format bench notebook doctor clean venv
 
 venv: $(STAMP)
 
@@ -36,6 +36,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	@echo "make bench: not yet (see issue 9)"
+
+doctor: $(STAMP)
+	$(PY) -m jaxnets doctor
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,6 +10,7 @@ from jaxnets import (
     optim,
     parallel,
     regularizers,
+    sweep,
     train,
 )
 from jaxnets.checkpoint import Checkpointer, PreemptionGuard
@@ -64,5 +65,6 @@ __all__ = [
     "regularizers",
     "sgd",
     "sparsity",
+    "sweep",
     "train",
 ]
