@@ -220,6 +220,12 @@ def main(config: Config) -> dict:
             state, meta, start_step = manager.restore(state)
             ckpt.check_resumable(meta["config"], config_dict, keys=RESULT_FIELDS)
             log.warning("resuming from step %d (%s)", start_step, workdir / "checkpoints")
+            if start_step >= config.epochs * (len(y_train) // config.batch_size):
+                log.warning(
+                    "this run already finished %d epochs; pass a larger --epochs to "
+                    "train on, or --restart to start over",
+                    config.epochs,
+                )
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         metrics.write_json(workdir / "config.json", config_dict)
@@ -332,7 +338,7 @@ def main(config: Config) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(message)s")
+    logging.basicConfig(format="%(message)s", force=True)
     cfg = parse_config(get_config(), description=__doc__)
     out = main(cfg)
     wd = Path(cfg.workdir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -174,6 +175,18 @@ def _read(builder, split: str, cache_dir: str | None) -> tuple[np.ndarray, np.nd
     return images, labels, where
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """Silences absl warnings TFDS prints while probing a data dir that holds nothing yet."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
 def load_tfds(
     name: str, split: str, data_dir: str | None, cache_dir: str | None
 ) -> sources.Dataset:
@@ -186,6 +199,13 @@ def load_tfds(
     Raises:
       DataUnavailableError: nothing prepared and the download host is unreachable.
     """
+    with _quiet_absl():  # TFDS warns "Variant folder ... has no dataset_info.json" when probing
+        return _load_tfds(name, split, data_dir, cache_dir)
+
+
+def _load_tfds(
+    name: str, split: str, data_dir: str | None, cache_dir: str | None
+) -> sources.Dataset:
     if split not in idx.IDX_FILES:
         raise ValueError(f"unknown split {split!r} for {name}; use 'train' or 'test'")
     data_dir = data_dir or tfds.core.constants.get_default_data_dir()
