@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -160,3 +161,16 @@ def test_resume_on_a_different_device_count(uninterrupted, tmp_path):
     assert resumed["validation"]["loss"] == pytest.approx(
         uninterrupted["validation"]["loss"], rel=1e-4
     )
+
+
+def test_augment_and_l1_flags(tmp_path):
+    """--augment trains on transformed images (deterministically); --l1 gives exact zeros."""
+    aug = _run(tmp_path, "a", epochs=1, augment=True, checkpoint=False)
+    plain = _run(tmp_path, "p", epochs=1, checkpoint=False)
+    assert aug["params_sha256"] != plain["params_sha256"]
+    assert math.isfinite(aug["test"]["loss"]) and aug["step"] == 8
+    assert all(v == 0.0 for v in plain["sparsity"].values())
+    sparse = _run(tmp_path, "l", epochs=1, l1=0.05, checkpoint=False)
+    kernels = {k: v for k, v in sparse["sparsity"].items() if k.endswith("kernel")}
+    assert max(kernels.values()) > 0.2, kernels  # proximal L1: many weights exactly 0.0
+    assert all(v == 0.0 for k, v in sparse["sparsity"].items() if k.endswith("bias"))
