@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-train", type=int, default=workload.NUM_TRAIN)
     parser.add_argument("--num-val", type=int, default=workload.NUM_VAL)
     parser.add_argument("--flops", action="store_true", help="report XLA's FLOPs of one step")
+    parser.add_argument("--save-every", type=int, default=0, help="async checkpoint every N steps")
     parser.add_argument("--profile-dir", default=None, help="jax.profiler trace of epoch 2")
     return parser.parse_args(argv)
 
@@ -41,7 +44,7 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxnets import data, losses, optim, parallel, train
+    from jaxnets import checkpoint, data, losses, optim, parallel, train
     from jaxnets.models import MnistCNN
 
     train_x, train_y, val_x, val_y, source = workload.load_cnn_data(args.num_train, args.num_val)
@@ -81,7 +84,10 @@ def main(argv=None) -> dict:
     on_device = dp.replicate((train_x, train_y))
     data_key = jax.random.key(workload.SEED + 1)
     k = args.steps_per_dispatch
+    ckpt_dir = tempfile.mkdtemp(prefix="jaxnets-bench-ckpt-") if args.save_every else None
+    ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=2) if ckpt_dir else None
     epoch_seconds = []
+    done = 0
     for epoch in range(args.epochs):
         if args.profile_dir and epoch == 1:
             jax.profiler.start_trace(args.profile_dir)
@@ -90,10 +96,16 @@ def main(argv=None) -> dict:
         idx = dp.process_columns(idx)
         for lo in range(0, len(idx), k):
             state, metrics = run(state, on_device, dp.shard_columns(idx[lo : lo + k]))
+            done += len(idx[lo : lo + k])
+            if ckpt is not None and done % args.save_every == 0:
+                ckpt.save(done, state, metadata={"epoch": epoch})
         jax.block_until_ready(state)
         epoch_seconds.append(time.perf_counter() - start)
         if args.profile_dir and epoch == 1:
             jax.profiler.stop_trace()
+    if ckpt is not None:
+        ckpt.close()
+        shutil.rmtree(ckpt_dir)
     val = train.evaluate(evaluation, state.params)
     last = train.summarize(jax.tree.map(np.sum, jax.device_get(dp.unreplicate(metrics))))
     result = workload.cnn_result(
