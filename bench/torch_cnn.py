@@ -79,10 +79,10 @@ def main(argv=None) -> dict:
         epoch_seconds.append(time.perf_counter() - start)
     model.eval()
     with torch.no_grad():
-        correct = sum(
-            int((forward(val_x[i : i + workload.BATCH]).argmax(1) == val_y[i : i + workload.BATCH]).sum())
-            for i in range(0, len(val_y), workload.BATCH)
-        )
+        correct = 0
+        for i in range(0, len(val_y), workload.BATCH):
+            logits = forward(val_x[i : i + workload.BATCH])
+            correct += int((logits.argmax(1) == val_y[i : i + workload.BATCH]).sum())
     result = workload.cnn_result(
         epoch_seconds,
         len(train_y),
