@@ -2,8 +2,9 @@
 
 Contenders: jaxnets `two_layer_train_many` (compile reported apart), the tutorial's numpy loop
 (one net, float64), numpy `einsum` over a leading nets axis (float32) and batched PyTorch
-(`bmm`, float32, 2 threads). The numpy and PyTorch batched runs take `--scaled-iterations`
-steps and are scaled to 1500 (every step costs the same), to keep the run short.
+(`bmm`, float32, 1 thread: 2 measured far slower on a loaded machine). The numpy and PyTorch
+batched runs take `--scaled-iterations` steps and are scaled to 1500 (every step costs the
+same), to keep the run short.
 
 Run: .venv-bench/bin/python bench/two_layer.py [--nets 10000]
 """
@@ -77,6 +78,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--nets", type=int, default=10_000)
     parser.add_argument("--scaled-iterations", type=int, default=150)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args(argv)
 
     import jax
@@ -107,7 +109,7 @@ def main(argv=None) -> dict:
     if not args.no_torch:
         import torch
 
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.torch_threads)
         t1, t2 = torch.from_numpy(w1), torch.from_numpy(w2)
         torch_bmm(torch, t1, t2, 5)  # warm-up
         res["torch_bmm_many_f32_s"] = _seconds(lambda: torch_bmm(torch, t1, t2, k)) * scale
