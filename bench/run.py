@@ -1,0 +1,262 @@
+"""`make bench`: jaxnets against Keras 3 (JAX backend), PyTorch and numpy, on this machine, now.
+
+Every contender runs as its own process, back to back and interleaved (repeat r of every
+contender before repeat r + 1 of any), `--repeats` times; the table gives min and median.
+Writes bench/results/<timestamp>.json (machine, versions, every raw figure) and prints a
+markdown table with the ratios.
+
+Run: .venv-bench/bin/python bench/run.py            (full: 3 repeats, 3 epochs of 48,000 images)
+     .venv-bench/bin/python bench/run.py --quick    (smoke: 1 repeat, 2 epochs of 6,000 images)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import workload  # noqa: E402
+
+# name -> (script, arguments). The first is the reference of the ratios.
+CNN = {
+    "jaxnets (im2col, 1 step/dispatch)": ("jaxnets_cnn.py", ["--conv-impl", "im2col"]),
+    "jaxnets (im2col, 10 steps/dispatch)": (
+        "jaxnets_cnn.py",
+        ["--conv-impl", "im2col", "--steps-per-dispatch", "10"],
+    ),
+    "Keras 3 fit, JAX backend": ("keras_cnn.py", []),
+    "PyTorch eager, 1 thread": ("torch_cnn.py", ["--threads", "1"]),
+    "PyTorch torch.compile, 1 thread": ("torch_cnn.py", ["--compile", "--threads", "1"]),
+}
+# With --all. On a loaded 2-core machine 2-thread PyTorch measured 5x slower than 1 thread
+# (OpenMP barriers wait for a descheduled thread), so the default set uses 1 thread.
+CNN_MORE = {
+    "jaxnets (lax.conv, 1 step/dispatch)": ("jaxnets_cnn.py", ["--conv-impl", "xla"]),
+    "PyTorch eager, 2 threads": ("torch_cnn.py", []),
+    "PyTorch torch.compile, 2 threads": ("torch_cnn.py", ["--compile"]),
+}
+
+
+def machine() -> dict:
+    """CPU model, cores, clock, SIMD, and the float32 FMA peak of all cores."""
+    info = {"platform": platform.platform(), "python": platform.python_version()}
+    model, mhz, flags = "unknown", None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name":
+                    model = value
+                elif key == "cpu MHz" and mhz is None:
+                    mhz = float(value)
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    cores = os.cpu_count() or 1
+    info.update(cpu_model=model, cores=cores, mhz=mhz)
+    info["simd"] = [f for f in ("avx2", "fma", "avx512f") if f in flags]
+    if mhz:
+        # cores x 2 FMA pipes x lanes x 2 flops (multiply + add) x clock.
+        info["peak_gflops_avx2_fma"] = cores * 2 * 8 * 2 * mhz / 1e3
+        if "avx512f" in flags:
+            info["peak_gflops_avx512_fma"] = cores * 2 * 16 * 2 * mhz / 1e3
+    return info
+
+
+def run_one(script: str, args: list[str]) -> dict:
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result["process_s"] = time.perf_counter() - start
+    return result
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "keras", "torch", "numpy"):
+        try:
+            out[name] = __import__("importlib.metadata").metadata.version(name)
+        except Exception:  # not installed in this environment
+            out[name] = None
+    return out
+
+
+def stats(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values)} if values else {}
+
+
+def cnn_table(cnn: dict, peak: float | None, epochs: int) -> str:
+    ok = {name: [r for r in runs if "error" not in r] for name, runs in cnn.items()}
+    ref = next(iter(cnn))
+    ref_median = stats([r["steady_epoch_s"] for r in ok[ref]]).get("median")
+    flops = next((r["step_flops"] for r in ok[ref] if "step_flops" in r), None)
+    rows = [
+        f"| seed CNN ({epochs} epochs) | first epoch s | s/epoch min | s/epoch median | "
+        f"images/s (best) | val acc | {ref.split(' (')[0]} speed-up (median) | GFLOP/s (best) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in ok.items():
+        if not runs:
+            rows.append(f"| {name} | failed: {cnn[name][0]['error'][-200:]!r} |||||||")
+            continue
+        s = stats([r["steady_epoch_s"] for r in runs])
+        first = statistics.median(r["first_epoch_s"] for r in runs)
+        acc = statistics.median(r["val_accuracy"] for r in runs)
+        images = max(r["images_per_s"] for r in runs)
+        gflops = ""
+        if flops:
+            g = flops * images / workload.BATCH / 1e9
+            gflops = f"{g:.1f}" + (f" ({100 * g / peak:.0f}% of peak)" if peak else "")
+        ratio = f"{s['median'] / ref_median:.2f}x" if ref_median else ""
+        rows.append(
+            f"| {name} | {first:.2f} | {s['min']:.2f} | {s['median']:.2f} | {images:,.0f} | "
+            f"{acc:.4f} | {ratio} | {gflops} |"
+        )
+    return "\n".join(rows)
+
+
+def two_layer_table(runs: list[dict]) -> str:
+    runs = [r for r in runs if "error" not in r]
+    if not runs:
+        return "two-layer: failed"
+    keys = [
+        ("jaxnets_one_s", "jaxnets, one net (two_layer_train_many)"),
+        ("numpy_one_f64_s", "numpy tutorial loop, one net, float64"),
+        ("jaxnets_many_s", f"jaxnets, {runs[0]['nets']:,} nets"),
+        ("numpy_einsum_many_f32_s", f"numpy einsum, {runs[0]['nets']:,} nets, float32"),
+        ("torch_bmm_many_f32_s", f"PyTorch bmm, {runs[0]['nets']:,} nets, float32"),
+    ]
+    rows = [
+        "| two-layer net, 1500 iterations | s min | s median | vs jaxnets (median) |",
+        "|---|---|---|---|",
+    ]
+    for key, label in keys:
+        values = [r[key] for r in runs if key in r]
+        if not values:
+            continue
+        s = stats(values)
+        ref = "jaxnets_one_s" if "one" in key else "jaxnets_many_s"
+        ratio = s["median"] / statistics.median(r[ref] for r in runs)
+        rows.append(f"| {label} | {s['min']:.4f} | {s['median']:.4f} | {ratio:.1f}x |")
+    compile_s = statistics.median(r["jaxnets_many_compile_s"] for r in runs)
+    rows.append(f"| (jaxnets many nets: compile + first run) | {compile_s:.2f} | | |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 2 epochs, 6,000 images")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--all", action="store_true", help="also lax.conv and 2-thread torch")
+    parser.add_argument("--only", default="", help="comma list of: cnn,two_layer,data,ckpt")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
+    parts = set(args.only.split(",")) if args.only else {"cnn", "two_layer", "data", "ckpt"}
+    if args.quick:
+        size = ["--epochs", "2", "--num-train", "6000", "--num-val", "1000"]
+        tl_args, ck_args = ["--nets", "1000", "--scaled-iterations", "30"], ["--num-train", "6000"]
+    else:
+        size, tl_args, ck_args = [], [], []
+    epochs = 2 if args.quick else workload.EPOCHS
+    contenders = {**CNN, **CNN_MORE} if args.all else CNN
+
+    info = machine()
+    peak = info.get("peak_gflops_avx2_fma")
+    results: dict = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": info,
+        "versions": versions(),
+        "workload": {
+            "batch": workload.BATCH,
+            "lr": workload.LEARNING_RATE,
+            "momentum": workload.MOMENTUM,
+            "nesterov": True,
+            "decay": workload.DECAY,
+            "epochs": epochs,
+            "quick": args.quick,
+            "repeats": repeats,
+        },
+        "cnn": {name: [] for name in contenders} if "cnn" in parts else {},
+        "two_layer": [],
+        "data_load": [],
+        "checkpoint": [],
+    }
+    for r in range(repeats):
+        for name, (script, extra) in contenders.items():
+            if "cnn" not in parts:
+                break
+            flops = ["--flops"] if r == 0 and script == "jaxnets_cnn.py" else []
+            res = run_one(script, [*extra, *size, *flops])
+            results["cnn"][name].append(res)
+            print(f"[{r + 1}/{repeats}] {name}: {res.get('epoch_s', res.get('error'))}", flush=True)
+        if "two_layer" in parts:
+            results["two_layer"].append(run_one("two_layer.py", tl_args))
+            print(f"[{r + 1}/{repeats}] two-layer done", flush=True)
+        if "data" in parts:
+            results["data_load"].append(run_one("data_load.py", []))
+    if "ckpt" in parts:
+        results["checkpoint"].append(run_one("checkpoint_overhead.py", ck_args))
+
+    lines = [
+        f"Machine: {info['cpu_model']}, {info['cores']} cores, {info['mhz']} MHz, "
+        f"{'/'.join(info['simd'])}; float32 FMA peak {peak or 0:.0f} GFLOP/s (AVX2) "
+        f"/ {info.get('peak_gflops_avx512_fma', 0):.0f} (AVX-512). "
+        f"Repeats: {repeats} processes each.",
+        "",
+    ]
+    if results["cnn"]:
+        lines += [cnn_table(results["cnn"], peak, epochs), ""]
+    if results["two_layer"]:
+        lines += [two_layer_table(results["two_layer"]), ""]
+    loads = [r for r in results["data_load"] if "error" not in r]
+    if loads:
+        first = stats([r["first_load_s"] for r in loads])
+        cached = stats([r["cached_load_s"] for r in loads])
+        lines.append(
+            f"Data: load + device_put of {loads[0]['images']:,} images: first "
+            f"{first['min']:.2f} s (median {first['median']:.2f}), cached {cached['min']:.2f} s "
+            f"(median {cached['median']:.2f})."
+        )
+    ck = [r for r in results["checkpoint"] if "error" not in r]
+    if ck:
+        c = ck[0]
+        lines.append(
+            f"Checkpoints: async save every {c['save_every_steps']} steps: "
+            f"{c['epoch_s_async_ckpt']:.2f} s/epoch vs {c['epoch_s_none']:.2f} without "
+            f"({100 * c['overhead_fraction']:+.1f}%)."
+        )
+    table = "\n".join(lines)
+    results["table"] = table
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    path = os.path.join(HERE, "results", f"{stamp}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(table)
+    print(f"\nwritten: {os.path.relpath(path)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

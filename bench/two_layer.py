@@ -1,0 +1,122 @@
+"""The two-layer sigmoid seed net (SEEDS.md section 1): one net and 10,000 nets, 1500 iterations.
+
+Contenders: jaxnets `two_layer_train_many` (compile reported apart), the tutorial's numpy loop
+(one net, float64), numpy `einsum` over a leading nets axis (float32) and batched PyTorch
+(`bmm`, float32, 1 thread: 2 measured far slower on a loaded machine). The numpy and PyTorch
+batched runs take `--scaled-iterations` steps and are scaled to 1500 (every step costs the
+same), to keep the run short.
+
+Run: .venv-bench/bin/python bench/two_layer.py [--nets 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workload  # noqa: E402
+
+ITERATIONS = 1500
+X = [[0, 0, 1], [0, 1, 1], [1, 0, 1], [1, 1, 1]]
+Y = [[0], [1], [1], [0]]
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def numpy_tutorial(np, iterations: int) -> float:
+    """The tutorial's loop, one net, float64; returns the final loss."""
+    np.random.seed(1)
+    w1, w2 = np.random.rand(3, 4), np.random.rand(4, 1)
+    x, y = np.array(X, np.float64), np.array(Y, np.float64)
+    for _ in range(iterations):
+        l1 = 1 / (1 + np.exp(-(x @ w1)))
+        out = 1 / (1 + np.exp(-(l1 @ w2)))
+        d = 2 * (y - out) * out * (1 - out)
+        w2, w1 = w2 + l1.T @ d, w1 + x.T @ ((d @ w2.T) * l1 * (1 - l1))
+    out = 1 / (1 + np.exp(-(1 / (1 + np.exp(-(x @ w1))) @ w2)))
+    return float(np.sum((y - out) ** 2))
+
+
+def numpy_einsum(np, w1, w2, iterations: int):
+    """Nets on the leading axis: w1 [N, 3, 4], w2 [N, 4, 1]."""
+    x, y = np.array(X, w1.dtype), np.array(Y, w1.dtype)
+    for _ in range(iterations):
+        l1 = 1 / (1 + np.exp(-np.einsum("sd,ndh->nsh", x, w1)))
+        out = 1 / (1 + np.exp(-np.einsum("nsh,nho->nso", l1, w2)))
+        d = 2 * (y - out) * out * (1 - out)
+        d1 = np.einsum("nso,nho->nsh", d, w2) * l1 * (1 - l1)
+        w2 = w2 + np.einsum("nsh,nso->nho", l1, d)
+        w1 = w1 + np.einsum("sd,nsh->ndh", x, d1)
+    return w1, w2
+
+
+def torch_bmm(torch, w1, w2, iterations: int):
+    """Nets on the leading axis with batched matmuls, float32."""
+    x = torch.tensor(X, dtype=w1.dtype).expand(w1.shape[0], 4, 3)
+    y = torch.tensor(Y, dtype=w1.dtype)
+    xt = x.transpose(1, 2)
+    with torch.no_grad():
+        for _ in range(iterations):
+            l1 = torch.sigmoid(torch.bmm(x, w1))
+            out = torch.sigmoid(torch.bmm(l1, w2))
+            d = 2 * (y - out) * out * (1 - out)
+            d1 = torch.bmm(d, w2.transpose(1, 2)) * l1 * (1 - l1)
+            w2 = w2 + torch.bmm(l1.transpose(1, 2), d)
+            w1 = w1 + torch.bmm(xt, d1)
+    return w1, w2
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nets", type=int, default=10_000)
+    parser.add_argument("--scaled-iterations", type=int, default=150)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-threads", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    from jaxnets.models.mlp import two_layer_train_many
+
+    x, y = np.array(X, np.float32), np.array(Y, np.float32)
+    draws = np.random.RandomState(1).rand(args.nets, 16)
+    w1 = draws[:, :12].reshape(args.nets, 3, 4).astype(np.float32)
+    w2 = draws[:, 12:].reshape(args.nets, 4, 1).astype(np.float32)
+    many = {"w1": jax.numpy.asarray(w1), "w2": jax.numpy.asarray(w2)}
+    one = jax.tree.map(lambda v: v[:1], many)
+    train = lambda p: jax.block_until_ready(
+        two_layer_train_many(p, x, y, iterations=ITERATIONS, learning_rate=1.0)
+    )
+    res: dict = {"nets": args.nets, "iterations": ITERATIONS, "jax_version": jax.__version__}
+    res["jaxnets_one_compile_s"] = _seconds(lambda: train(one))
+    res["jaxnets_one_s"] = min(_seconds(lambda: train(one)) for _ in range(3))
+    res["jaxnets_one_loss"] = float(train(one)[1][0])
+    res["numpy_one_f64_s"] = min(_seconds(lambda: numpy_tutorial(np, ITERATIONS)) for _ in range(3))
+    res["numpy_one_loss"] = numpy_tutorial(np, ITERATIONS)
+    res["jaxnets_many_compile_s"] = _seconds(lambda: train(many))
+    res["jaxnets_many_s"] = min(_seconds(lambda: train(many)) for _ in range(2))
+    scale = ITERATIONS / args.scaled_iterations
+    k = args.scaled_iterations
+    res["numpy_einsum_many_f32_s"] = _seconds(lambda: numpy_einsum(np, w1, w2, k)) * scale
+    if not args.no_torch:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+        t1, t2 = torch.from_numpy(w1), torch.from_numpy(w2)
+        torch_bmm(torch, t1, t2, 5)  # warm-up
+        res["torch_bmm_many_f32_s"] = _seconds(lambda: torch_bmm(torch, t1, t2, k)) * scale
+        res["torch_version"] = torch.__version__
+    workload.emit(res)
+    return res
+
+
+if __name__ == "__main__":
+    main()
