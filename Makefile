@@ -34,8 +34,19 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix jaxnets experiments tests bench scripts
 	$(VENV)/bin/ruff format jaxnets experiments tests bench scripts
 
-bench: $(STAMP)
-	@echo "make bench: not yet (see issue 9)"
+# Benchmarks against Keras 3 (JAX backend), PyTorch and numpy, in their own environment.
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_ARGS  ?=
+
+$(BENCH_STAMP): pyproject.toml bench/requirements.txt
+	@echo "setting up $(BENCH_VENV) from bench/requirements.txt"
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -qq --disable-pip-version-check -r bench/requirements.txt
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	KERAS_BACKEND=jax $(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 doctor: $(STAMP)
 	$(PY) -m jaxnets doctor
