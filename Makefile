@@ -27,12 +27,12 @@ test: $(STAMP)
 	exit $$rc
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check jaxnets experiments tests bench scripts
-	$(VENV)/bin/ruff format --check jaxnets experiments tests bench scripts
+	$(VENV)/bin/ruff check jaxnets experiments tests bench scripts notebooks
+	$(VENV)/bin/ruff format --check jaxnets experiments tests bench scripts notebooks
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix jaxnets experiments tests bench scripts
-	$(VENV)/bin/ruff format jaxnets experiments tests bench scripts
+	$(VENV)/bin/ruff check --fix jaxnets experiments tests bench scripts notebooks
+	$(VENV)/bin/ruff format jaxnets experiments tests bench scripts notebooks
 
 # Benchmarks against Keras 3 (JAX backend), PyTorch and numpy, in their own environment.
 BENCH_VENV  := .venv-bench
@@ -47,6 +47,9 @@ $(BENCH_STAMP): pyproject.toml bench/requirements.txt
 
 bench: $(BENCH_STAMP)
 	KERAS_BACKEND=jax $(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+notebook: $(STAMP)
+	$(PY) scripts/run_notebook.py
 
 doctor: $(STAMP)
 	$(PY) -m jaxnets doctor
