@@ -217,7 +217,7 @@ def main(config: Config) -> dict:
             shutil.rmtree(workdir / "checkpoints")
         manager = ckpt.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
         if manager.latest_step() is not None:
-            state, meta, start_step = manager.restore(state)
+            state, meta, start_step = manager.restore(dp.checkpoint_target(state))
             ckpt.check_resumable(meta["config"], config_dict, keys=RESULT_FIELDS)
             log.warning("resuming from step %d (%s)", start_step, workdir / "checkpoints")
             if start_step >= config.epochs * (len(y_train) // config.batch_size):
@@ -238,7 +238,10 @@ def main(config: Config) -> dict:
         ]
 
     steps_per_epoch = len(y_train) // config.batch_size
-    autosave = ckpt.AutosaveTimer(config.checkpoint_every_minutes or None)
+    # A wall-clock decision could differ between processes (and Orbax saves collectively):
+    # with several processes only step-based saves are made.
+    minutes = config.checkpoint_every_minutes if jax.process_count() == 1 else 0
+    autosave = ckpt.AutosaveTimer(minutes or None)
 
     def on_log(record):
         for w in writers:
@@ -253,7 +256,9 @@ def main(config: Config) -> dict:
             or autosave.due()
         )
         if due or guard.should_stop:
-            manager.save(step, dp.unreplicate(state), metadata={"config": config_dict}, force=True)
+            manager.save(
+                step, dp.to_checkpoint(state), metadata={"config": config_dict}, force=True
+            )
             autosave.reset()
 
     def progress(epoch, steps, start):

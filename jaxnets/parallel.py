@@ -90,15 +90,36 @@ class DataParallel(NamedTuple):
             sharding = NamedSharding(self.mesh, P(self.axis_name))
 
             def put(x):
-                x = np.asarray(x) if not isinstance(x, jax.Array) else x
-                stacked = np.broadcast_to(np.asarray(x), (self.num_local_devices, *np.shape(x)))
+                x = _host_value(x)
+                stacked = np.broadcast_to(x, (self.num_local_devices, *np.shape(x)))
                 return jax.make_array_from_process_local_data(
                     sharding, stacked, (self.num_devices, *np.shape(x))
                 )
 
             return jax.tree.map(put, tree)
         sharding = NamedSharding(self.mesh, P())
-        return jax.tree.map(lambda x: _put_global(np.asarray(x), sharding), tree)
+        return jax.tree.map(lambda x: _put_global(_host_value(x), sharding), tree)
+
+    def to_checkpoint(self, tree: Any) -> Any:
+        """A replicated tree as a checkpoint should hold it, whatever the device count.
+
+        One process: device 0's copy. Several processes: a global array replicated over every
+        device (each process holds the same value; Orbax's primary process writes it).
+        """
+        local = self.unreplicate(tree)
+        if jax.process_count() == 1:
+            return local
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda x: _put_global(np.asarray(x), sharding), local)
+
+    def checkpoint_target(self, host_tree: Any) -> Any:
+        """The restore layout matching `to_checkpoint`, for a freshly initialised host tree."""
+        if jax.process_count() == 1:
+            return host_tree
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), host_tree
+        )
 
     def unreplicate(self, tree: Any) -> Any:
         """The value of a replicated tree, as host-local arrays of device 0's copy."""
@@ -198,6 +219,13 @@ class DataParallel(NamedTuple):
             check_vma=False,
         )
         return jax.jit(mapped, donate_argnums=donate_argnums)
+
+
+def _host_value(x: Any) -> np.ndarray:
+    """A numpy value of `x`; a replicated global array is read from a local copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
 
 
 def _put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

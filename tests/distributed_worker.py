@@ -18,10 +18,24 @@ if __name__ == "__main__":
     process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     parallel.initialize(f"127.0.0.1:{port}", 2, process_id, cpu_collectives="gloo")
     assert jax.device_count() == 4 and jax.local_device_count() == 2
-    import test_train  # the same problem as the single-process tests
+    mode = sys.argv[4] if len(sys.argv) > 4 else "train"
+    if mode == "train":
+        import test_train  # the same problem as the single-process tests
 
-    state, result = test_train._run(devices=None, epochs=2)
-    if parallel.is_main_process():
-        leaves = jax.tree.leaves(state.params)
-        np.savez(out, *leaves, val_loss=result.history[-1]["val_loss"])
+        state, result = test_train._run(devices=None, epochs=2)
+        if parallel.is_main_process():
+            leaves = jax.tree.leaves(state.params)
+            np.savez(out, *leaves, val_loss=result.history[-1]["val_loss"])
+    else:  # the seed CNN experiment with checkpoints: one epoch, then resume for the second
+        import dataclasses
+        import json
+
+        import test_mnist_cnn
+
+        config = dataclasses.replace(test_mnist_cnn.TINY, devices=None, workdir=out)
+        first = test_mnist_cnn.mnist_cnn.main(dataclasses.replace(config, epochs=1))
+        second = test_mnist_cnn.mnist_cnn.main(config)
+        if parallel.is_main_process():
+            with open(os.path.join(out, "steps.json"), "w") as f:
+                json.dump([first["step"], second["step"], second["test"]["loss"]], f)
     jax.distributed.shutdown()
