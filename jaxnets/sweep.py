@@ -378,6 +378,7 @@ def run_sweep(
         raise ValueError(f"vectorize={vectorize!r}: use one of {VECTORIZE}")
     full = complete_configs(configs, base)
     images, labels = train_data
+    train.check_data(images, labels, "training data")
     dp = dp or parallel.make_data_parallel(backend="pmap")
     dp.check_batch(batch_size)
     steps_per_epoch = len(labels) // batch_size

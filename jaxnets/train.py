@@ -227,6 +227,15 @@ def make_eval_runner(eval_step: Callable, dp: parallel.DataParallel) -> Callable
     )
 
 
+def check_data(images: Any, labels: Any, what: str) -> None:
+    """Raises a clear error when images and labels do not pair up one to one."""
+    if np.ndim(labels) < 1 or len(images) != len(labels):
+        raise ValueError(
+            f"{what}: {len(images)} images but {np.shape(labels)} labels; pass the same "
+            "examples' images and labels, e.g. (images[:n], labels[:n])"
+        )
+
+
 def epoch_indices(data_key: PRNGKey, epoch: int, num_examples: int, batch_size: int) -> np.ndarray:
     """Example indices of every step of an epoch: `[num_examples // batch_size, batch_size]`.
 
@@ -288,6 +297,7 @@ def make_evaluation(
     batch_size: int,
 ) -> Evaluation:
     """Puts an evaluation set on the devices once, padded to whole global batches."""
+    check_data(images, labels, "evaluation data")
     dp.check_batch(batch_size)
     idx = eval_indices(len(labels), batch_size)
     return Evaluation(
@@ -370,6 +380,7 @@ def fit(
     if on_nonfinite not in ("raise", "warn"):
         raise ValueError(f"on_nonfinite={on_nonfinite!r}; use 'raise' or 'warn'")
     images, labels = train_data
+    check_data(images, labels, "training data")
     dp.check_batch(batch_size)
     steps_per_epoch = len(labels) // batch_size
     epoch_indices(data_key, 0, len(labels), batch_size)  # validates the batch size

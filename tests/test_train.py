@@ -284,3 +284,12 @@ def test_epoch_indices_are_a_pure_function_of_key_and_epoch():
     assert a.shape == (10, 10) and sorted(a.ravel().tolist()) == list(range(100))
     b = train.epoch_indices(key, 0, 105, 10)  # the remainder is dropped
     assert b.shape == (10, 10) and len(set(b.ravel().tolist())) == 100
+
+
+def test_images_and_labels_of_different_length_are_a_clear_error():
+    images, labels = _data()
+    with pytest.raises(ValueError, match=r"training data: 256 images but \(255,\) labels"):
+        _run(data=(images, labels[:-1]), evaluate=False)
+    dp = parallel.make_data_parallel(devices=1)
+    with pytest.raises(ValueError, match=r"evaluation data: 50 images but \(3200,\) labels"):
+        train.make_evaluation(None, dp, images[:50], np.zeros(3200, np.int32), batch_size=10)
