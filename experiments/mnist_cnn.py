@@ -355,5 +355,6 @@ if __name__ == "__main__":
         )
     print(
         f"plot: {wd / 'curves.png'}\nmetrics: {wd / 'metrics.jsonl'}\n"
-        f"summary: {wd / 'summary.json'}\ntensorboard: tensorboard --logdir {wd / 'tb'}"
+        f"summary: {wd / 'summary.json'}\ntensorboard events: {wd / 'tb'} (to view them: "
+        f"pip install tensorboard && tensorboard --logdir {wd / 'tb'})"
     )
