@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxnets import losses
-from jaxnets.models import MnistCNN, TwoLayerSigmoid
+from jaxnets.models import MnistCNN, TwoLayerSigmoid, ValidConv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,3 +166,32 @@ def test_im2col_matches_xla_in_values_and_gradients(image_kind):
     value_i2c, grad_i2c = jax.jit(jax.value_and_grad(_loss_fn(im2col, images, labels)))(params)
     np.testing.assert_allclose(value_i2c, value_xla, rtol=1e-5)
     chex.assert_trees_all_close(grad_i2c, grad_xla, rtol=1e-5, atol=1e-5)
+
+
+def _numpy_valid_conv(x, kernel, bias):
+    """Direct NHWC valid convolution (cross-correlation, as lax.conv and Keras)."""
+    kh, kw, _, cout = kernel.shape
+    b, h, w, _ = x.shape
+    out = np.zeros((b, h - kh + 1, w - kw + 1, cout), np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            out += np.einsum(
+                "bhwc,co->bhwo", x[:, i : i + h - kh + 1, j : j + w - kw + 1], kernel[i, j]
+            )
+    return out + bias
+
+
+@pytest.mark.parametrize("impl", ["xla", "im2col"])
+def test_valid_conv_layouts_match_numpy_with_one_parameter_tree(impl):
+    x = np.asarray(jax.random.normal(jax.random.key(3), (3, 7, 6, 2)))
+    nhwc, chwn = ValidConv(5, 3, impl), ValidConv(5, 3, impl, layout="CHWN")
+    to_chwn = (3, 1, 2, 0)  # swaps batch and channels; its own inverse
+    params = nhwc.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(params, chwn.init(jax.random.key(0), x.transpose(to_chwn)))
+    params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero bias
+    expected = _numpy_valid_conv(x, *(np.asarray(params["params"][k]) for k in ("kernel", "bias")))
+    np.testing.assert_allclose(nhwc.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+    got = chwn.apply(params, x.transpose(to_chwn)).transpose(to_chwn)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="layout='NCHW'"):
+        ValidConv(5, 3, impl, layout="NCHW").init(jax.random.key(0), x)
