@@ -100,7 +100,7 @@ class Config:
     )
     parallel: str = dataclasses.field(default="pmap", metadata={"help": "pmap | shard_map"})
     steps_per_dispatch: int | None = dataclasses.field(
-        default=None, metadata={"help": "steps per device call (default: 1 on CPU, 50 else)"}
+        default=None, metadata={"help": "steps per device call (default: 10 on CPU, 50 else)"}
     )
     log_every_steps: int = 10
     checkpoint_every_steps: int = dataclasses.field(

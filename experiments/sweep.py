@@ -89,7 +89,7 @@ class Config:
     backend: str = dataclasses.field(default="pmap", metadata={"help": "pmap | shard_map"})
     devices: int = dataclasses.field(default=0, metadata={"help": "first N devices (0: all)"})
     steps_per_dispatch: int = dataclasses.field(
-        default=0, metadata={"help": "steps per device call (0: 1 on CPU, 50 elsewhere)"}
+        default=0, metadata={"help": "steps per device call (0: 10 on CPU, 50 elsewhere)"}
     )
     log_every_steps: int = 10
     workdir: str = "runs/sweep"
