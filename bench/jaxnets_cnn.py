@@ -1,6 +1,6 @@
 """jaxnets on the seed CNN workload (bench/workload.py), with the library's functional API.
 
-Run: python bench/jaxnets_cnn.py [--conv-impl im2col] [--steps-per-dispatch 1] [--devices 1]
+Run: python bench/jaxnets_cnn.py [--conv-impl im2col] [--steps-per-dispatch K] [--devices 1]
 Prints per-epoch seconds, images/s, validation accuracy after the last epoch and, with
 --flops, XLA's FLOP count of one train step (forward + backward + update, batch 100).
 """
@@ -21,7 +21,9 @@ import workload  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--conv-impl", default="im2col", choices=("xla", "im2col"))
-    parser.add_argument("--steps-per-dispatch", type=int, default=1)
+    parser.add_argument(
+        "--steps-per-dispatch", type=int, default=None, help="default: the library's"
+    )
     parser.add_argument("--devices", type=int, default=1, help="CPU devices (pmap over them)")
     parser.add_argument("--backend", default="pmap", choices=("pmap", "shard_map"))
     parser.add_argument("--epochs", type=int, default=workload.EPOCHS)
@@ -83,7 +85,7 @@ def main(argv=None) -> dict:
     state = dp.replicate(state)
     on_device = dp.replicate((train_x, train_y))
     data_key = jax.random.key(workload.SEED + 1)
-    k = args.steps_per_dispatch
+    k = args.steps_per_dispatch or train.default_steps_per_dispatch()
     ckpt_dir = tempfile.mkdtemp(prefix="jaxnets-bench-ckpt-") if args.save_every else None
     ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=2) if ckpt_dir else None
     epoch_seconds = []

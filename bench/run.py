@@ -27,11 +27,8 @@ import workload  # noqa: E402
 
 # name -> (script, arguments). The first is the reference of the ratios.
 CNN = {
-    "jaxnets (im2col, 1 step/dispatch)": ("jaxnets_cnn.py", ["--conv-impl", "im2col"]),
-    "jaxnets (im2col, 10 steps/dispatch)": (
-        "jaxnets_cnn.py",
-        ["--conv-impl", "im2col", "--steps-per-dispatch", "10"],
-    ),
+    "jaxnets (defaults: im2col, 10 steps/dispatch on CPU)": ("jaxnets_cnn.py", []),
+    "jaxnets (im2col, 1 step/dispatch)": ("jaxnets_cnn.py", ["--steps-per-dispatch", "1"]),
     "Keras 3 fit, JAX backend": ("keras_cnn.py", []),
     "PyTorch eager, 1 thread": ("torch_cnn.py", ["--threads", "1"]),
     "PyTorch torch.compile, 1 thread": ("torch_cnn.py", ["--compile", "--threads", "1"]),
@@ -39,7 +36,7 @@ CNN = {
 # With --all. On a loaded 2-core machine 2-thread PyTorch measured 5x slower than 1 thread
 # (OpenMP barriers wait for a descheduled thread), so the default set uses 1 thread.
 CNN_MORE = {
-    "jaxnets (lax.conv, 1 step/dispatch)": ("jaxnets_cnn.py", ["--conv-impl", "xla"]),
+    "jaxnets (lax.conv, 10 steps/dispatch)": ("jaxnets_cnn.py", ["--conv-impl", "xla"]),
     "PyTorch eager, 2 threads": ("torch_cnn.py", []),
     "PyTorch torch.compile, 2 threads": ("torch_cnn.py", ["--compile"]),
 }
