@@ -30,15 +30,16 @@ CNN = {
     "jaxnets (defaults: im2col, 10 steps/dispatch on CPU)": ("jaxnets_cnn.py", []),
     "jaxnets (im2col, 1 step/dispatch)": ("jaxnets_cnn.py", ["--steps-per-dispatch", "1"]),
     "Keras 3 fit, JAX backend": ("keras_cnn.py", []),
-    "PyTorch eager, 1 thread": ("torch_cnn.py", ["--threads", "1"]),
-    "PyTorch torch.compile, 1 thread": ("torch_cnn.py", ["--compile", "--threads", "1"]),
-}
-# With --all. On a loaded 2-core machine 2-thread PyTorch measured 5x slower than 1 thread
-# (OpenMP barriers wait for a descheduled thread), so the default set uses 1 thread.
-CNN_MORE = {
-    "jaxnets (lax.conv, 10 steps/dispatch)": ("jaxnets_cnn.py", ["--conv-impl", "xla"]),
     "PyTorch eager, 2 threads": ("torch_cnn.py", []),
     "PyTorch torch.compile, 2 threads": ("torch_cnn.py", ["--compile"]),
+}
+# With --all. On a quiet machine 2 threads is PyTorch's best (torch.compile 2.8 s/epoch against
+# 3.6 s with 1); on a loaded 2-core machine 1 thread measured up to 5x faster (OpenMP barriers
+# wait for a descheduled thread): run --all there.
+CNN_MORE = {
+    "jaxnets (lax.conv, 10 steps/dispatch)": ("jaxnets_cnn.py", ["--conv-impl", "xla"]),
+    "PyTorch eager, 1 thread": ("torch_cnn.py", ["--threads", "1"]),
+    "PyTorch torch.compile, 1 thread": ("torch_cnn.py", ["--compile", "--threads", "1"]),
 }
 
 
