@@ -182,9 +182,12 @@ def _numpy_valid_conv(x, kernel, bias):
 
 
 @pytest.mark.parametrize("impl", ["xla", "im2col"])
-def test_valid_conv_layouts_match_numpy_with_one_parameter_tree(impl):
-    x = np.asarray(jax.random.normal(jax.random.key(3), (3, 7, 6, 2)))
-    nhwc, chwn = ValidConv(5, 3, impl), ValidConv(5, 3, impl, layout="CHWN")
+# kernel 9: more patch slices per row than XLA:CPU fuses into one concatenate (8)
+@pytest.mark.parametrize("kernel_size, x_shape", [(3, (3, 7, 6, 2)), (9, (2, 11, 10, 2))])
+def test_valid_conv_layouts_match_numpy_with_one_parameter_tree(impl, kernel_size, x_shape):
+    x = np.asarray(jax.random.normal(jax.random.key(3), x_shape))
+    nhwc = ValidConv(5, kernel_size, impl)
+    chwn = ValidConv(5, kernel_size, impl, layout="CHWN")
     to_chwn = (3, 1, 2, 0)  # swaps batch and channels; its own inverse
     params = nhwc.init(jax.random.key(0), x)
     chex.assert_trees_all_equal(params, chwn.init(jax.random.key(0), x.transpose(to_chwn)))
