@@ -198,3 +198,34 @@ def test_valid_conv_layouts_match_numpy_with_one_parameter_tree(impl, kernel_siz
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="layout='NCHW'"):
         ValidConv(5, 3, impl, layout="NCHW").init(jax.random.key(0), x)
+
+
+def _numpy_max_pool_2x2_and_grad(x, g):
+    """Value and vector-Jacobian product of a 2x2/2 valid max pool; a tie splits g evenly."""
+    a, h, w, d = x.shape
+    y = np.zeros((a, h // 2, w // 2, d))
+    grad = np.zeros_like(x)
+    for r in range(h // 2):
+        for c in range(w // 2):
+            window = x[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2, :]
+            y[:, r, c] = window.max(axis=(1, 2))
+            hits = window == y[:, r, c][:, None, None]
+            grad[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = hits * (g[:, r, c] / hits.sum((1, 2)))[
+                :, None, None
+            ]
+    return y, grad
+
+
+@pytest.mark.parametrize("shape", [(3, 22, 22, 5), (2, 9, 7, 4)])  # even, odd (cropped)
+def test_im2col_max_pool_value_and_tie_splitting_gradient_match_numpy(shape):
+    from jaxnets.models.cnn import _max_pool_2x2
+
+    rng = np.random.default_rng(0)
+    # Coarse levels: many windows with 2, 3 or 4 equal maxima.
+    x = rng.integers(0, 3, shape).astype(np.float32)
+    g = rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3])).astype(np.float32)
+    want_y, want_grad = _numpy_max_pool_2x2_and_grad(x, g)
+    pool = jax.jit(lambda x: _max_pool_2x2(x, "im2col"))
+    y, vjp = jax.vjp(pool, jnp.asarray(x))
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_allclose(vjp(jnp.asarray(g))[0], want_grad, rtol=1e-6, atol=1e-7)

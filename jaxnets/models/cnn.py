@@ -62,16 +62,49 @@ def _max_pool_2x2(x: Array, impl: ConvImpl) -> Array:
     """2x2 max pool, stride 2, valid (an odd last row/column is dropped, as in Keras).
 
     'xla' uses reduce_window (its gradient sends a tie to the first maximum); 'im2col'
-    crops to even size and takes the max of a reshape (its gradient splits a tie evenly).
-    Both are valid subgradients; they differ only where a 2x2 window holds equal maxima.
-    `x` is NHWC for 'xla'; for 'im2col' any layout with height and width on axes 1 and 2
-    (NHWC or CHWN).
+    takes the max of the four stride-2 quadrants (its gradient splits a tie evenly, as
+    jax.grad of `max` does). Both are valid subgradients; they differ only where a 2x2
+    window holds equal maxima. `x` is NHWC for 'xla'; for 'im2col' any layout with height
+    and width on axes 1 and 2 (NHWC or CHWN).
     """
     if impl == "xla":
         return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    return _max_pool_quadrants(x)
+
+
+def _quadrants(x: Array) -> list[Array]:
+    """The four stride-2 sub-grids of axes 1 and 2: top-left, top-right, bottom-left, ..."""
+    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    return [x[:, i:h:2, j:w:2, :] for i in (0, 1) for j in (0, 1)]
+
+
+@jax.custom_vjp
+def _max_pool_quadrants(x: Array) -> Array:
+    q = _quadrants(x)
+    return jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
+
+
+def _max_pool_quadrants_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
+    y = _max_pool_quadrants(x)
+    return y, (x, y)
+
+
+def _max_pool_quadrants_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array]:
+    """The gradient jax.grad gives a reshape-and-max pool (a tie splits g evenly), written so
+    that XLA:CPU makes it one loop fusion: 1.07-1.1x faster seed-CNN train steps than the
+    derived rule, which stores a float tie indicator and reduces it to counts."""
+    x, y = res
+    hits = [q == y for q in _quadrants(x)]
+    share = g / sum(hit.astype(g.dtype) for hit in hits)
+    parts = [jnp.where(hit, share, 0) for hit in hits]
     a, h, w, d = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2, :]
-    return x.reshape(a, h // 2, 2, w // 2, 2, d).max(axis=(2, 4))
+    # Interleave the quadrants back: [a, h/2, 2, w/2, 2, d] -> [a, h, w, d].
+    grad = jnp.stack([jnp.stack(parts[:2], 3), jnp.stack(parts[2:], 3)], 2)
+    grad = grad.reshape(a, h // 2 * 2, w // 2 * 2, d)
+    return (jnp.pad(grad, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+_max_pool_quadrants.defvjp(_max_pool_quadrants_fwd, _max_pool_quadrants_bwd)
 
 
 class ValidConv(nn.Module):
