@@ -210,9 +210,9 @@ def _numpy_max_pool_2x2_and_grad(x, g):
             window = x[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2, :]
             y[:, r, c] = window.max(axis=(1, 2))
             hits = window == y[:, r, c][:, None, None]
-            grad[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = hits * (g[:, r, c] / hits.sum((1, 2)))[
-                :, None, None
-            ]
+            grad[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = (
+                hits * (g[:, r, c] / hits.sum((1, 2)))[:, None, None]
+            )
     return y, grad
 
 
