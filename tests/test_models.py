@@ -229,3 +229,17 @@ def test_im2col_max_pool_value_and_tie_splitting_gradient_match_numpy(shape):
     y, vjp = jax.vjp(pool, jnp.asarray(x))
     np.testing.assert_array_equal(y, want_y)
     np.testing.assert_allclose(vjp(jnp.asarray(g))[0], want_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_forward_mode_hessian_vector_product_matches_xla_impl():
+    # jvp of grad (forward over reverse) goes through the pool's derivative rule twice.
+    images = jax.random.uniform(jax.random.key(5), (4, 28, 28, 1))  # no tied maxima
+    labels = jnp.arange(4)
+    params = _init(MODELS[0])
+    vector = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+    hvps = []
+    for impl in ("xla", "im2col"):
+        grad = jax.grad(_loss_fn(MnistCNN(conv_impl=impl), images, labels))
+        hvps.append(jax.jit(lambda p, v, g=grad: jax.jvp(g, (p,), (v,))[1])(params, vector))
+    chex.assert_trees_all_close(hvps[1], hvps[0], rtol=1e-4, atol=1e-6)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(hvps[1])) > 1e-3  # not all zero

@@ -78,33 +78,25 @@ def _quadrants(x: Array) -> list[Array]:
     return [x[:, i:h:2, j:w:2, :] for i in (0, 1) for j in (0, 1)]
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _max_pool_quadrants(x: Array) -> Array:
     q = _quadrants(x)
     return jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
 
 
-def _max_pool_quadrants_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
+@_max_pool_quadrants.defjvp
+def _max_pool_quadrants_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    """The derivative of a reshape-and-max pool (a tie splits the tangent evenly), written so
+    that XLA:CPU makes its transpose, the gradient, one loop fusion: 1.05-1.1x faster seed-CNN
+    train steps than the derived rule, which stores a float tie indicator and reduces it to
+    counts. A JVP (not a VJP) rule, so forward mode (jvp, jacfwd, Hessian-vector products)
+    works too."""
+    (x,), (dx,) = primals, tangents
     y = _max_pool_quadrants(x)
-    return y, (x, y)
-
-
-def _max_pool_quadrants_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array]:
-    """The gradient jax.grad gives a reshape-and-max pool (a tie splits g evenly), written so
-    that XLA:CPU makes it one loop fusion: 1.07-1.1x faster seed-CNN train steps than the
-    derived rule, which stores a float tie indicator and reduces it to counts."""
-    x, y = res
     hits = [q == y for q in _quadrants(x)]
-    share = g / sum(hit.astype(g.dtype) for hit in hits)
-    parts = [jnp.where(hit, share, 0) for hit in hits]
-    a, h, w, d = x.shape
-    # Interleave the quadrants back: [a, h/2, 2, w/2, 2, d] -> [a, h, w, d].
-    grad = jnp.stack([jnp.stack(parts[:2], 3), jnp.stack(parts[2:], 3)], 2)
-    grad = grad.reshape(a, h // 2 * 2, w // 2 * 2, d)
-    return (jnp.pad(grad, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
-
-
-_max_pool_quadrants.defvjp(_max_pool_quadrants_fwd, _max_pool_quadrants_bwd)
+    count = sum(hit.astype(y.dtype) for hit in hits)
+    dy = sum(jnp.where(hit, dq, 0) for hit, dq in zip(hits, _quadrants(dx))) / count
+    return y, dy
 
 
 class ValidConv(nn.Module):
