@@ -243,3 +243,26 @@ def test_forward_mode_hessian_vector_product_matches_xla_impl():
         hvps.append(jax.jit(lambda p, v, g=grad: jax.jvp(g, (p,), (v,))[1])(params, vector))
     chex.assert_trees_all_close(hvps[1], hvps[0], rtol=1e-4, atol=1e-6)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(hvps[1])) > 1e-3  # not all zero
+
+
+@pytest.mark.parametrize("batch, groups", [(7, 2), (7, 3), (1, 2), (2, 5)])
+def test_cnn_batch_groups_compute_the_same_function(batch, groups):
+    # Sub-batches (sizes differing by at most one; never more groups than examples) are a
+    # schedule, not a model change: values, gradients and intermediates as with one group.
+    images = jax.random.uniform(jax.random.key(4), (batch, 28, 28, 1))
+    labels = jnp.arange(batch) % 10
+    params = _init(MODELS[0])
+    whole, split = MnistCNN(batch_groups=1), MnistCNN(batch_groups=groups)
+    want, want_seen = whole.apply({"params": params}, images, mutable=["intermediates"])
+    got, got_seen = split.apply({"params": params}, images, mutable=["intermediates"])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(got_seen, want_seen, rtol=1e-6, atol=1e-6)
+    grads = [jax.jit(jax.grad(_loss_fn(m, images, labels)))(params) for m in (whole, split)]
+    chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_cnn_rejects_bad_batch_groups():
+    params = _init(MODELS[0])
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=rf"batch_groups={bad!r}; use a positive int"):
+            MnistCNN(batch_groups=bad).apply({"params": params}, jnp.zeros((2, 28, 28, 1)))
