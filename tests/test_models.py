@@ -266,3 +266,15 @@ def test_cnn_rejects_bad_batch_groups():
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match=rf"batch_groups={bad!r}; use a positive int"):
             MnistCNN(batch_groups=bad).apply({"params": params}, jnp.zeros((2, 28, 28, 1)))
+
+
+def test_cnn_default_batch_groups_two_for_im2col_on_cpu_one_for_xla():
+    params, images = _init(MODELS[0]), jnp.zeros((4, 28, 28, 1))
+
+    def program(**kwargs):
+        return str(jax.make_jaxpr(MnistCNN(**kwargs).apply)({"params": params}, images))
+
+    assert jax.default_backend() == "cpu"
+    assert program() == program(batch_groups=2) != program(batch_groups=1)
+    assert program(conv_impl="xla") == program(conv_impl="xla", batch_groups=1)
+    assert program(conv_impl="xla") != program(conv_impl="xla", batch_groups=2)

@@ -170,19 +170,20 @@ class MnistCNN(nn.Module):
         over stride-2 quadrants, all batch-last: CHWN between the input and the flatten) or
         'xla' (lax.conv_general_dilated + reduce_window max pool, NHWC). Same parameters,
         same function (outputs and gradients agree to 1e-5). On the 2-core CPU a jitted
-        forward + backward of a batch of 100 takes 2.2 ms with 'im2col' against 9.3 ms
-        with 'xla' (`scripts/bench_cnn_conv.py`). What it took: batch-last patches (long
-        contiguous rows; in NHWC the 25-72 patch features sit on the minor axis, which
-        XLA:CPU gathers and multiplies slowly: 2.4x), patch stacks XLA:CPU fuses (<= 8
-        operands per concatenate: 1.04-1.2x), a pool gradient written as one fusion
+        forward + backward of a batch of 100 takes 2.5 ms with 'im2col' against 10.5 ms
+        with 'xla' (`scripts/bench_cnn_conv.py`, busy machine). What it took: batch-last
+        patches (long contiguous rows; in NHWC the 25-72 patch features sit on the minor
+        axis, which XLA:CPU gathers and multiplies slowly: 2.4x), patch stacks XLA:CPU fuses
+        (<= 8 operands per concatenate: 1.04-1.2x), a pool gradient written as one fusion
         (1.05-1.1x) and two batch groups (1.13-1.2x). Not measured on GPU/TPU, where 'xla'
         (cuDNN/TPU convolutions) may be the better choice.
       batch_groups: the batch runs as this many independent sub-batches (sizes differing by
         at most one, never more than the batch), concatenated: the same function (values and
         gradients agree to rounding), but independent chains of operations that XLA:CPU's
         runtime runs concurrently on its threads, where one chain of small ops leaves a core
-        idle most of a step. None (default): 2 with 'im2col' (training steps 1.13-1.2x faster
-        on the 2-core CPU than with 1; 3 is slower), 1 with 'xla'.
+        idle most of a step. None (default): 2 with 'im2col' on CPU (training steps
+        1.13-1.2x faster on the 2-core CPU than with 1; 3 is slower), else 1 ('xla' gains
+        nothing from 2; GPU/TPU run one stream of kernels: not measured).
 
     Example:
       >>> model = MnistCNN()
@@ -214,7 +215,7 @@ class MnistCNN(nn.Module):
         impl = self.conv_impl
         groups = self.batch_groups
         if groups is None:
-            groups = 2 if impl == "im2col" else 1
+            groups = 2 if impl == "im2col" and jax.default_backend() == "cpu" else 1
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(
                 f"MnistCNN: batch_groups={self.batch_groups!r}; use a positive int or None"
