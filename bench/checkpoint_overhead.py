@@ -7,7 +7,7 @@ reports the median steady epoch times. It also measures what one save costs: the
 (all threads) of `Checkpointer.save` + `wait_until_finished` on an idle machine, which is
 what the saves take away from training on a CPU whose cores are all busy.
 
-Run: .venv-bench/bin/python bench/checkpoint_overhead.py [--save-every 480,100] [--repeats 2]
+Run: .venv-bench/bin/python bench/checkpoint_overhead.py [--save-every 480,100] [--repeats 4]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--save-every", default=None, help="comma list; default: epoch,100")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--num-train", type=int, default=workload.NUM_TRAIN)
     args = parser.parse_args(argv)
     steps_per_epoch = args.num_train // workload.BATCH
