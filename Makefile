@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 WORKDIR ?= runs/mnist_cnn
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): `auto` is one per core; `make test PYTEST_WORKERS=0` runs in this process.
+PYTEST_WORKERS ?= auto
 
 .PHONY: run test lint format bench notebook doctor clean venv
 
@@ -22,7 +24,7 @@ run: $(STAMP)
 
 # pytest exits 5 when it collected no test: that is a broken setup, not a pass.
 test: $(STAMP)
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (setup problem)"; exit 1; fi; \
 	exit $$rc
 
