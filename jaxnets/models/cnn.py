@@ -171,8 +171,8 @@ class MnistCNN(nn.Module):
         'xla' (lax.conv_general_dilated + reduce_window max pool, NHWC). Same parameters,
         same function (outputs and gradients agree to 1e-5). On the 2-core CPU a jitted
         forward + backward of a batch of 100 takes 2.5 ms with 'im2col' against 10.5 ms
-        with 'xla' (`scripts/bench_cnn_conv.py`, AMD EPYC Zen 5, busy machine; 4.6 against
-        18-21 ms on an Intel Xeon VM, where the patch matrices' memory traffic dominates).
+        with 'xla' (`scripts/bench_cnn_conv.py`, AMD EPYC Zen 5, busy machine; 4.6-4.7
+        against 18-21 ms on an Intel Xeon VM, where the patch matrices' memory traffic dominates).
         What it took: batch-last patches (long contiguous rows; in NHWC the 25-72 patch
         features sit on the minor axis, which XLA:CPU gathers and multiplies slowly: 2.4x),
         patch stacks XLA:CPU fuses (<= 8 operands per concatenate: 1.04-1.2x), a pool
