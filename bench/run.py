@@ -27,8 +27,8 @@ import workload  # noqa: E402
 
 # name -> (script, arguments). The first is the reference of the ratios.
 CNN = {
-    "jaxnets (defaults: im2col, 10 steps/dispatch on CPU)": ("jaxnets_cnn.py", []),
-    "jaxnets (im2col, 1 step/dispatch)": ("jaxnets_cnn.py", ["--steps-per-dispatch", "1"]),
+    "jaxnets (defaults: native convs, 10 steps/dispatch on CPU)": ("jaxnets_cnn.py", []),
+    "jaxnets (im2col convs)": ("jaxnets_cnn.py", ["--conv-impl", "im2col"]),
     "Keras 3 fit, JAX backend": ("keras_cnn.py", []),
     "PyTorch eager, 2 threads": ("torch_cnn.py", []),
     "PyTorch torch.compile, 2 threads": ("torch_cnn.py", ["--compile"]),
@@ -37,6 +37,7 @@ CNN = {
 # 3.6 s with 1); on a loaded 2-core machine 1 thread measured up to 5x faster (OpenMP barriers
 # wait for a descheduled thread): run --all there.
 CNN_MORE = {
+    "jaxnets (1 step/dispatch)": ("jaxnets_cnn.py", ["--steps-per-dispatch", "1"]),
     "jaxnets (lax.conv, 10 steps/dispatch)": ("jaxnets_cnn.py", ["--conv-impl", "xla"]),
     "PyTorch eager, 1 thread": ("torch_cnn.py", ["--threads", "1"]),
     "PyTorch torch.compile, 1 thread": ("torch_cnn.py", ["--compile", "--threads", "1"]),

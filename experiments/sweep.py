@@ -77,7 +77,7 @@ class Config:
     l1: float = dataclasses.field(default=0.0, metadata={"help": "proximal L1 strength"})
     hidden: int = dataclasses.field(default=64, metadata={"help": "two_layer hidden width"})
     conv_impl: str = dataclasses.field(
-        default="im2col", metadata={"help": "mnist_cnn convolutions: im2col | xla"}
+        default="auto", metadata={"help": "mnist_cnn convolutions: auto | native | im2col | xla"}
     )
     vectorize: str = dataclasses.field(
         default="auto",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxnets import losses
-from jaxnets.models import MnistCNN, TwoLayerSigmoid, ValidConv
+from jaxnets.models import MnistCNN, TwoLayerSigmoid, ValidConv, native_conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,14 @@ CNN_INTERMEDIATES = {
 }
 MODELS = [
     ModelCase("mnist_cnn", MnistCNN, (28, 28, 1), (10,), 35_754, CNN_INTERMEDIATES),
+    ModelCase(
+        "mnist_cnn_im2col",
+        functools.partial(MnistCNN, conv_impl="im2col"),
+        (28, 28, 1),
+        (10,),
+        35_754,
+        CNN_INTERMEDIATES,
+    ),
     ModelCase(
         "mnist_cnn_xla",
         functools.partial(MnistCNN, conv_impl="xla"),
@@ -144,18 +152,21 @@ def _loss_fn(model, images, labels):
     return loss_fn
 
 
+@pytest.mark.parametrize("impl", ["im2col", "native"])
 @pytest.mark.parametrize("image_kind", ["uniform", "digit_like"])
-def test_im2col_matches_xla_in_values_and_gradients(image_kind):
+def test_cpu_impls_match_xla_in_values_and_gradients(impl, image_kind):
+    if impl == "native" and not native_conv.available():
+        pytest.skip(native_conv.unavailable_reason())
     key_x, key_y = jax.random.split(jax.random.key(7))
     images = jax.random.uniform(key_x, (8, 28, 28, 1))
     if image_kind == "digit_like":
         # Flat zero background, like MNIST: many tied maxima in the pools.
         images = jnp.where(images > 0.7, images, 0.0).at[:, :4].set(0.0)
     labels = jax.random.randint(key_y, (8,), 0, 10)
-    xla, im2col = MnistCNN(conv_impl="xla"), MnistCNN(conv_impl="im2col")
+    xla, im2col = MnistCNN(conv_impl="xla"), MnistCNN(conv_impl=impl)
     params = _init(MODELS[0])
     # The same parameter tree, and the same initial values for the same key.
-    chex.assert_trees_all_equal(params, _init(MODELS[1]))
+    chex.assert_trees_all_equal(params, _init(MODELS[1]), _init(MODELS[2]))
     np.testing.assert_allclose(
         im2col.apply({"params": params}, images),
         xla.apply({"params": params}, images),
@@ -181,10 +192,12 @@ def _numpy_valid_conv(x, kernel, bias):
     return out + bias
 
 
-@pytest.mark.parametrize("impl", ["xla", "im2col"])
+@pytest.mark.parametrize("impl", ["xla", "im2col", "native"])
 # kernel 9: more patch slices per row than XLA:CPU fuses into one concatenate (8)
 @pytest.mark.parametrize("kernel_size, x_shape", [(3, (3, 7, 6, 2)), (9, (2, 11, 10, 2))])
 def test_valid_conv_layouts_match_numpy_with_one_parameter_tree(impl, kernel_size, x_shape):
+    if impl == "native" and not native_conv.available():
+        pytest.skip(native_conv.unavailable_reason())
     x = np.asarray(jax.random.normal(jax.random.key(3), x_shape))
     nhwc = ValidConv(5, kernel_size, impl)
     chwn = ValidConv(5, kernel_size, impl, layout="CHWN")
@@ -238,10 +251,12 @@ def test_forward_mode_hessian_vector_product_matches_xla_impl():
     params = _init(MODELS[0])
     vector = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
     hvps = []
-    for impl in ("xla", "im2col"):
+    impls = ["xla", "im2col"] + ["native"] * native_conv.available()
+    for impl in impls:
         grad = jax.grad(_loss_fn(MnistCNN(conv_impl=impl), images, labels))
         hvps.append(jax.jit(lambda p, v, g=grad: jax.jvp(g, (p,), (v,))[1])(params, vector))
-    chex.assert_trees_all_close(hvps[1], hvps[0], rtol=1e-4, atol=1e-6)
+    for hvp in hvps[1:]:
+        chex.assert_trees_all_close(hvp, hvps[0], rtol=1e-4, atol=1e-6)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(hvps[1])) > 1e-3  # not all zero
 
 
@@ -278,3 +293,20 @@ def test_cnn_default_batch_groups_two_for_im2col_on_cpu_one_for_xla():
     assert program() == program(batch_groups=2) != program(batch_groups=1)
     assert program(conv_impl="xla") == program(conv_impl="xla", batch_groups=1)
     assert program(conv_impl="xla") != program(conv_impl="xla", batch_groups=2)
+
+
+def test_cnn_auto_conv_impl_is_native_on_cpu_where_it_builds_else_im2col(monkeypatch):
+    params, images = _init(MODELS[0]), jnp.zeros((4, 28, 28, 1))
+
+    def program(**kwargs):
+        return str(jax.make_jaxpr(MnistCNN(**kwargs).apply)({"params": params}, images))
+
+    if native_conv.available():
+        assert program() == program(conv_impl="native")
+        assert "jaxnets_conv_forward" in program()
+    monkeypatch.setattr(native_conv, "available", lambda: False)
+    monkeypatch.setattr(native_conv, "unavailable_reason", lambda: "no C++ compiler 'g++'")
+    assert program() == program(conv_impl="im2col")
+    assert "jaxnets_conv" not in program()
+    with pytest.raises(RuntimeError, match=r"no C\+\+ compiler 'g\+\+'.*conv_impl='im2col'"):
+        program(conv_impl="native")

@@ -6,10 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxnets.models import native_conv
 from jaxnets.types import Array
 
-ConvImpl = Literal["xla", "im2col"]
-CONV_IMPLS = ("xla", "im2col")
+ConvImpl = Literal["auto", "native", "im2col", "xla"]
+CONV_IMPLS = ("auto", "native", "im2col", "xla")
 # NHWC: [batch, height, width, channels]; CHWN: [channels, height, width, batch].
 Layout = Literal["NHWC", "CHWN"]
 LAYOUTS = ("NHWC", "CHWN")
@@ -50,6 +51,33 @@ def _conv_im2col(x: Array, kernel: Array, layout: Layout = "NHWC") -> Array:
     rows = [jnp.stack(slices[i * kw : (i + 1) * kw]) for i in range(kh)]
     patches = jnp.stack(rows).reshape(kh * kw * cin, ho * wo * batch)
     return (weights.T @ patches).reshape(cout, ho, wo, batch)
+
+
+def resolve_conv_impl(impl: ConvImpl) -> ConvImpl:
+    """'auto' -> 'native' on CPU where its kernels build (else 'im2col'), 'im2col' elsewhere.
+
+    Raises ValueError for an unknown name and RuntimeError for 'native' where its kernels are
+    unavailable (the message says why and what to use instead).
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl={impl!r}; use one of {CONV_IMPLS}")
+    on_cpu = jax.default_backend() == "cpu"
+    if impl == "auto":
+        return "native" if on_cpu and native_conv.available() else "im2col"
+    if impl == "native" and not native_conv.available():
+        raise RuntimeError(
+            f"conv_impl='native': the C++ kernels are unavailable "
+            f"({native_conv.unavailable_reason()}). Fix: install g++ (or set $CXX), or use "
+            "conv_impl='im2col'"
+        )
+    return impl
+
+
+def _conv_native(x: Array, kernel: Array, layout: Layout = "NHWC") -> Array:
+    """The patch-free C++ kernels of `native_conv` (batch-last; NHWC is transposed to it)."""
+    if layout == "CHWN":
+        return native_conv.conv_chwn(x, kernel)
+    return native_conv.conv_chwn(x.transpose(3, 1, 2, 0), kernel).transpose(3, 1, 2, 0)
 
 
 def _conv_xla(x: Array, kernel: Array, layout: Layout = "NHWC") -> Array:
@@ -117,9 +145,12 @@ class ValidConv(nn.Module):
     Attributes:
       features: number of output channels.
       kernel_size: side k of the square kernel.
-      impl: 'xla' (lax.conv_general_dilated) or 'im2col' (shifted slices + one matmul).
+      impl: 'xla' (lax.conv_general_dilated), 'im2col' (shifted slices + one matmul),
+        'native' (the C++ kernels of `jaxnets.models.native_conv`, float32, batch-last; on
+        other platforms than CPU they lower to lax.conv) or 'auto' ('native' on CPU where
+        its kernels build and the parameters are float32, else 'im2col').
       layout: 'NHWC' (channels-last, as nn.Conv) or 'CHWN' (channels first, batch last: the
-        fast layout of 'im2col' on CPU) for both input and output.
+        fast layout of 'im2col' and 'native' on CPU) for both input and output.
     """
 
     features: int
@@ -131,6 +162,7 @@ class ValidConv(nn.Module):
     def __call__(self, x: Array) -> Array:
         if self.impl not in CONV_IMPLS:
             raise ValueError(f"ValidConv: impl={self.impl!r}; use one of {CONV_IMPLS}")
+        impl = resolve_conv_impl(self.impl)
         if self.layout not in LAYOUTS:
             raise ValueError(f"ValidConv: layout={self.layout!r}; use one of {LAYOUTS}")
         k = self.kernel_size
@@ -140,7 +172,9 @@ class ValidConv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
-        conv = _conv_im2col if self.impl == "im2col" else _conv_xla
+        if impl == "native" and x.dtype != jnp.float32 and self.impl == "auto":
+            impl = "im2col"  # the C++ kernels are float32 only
+        conv = {"im2col": _conv_im2col, "xla": _conv_xla, "native": _conv_native}[impl]
         if self.layout == "CHWN":
             bias = bias[:, None, None, None]
         return conv(x, kernel, self.layout) + bias
@@ -166,25 +200,32 @@ class MnistCNN(nn.Module):
 
     Attributes:
       num_classes: number of output logits.
-      conv_impl: 'im2col' (default: shifted slices + one matmul per convolution, max pool
-        over stride-2 quadrants, all batch-last: CHWN between the input and the flatten) or
-        'xla' (lax.conv_general_dilated + reduce_window max pool, NHWC). Same parameters,
-        same function (outputs and gradients agree to 1e-5). On the 2-core CPU a jitted
-        forward + backward of a batch of 100 takes 2.5 ms with 'im2col' against 10.5 ms
-        with 'xla' (`scripts/bench_cnn_conv.py`, AMD EPYC Zen 5, busy machine; 4.6-4.7
-        against 18-21 ms on an Intel Xeon VM, where the patch matrices' memory traffic dominates).
-        What it took: batch-last patches (long contiguous rows; in NHWC the 25-72 patch
-        features sit on the minor axis, which XLA:CPU gathers and multiplies slowly: 2.4x),
-        patch stacks XLA:CPU fuses (<= 8 operands per concatenate: 1.04-1.2x), a pool
-        gradient written as one fusion (1.05-1.1x) and two batch groups (1.13-1.2x). Not
-        measured on GPU/TPU, where 'xla' (cuDNN/TPU convolutions) may be the better choice.
+      conv_impl: 'auto' (default): 'native' on CPU where its kernels build, else 'im2col'.
+        'native': C++ kernels (`jaxnets.models.native_conv`, compiled once per machine)
+        that read the batch-last input in place and never write a patch matrix; its
+        derivatives are the same kernels, so grad, jvp and vmap work to any order. 'im2col':
+        shifted slices + one matmul per convolution. Both run batch-last (CHWN between the
+        input and the flatten) with the max pool over stride-2 quadrants. 'xla':
+        lax.conv_general_dilated + reduce_window max pool, NHWC. Same parameters, same
+        function (outputs and gradients agree to 1e-5). A jitted forward + backward of a
+        batch of 100 on the 2-core Intel Xeon VM (`scripts/bench_cnn_conv.py`): 3.2-3.4 ms
+        'native', 4.2-4.6 ms 'im2col', 17-24 ms 'xla'; a 48k-image training epoch
+        (`bench/jaxnets_cnn.py`) 1.3-1.7 s 'native' against 2.5 s 'im2col'. On an AMD EPYC
+        Zen 5, 'im2col' took 2.5 ms against 10.5 ('native' not measured there). What
+        'im2col' took: batch-last patches (in NHWC the 25-72 patch features sit on the minor
+        axis, which XLA:CPU gathers and multiplies slowly: 2.4x), patch stacks XLA:CPU fuses
+        (<= 8 operands per concatenate: 1.04-1.2x), a pool gradient written as one fusion
+        (1.05-1.1x) and two batch groups (1.13-1.2x); it is bound by the patch matrices'
+        memory traffic, which 'native' does not have. Not measured on GPU/TPU, where 'xla'
+        (cuDNN/TPU convolutions) may be the better choice.
       batch_groups: the batch runs as this many independent sub-batches (sizes differing by
         at most one, never more than the batch), concatenated: the same function (values and
         gradients agree to rounding), but independent chains of operations that XLA:CPU's
         runtime runs concurrently on its threads, where one chain of small ops leaves a core
-        idle most of a step. None (default): 2 with 'im2col' on CPU (training steps
-        1.13-1.2x faster on the 2-core CPU than with 1; 3 is slower), else 1 ('xla' gains
-        nothing from 2; GPU/TPU run one stream of kernels: not measured).
+        idle most of a step. None (default): 2 with 'native' or 'im2col' on CPU (training
+        steps 1.13-1.2x faster with 'im2col' on the 2-core CPU than with 1, 1.05-1.1x with
+        'native', whose kernels also split their work over XLA's threads; 3 is slower), else
+        1 ('xla' gains nothing from 2; GPU/TPU run one stream of kernels: not measured).
 
     Example:
       >>> model = MnistCNN()
@@ -194,7 +235,7 @@ class MnistCNN(nn.Module):
     """
 
     num_classes: int = 10
-    conv_impl: ConvImpl = "im2col"
+    conv_impl: ConvImpl = "auto"
     batch_groups: int | None = None
 
     @nn.compact
@@ -213,22 +254,22 @@ class MnistCNN(nn.Module):
                 f"MnistCNN: images dtype {images.dtype}; the model takes float images scaled to "
                 "[0, 1]. Fix: images.astype(jnp.float32) / 255"
             )
-        impl = self.conv_impl
+        impl = resolve_conv_impl(self.conv_impl)
         groups = self.batch_groups
         if groups is None:
-            groups = 2 if impl == "im2col" and jax.default_backend() == "cpu" else 1
+            groups = 2 if impl != "xla" and jax.default_backend() == "cpu" else 1
         if not isinstance(groups, int) or groups < 1:
             raise ValueError(
                 f"MnistCNN: batch_groups={self.batch_groups!r}; use a positive int or None"
             )
         # im2col runs the convolutions batch-last (CHWN): 2-2.5x faster training on XLA:CPU.
-        layout = "CHWN" if impl == "im2col" else "NHWC"
+        layout = "NHWC" if impl == "xla" else "CHWN"
         # NHWC <-> CHWN swaps axes 0 and 3 (its own inverse).
         swap = (lambda t: t.transpose(3, 1, 2, 0)) if layout == "CHWN" else (lambda t: t)
         sow = self.is_mutable_collection("intermediates")
-        conv1 = ValidConv(4, 5, impl, layout, name="conv1")
-        conv2 = ValidConv(8, 3, impl, layout, name="conv2")
-        conv3 = ValidConv(16, 3, impl, layout, name="conv3")
+        conv1 = ValidConv(4, 5, self.conv_impl, layout, name="conv1")
+        conv2 = ValidConv(8, 3, self.conv_impl, layout, name="conv2")
+        conv3 = ValidConv(16, 3, self.conv_impl, layout, name="conv3")
         dense1 = nn.Dense(128, kernel_init=nn.initializers.normal(stddev=0.05), name="dense1")
         dense2 = nn.Dense(
             self.num_classes, kernel_init=nn.initializers.normal(stddev=0.05), name="dense2"

@@ -1,0 +1,244 @@
+"""Patch-free batch-last convolutions for XLA:CPU: C++ kernels (native_conv.cc) as JAX primitives.
+
+`conv_chwn(x, kernel)` is a valid, stride-1 convolution of x [C, H, W, B] (batch last) with
+kernel [KH, KW, C, O] (HWIO), giving [O, H-KH+1, W-KW+1, B]. Three primitives (the product,
+its input gradient and its weight gradient), each bilinear and each the transpose of the
+others, so grad, jvp (forward mode, Hessian-vector products), vmap and jit all work, to any
+order. On CPU they call the C++ kernels; on other platforms they lower to
+`lax.conv_general_dilated`.
+
+The kernels are compiled on first use with the C++ compiler (`$CXX`, else `g++`, with
+`-O3 -march=native`) against the XLA FFI headers that jaxlib ships, into
+`$JAXNETS_CACHE_DIR` (default `~/.cache/jaxnets`), keyed by the source, the jaxlib version
+and the CPU; the build takes about 5 s once per machine. Where there is no compiler or the
+build fails, `available()` is False, `unavailable_reason()` says why, and callers use
+another implementation. `JAXNETS_NATIVE_CONV=0` turns the kernels off.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from jaxnets.types import Array
+
+_SOURCE = pathlib.Path(__file__).with_name("native_conv.cc")
+_TARGETS = {
+    "forward": "JaxnetsConvForward",
+    "input_gradient": "JaxnetsConvInputGradient",
+    "weight_gradient": "JaxnetsConvWeightGradient",
+}
+_DIMENSION_NUMBERS = ("CHWN", "HWIO", "CHWN")
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: the CPU model and its instruction-set flags."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(keep))) or platform.machine()
+
+
+def _cache_dir() -> pathlib.Path:
+    default = pathlib.Path.home() / ".cache" / "jaxnets"
+    return pathlib.Path(os.environ.get("JAXNETS_CACHE_DIR", default)) / "native"
+
+
+def _build() -> pathlib.Path:
+    """The compiled library, built now if this source/jaxlib/CPU has none cached."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX or install g++)")
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), jaxlib.__version__, compiler, " ".join(flags)):
+        key.update(part if isinstance(part, bytes) else part.encode())
+    key.update(_cpu_identity().encode())
+    target = _cache_dir() / f"native_conv-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: concurrent builds (test workers) never
+    # see a half-written library.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    command = [compiler, *flags, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", partial]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+    if os.environ.get("JAXNETS_NATIVE_CONV", "1") == "0":
+        return False, "turned off by JAXNETS_NATIVE_CONV=0"
+    if platform.system() == "Windows":
+        return False, "not built on Windows"
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        return False, str(error)
+    for symbol in _TARGETS.values():
+        capsule = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(f"jaxnets_{symbol}", capsule, platform="cpu")
+    return True, ""
+
+
+def available() -> bool:
+    """Whether the C++ kernels are built and registered (building them on the first call)."""
+    return _load()[0]
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ('' when it is True)."""
+    return _load()[1]
+
+
+def _check_stacks(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    lead = {shape[:-4] for shape in shapes}
+    if len(lead) != 1 or any(len(shape) < 4 for shape in shapes):
+        raise ValueError(f"native conv: operands {shapes} need rank >= 4 and equal leading axes")
+    return lead.pop()
+
+
+def _forward_shape(x, w):
+    lead = _check_stacks(x.shape, w.shape)
+    c, h, width, b = x.shape[-4:]
+    kh, kw, wc, o = w.shape[-4:]
+    if wc != c or kh > h or kw > width:
+        raise ValueError(f"native conv: x {x.shape} (CHWN) and kernel {w.shape} (HWIO) disagree")
+    return jax.core.ShapedArray((*lead, o, h - kh + 1, width - kw + 1, b), x.dtype)
+
+
+def _input_gradient_shape(dy, w):
+    lead = _check_stacks(dy.shape, w.shape)
+    o, ho, wo, b = dy.shape[-4:]
+    kh, kw, c, _ = w.shape[-4:]
+    return jax.core.ShapedArray((*lead, c, ho + kh - 1, wo + kw - 1, b), dy.dtype)
+
+
+def _weight_gradient_shape(x, dy):
+    lead = _check_stacks(x.shape, dy.shape)
+    c, h, width, _ = x.shape[-4:]
+    o, ho, wo, _ = dy.shape[-4:]
+    return jax.core.ShapedArray((*lead, h - ho + 1, width - wo + 1, c, o), x.dtype)
+
+
+def _stacked(conv, lead: int):
+    for _ in range(lead):
+        conv = jax.vmap(conv)
+    return conv
+
+
+def _conv_reference(x, w):
+    conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "VALID", dimension_numbers=_DIMENSION_NUMBERS
+    )
+    return _stacked(conv, x.ndim - 4)(x, w)
+
+
+def _input_gradient_reference(dy, w):
+    shape = _input_gradient_shape(dy, w).shape
+    x = jnp.zeros(shape, dy.dtype)
+    return jax.vjp(lambda x: _conv_reference(x, w), x)[1](dy)[0]
+
+
+def _weight_gradient_reference(x, dy):
+    shape = _weight_gradient_shape(x, dy).shape
+    w = jnp.zeros(shape, x.dtype)
+    return jax.vjp(lambda w: _conv_reference(x, w), w)[1](dy)[0]
+
+
+def _primitive(name: str, shape_rule, reference) -> Primitive:
+    prim = Primitive(f"jaxnets_conv_{name}")
+    prim.def_impl(jax.jit(prim.bind))
+    prim.def_abstract_eval(shape_rule)
+    ffi_lowering = jax.ffi.ffi_lowering(f"jaxnets_{_TARGETS[name]}")
+
+    def cpu_lowering(ctx, *args):
+        if not available():  # registers the FFI targets
+            raise RuntimeError(f"native conv kernels unavailable: {unavailable_reason()}")
+        return ffi_lowering(ctx, *args)
+
+    mlir.register_lowering(prim, cpu_lowering, "cpu")
+    mlir.register_lowering(prim, mlir.lower_fun(reference, multiple_results=False))
+
+    def batch_rule(args, dims):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        return prim.bind(*(batching.bdim_at_front(a, d, size) for a, d in zip(args, dims))), 0
+
+    batching.primitive_batchers[prim] = batch_rule
+    return prim
+
+
+_forward_p = _primitive("forward", _forward_shape, _conv_reference)
+_input_gradient_p = _primitive("input_gradient", _input_gradient_shape, _input_gradient_reference)
+_weight_gradient_p = _primitive(
+    "weight_gradient", _weight_gradient_shape, _weight_gradient_reference
+)
+
+# Each product is bilinear; its transposes are the other two (<a, b> pairs the cotangent with
+# the output): conv(x, w) is adjoint to input_gradient(., w) in x and to weight_gradient(x, .)
+# in w, and so on around the triangle.
+ad.defbilinear(
+    _forward_p,
+    lambda ct, x, w: _input_gradient_p.bind(ct, w),
+    lambda ct, x, w: _weight_gradient_p.bind(x, ct),
+)
+ad.defbilinear(
+    _input_gradient_p,
+    lambda ct, dy, w: _forward_p.bind(ct, w),
+    lambda ct, dy, w: _weight_gradient_p.bind(ct, dy),
+)
+ad.defbilinear(
+    _weight_gradient_p,
+    lambda ct, x, dy: _input_gradient_p.bind(dy, ct),
+    lambda ct, x, dy: _forward_p.bind(x, ct),
+)
+
+
+def conv_chwn(x: Array, kernel: Array) -> Array:
+    """Valid stride-1 convolution, batch last, by the C++ kernels on CPU.
+
+    Args:
+      x: [in_channels, height, width, batch] float32.
+      kernel: [kh, kw, in_channels, out_channels] float32 (HWIO).
+
+    Returns:
+      [out_channels, height - kh + 1, width - kw + 1, batch] float32; on CPU equal to
+      `lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("CHWN",
+      "HWIO", "CHWN"))` up to float32 rounding (another order of summation).
+
+    Raises:
+      RuntimeError: the kernels are not available (`unavailable_reason()` says why).
+      ValueError: not float32, or shapes that disagree.
+    """
+    if not available():
+        raise RuntimeError(f"native conv kernels unavailable: {unavailable_reason()}")
+    if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+        raise ValueError(
+            f"native conv takes float32, got x {x.dtype} and kernel {kernel.dtype}. "
+            "Fix: cast to float32, or use conv_impl='im2col'"
+        )
+    if x.ndim != 4 or kernel.ndim != 4:
+        raise ValueError(f"native conv: x {x.shape} and kernel {kernel.shape} must be rank 4")
+    return _forward_p.bind(x, kernel)
