@@ -1,5 +1,7 @@
 """The MNIST CNN of the Keras 1 tutorial (SEEDS.md section 2), as a Flax Linen module."""
 
+import functools
+import warnings
 from typing import Literal
 
 import flax.linen as nn
@@ -53,6 +55,19 @@ def _conv_im2col(x: Array, kernel: Array, layout: Layout = "NHWC") -> Array:
     return (weights.T @ patches).reshape(cout, ho, wo, batch)
 
 
+@functools.cache
+def _warn_native_unavailable(reason: str) -> None:
+    """Once per process and reason: 'auto' took the slower im2col on CPU."""
+    if "JAXNETS_NATIVE_CONV=0" not in reason:
+        warnings.warn(
+            f"jaxnets: the C++ convolution kernels are unavailable ({reason}); MnistCNN uses "
+            "conv_impl='im2col' on CPU, 1.3-1.8x slower. Fix: install g++ or set $CXX "
+            "(`python -m jaxnets doctor` checks), or JAXNETS_NATIVE_CONV=0 to silence this",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def resolve_conv_impl(impl: ConvImpl) -> ConvImpl:
     """'auto' -> 'native' on CPU where its kernels build (else 'im2col'), 'im2col' elsewhere.
 
@@ -63,7 +78,12 @@ def resolve_conv_impl(impl: ConvImpl) -> ConvImpl:
         raise ValueError(f"conv_impl={impl!r}; use one of {CONV_IMPLS}")
     on_cpu = jax.default_backend() == "cpu"
     if impl == "auto":
-        return "native" if on_cpu and native_conv.available() else "im2col"
+        if not on_cpu:
+            return "im2col"
+        if not native_conv.available():
+            _warn_native_unavailable(native_conv.unavailable_reason())
+            return "im2col"
+        return "native"
     if impl == "native" and not native_conv.available():
         raise RuntimeError(
             f"conv_impl='native': the C++ kernels are unavailable "
