@@ -8,11 +8,14 @@ order. On CPU they call the C++ kernels; on other platforms they lower to
 `lax.conv_general_dilated`.
 
 The kernels are compiled on first use with the C++ compiler (`$CXX`, else `g++`, with
-`-O3 -march=native`) against the XLA FFI headers that jaxlib ships, into
-`$JAXNETS_CACHE_DIR` (default `~/.cache/jaxnets`), keyed by the source, the jaxlib version
-and the CPU; the build takes about 5 s once per machine. Where there is no compiler or the
-build fails, `available()` is False, `unavailable_reason()` says why, and callers use
-another implementation. `JAXNETS_NATIVE_CONV=0` turns the kernels off.
+`-O3 -march=native`) against the XLA FFI headers that jaxlib ships, into `native/` of the
+jaxnets cache directory (`$JAXNETS_CACHE_DIR`, else `$XDG_CACHE_HOME/jaxnets`, else
+`~/.cache/jaxnets`), keyed by the source, the jaxlib version, the compiler and the CPU; the
+build takes about 5 s, once per machine. Where there is no compiler or the build fails,
+`available()` is False, `unavailable_reason()` says why, and callers use another
+implementation. `JAXNETS_NATIVE_CONV=0` turns the kernels off. A CPU program that calls
+them cannot be serialized with `jax.export` (its custom calls carry no compatibility
+guarantee): export models built with `conv_impl='im2col'`, the same parameters.
 """
 
 import ctypes
@@ -31,6 +34,7 @@ import jaxlib
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from jaxnets.data.sources import default_cache_dir
 from jaxnets.types import Array
 
 _SOURCE = pathlib.Path(__file__).with_name("native_conv.cc")
@@ -52,11 +56,6 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep))) or platform.machine()
 
 
-def _cache_dir() -> pathlib.Path:
-    default = pathlib.Path.home() / ".cache" / "jaxnets"
-    return pathlib.Path(os.environ.get("JAXNETS_CACHE_DIR", default)) / "native"
-
-
 def _build() -> pathlib.Path:
     """The compiled library, built now if this source/jaxlib/CPU has none cached."""
     compiler = os.environ.get("CXX", "g++")
@@ -67,7 +66,7 @@ def _build() -> pathlib.Path:
     for part in (_SOURCE.read_bytes(), jaxlib.__version__, compiler, " ".join(flags)):
         key.update(part if isinstance(part, bytes) else part.encode())
     key.update(_cpu_identity().encode())
-    target = _cache_dir() / f"native_conv-{key.hexdigest()[:16]}.so"
+    target = pathlib.Path(default_cache_dir()) / "native" / f"native_conv-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
