@@ -38,7 +38,9 @@ def test_report_in_this_venv_has_installed_equal_to_pins_and_no_warnings(capsys)
         assert info["pin"] == pins[name], name
         assert info["installed"] == pins[name] == doctor.installed_version(name), name
         assert info["ok"]
-    assert report["warnings"] == []
+    native = report["native_conv"]
+    # No warnings, except the missing compiler's on a machine without one (tested below).
+    assert len(report["warnings"]) == (0 if native["available"] else 1), report["warnings"]
     assert report["tensorflow_installed"] is False
     assert "tensorflow" not in sys.modules  # checked without importing it
     assert report["devices"]["device_count"] == len(jax.devices()) == 8  # conftest's fake CPUs
@@ -79,8 +81,9 @@ def test_native_conv_kernels_are_reported_and_their_absence_warns_with_the_fix(m
     from jaxnets.models import native_conv
 
     report = doctor.doctor(print_report=False)
-    assert report["native_conv"] == {"available": True, "reason": ""}
-    assert "native conv kernels (CPU): built" in doctor.format_report(report)
+    if native_conv.available():
+        assert report["native_conv"] == {"available": True, "reason": ""}
+        assert "native conv kernels (CPU): built" in doctor.format_report(report)
     monkeypatch.setattr(native_conv, "available", lambda: False)
     monkeypatch.setattr(native_conv, "unavailable_reason", lambda: "no C++ compiler 'g++'")
     report = doctor.doctor(print_report=False)

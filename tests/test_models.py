@@ -37,21 +37,16 @@ CNN_INTERMEDIATES = {
 }
 MODELS = [
     ModelCase("mnist_cnn", MnistCNN, (28, 28, 1), (10,), 35_754, CNN_INTERMEDIATES),
-    ModelCase(
-        "mnist_cnn_im2col",
-        functools.partial(MnistCNN, conv_impl="im2col"),
-        (28, 28, 1),
-        (10,),
-        35_754,
-        CNN_INTERMEDIATES,
-    ),
-    ModelCase(
-        "mnist_cnn_xla",
-        functools.partial(MnistCNN, conv_impl="xla"),
-        (28, 28, 1),
-        (10,),
-        35_754,
-        CNN_INTERMEDIATES,
+    *(
+        ModelCase(
+            f"mnist_cnn_{impl}",
+            functools.partial(MnistCNN, conv_impl=impl),
+            (28, 28, 1),
+            (10,),
+            35_754,
+            CNN_INTERMEDIATES,
+        )
+        for impl in ("im2col", "xla")
     ),
     ModelCase("two_layer_sigmoid", TwoLayerSigmoid, (3,), (1,), 3 * 4 + 4 * 1, {}),
 ]

@@ -148,6 +148,12 @@ def test_bad_operands_get_a_clear_error():
         native_conv.conv_chwn(x, _random((3, 3, 3, 4), 1))
     with pytest.raises(ValueError, match="must be rank 4"):
         native_conv.conv_chwn(x[0], kernel)
+    # The gradient primitives, bound directly, check their operands too (no kernel reads out
+    # of bounds).
+    with pytest.raises(ValueError, match=r"dy \(5, 6, 6, 4\) \(CHWN\) and kernel .* disagree"):
+        native_conv._input_gradient_p.bind(_random((5, 6, 6, 4), 0), kernel)
+    with pytest.raises(ValueError, match=r"x \(2, 8, 8, 4\) and dy \(4, 6, 6, 3\)"):
+        native_conv._weight_gradient_p.bind(x, _random((4, 6, 6, 3), 0))
 
 
 def test_build_errors_name_the_compiler_and_leave_no_partial_library(tmp_path, monkeypatch):

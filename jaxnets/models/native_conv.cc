@@ -310,23 +310,15 @@ ffi::Error ConvWeightGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsConvForward, ConvForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// All three: (thread pool, two float32 operands) -> one float32 result.
+#define JAXNETS_CONV_HANDLER(name, impl)                             \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                          \
+                                ffi::Ffi::Bind()                     \
+                                    .Ctx<ffi::ThreadPool>()          \
+                                    .Arg<ffi::Buffer<ffi::F32>>()    \
+                                    .Arg<ffi::Buffer<ffi::F32>>()    \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsConvInputGradient, ConvInputGradientImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnetsConvWeightGradient, ConvWeightGradientImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+JAXNETS_CONV_HANDLER(JaxnetsConvForward, ConvForwardImpl)
+JAXNETS_CONV_HANDLER(JaxnetsConvInputGradient, ConvInputGradientImpl)
+JAXNETS_CONV_HANDLER(JaxnetsConvWeightGradient, ConvWeightGradientImpl)

@@ -131,14 +131,18 @@ def _forward_shape(x, w):
 def _input_gradient_shape(dy, w):
     lead = _check_stacks(dy.shape, w.shape)
     o, ho, wo, b = dy.shape[-4:]
-    kh, kw, c, _ = w.shape[-4:]
+    kh, kw, c, w_out = w.shape[-4:]
+    if w_out != o:
+        raise ValueError(f"native conv: dy {dy.shape} (CHWN) and kernel {w.shape} (HWIO) disagree")
     return jax.core.ShapedArray((*lead, c, ho + kh - 1, wo + kw - 1, b), dy.dtype)
 
 
 def _weight_gradient_shape(x, dy):
     lead = _check_stacks(x.shape, dy.shape)
-    c, h, width, _ = x.shape[-4:]
-    o, ho, wo, _ = dy.shape[-4:]
+    c, h, width, b = x.shape[-4:]
+    o, ho, wo, db = dy.shape[-4:]
+    if db != b or ho > h or wo > width:
+        raise ValueError(f"native conv: x {x.shape} and dy {dy.shape} (CHWN) disagree")
     return jax.core.ShapedArray((*lead, h - ho + 1, width - wo + 1, c, o), x.dtype)
 
 
