@@ -230,7 +230,7 @@ class MnistCNN(nn.Module):
         function (outputs and gradients agree to 1e-5). A jitted forward + backward of a
         batch of 100 on the 2-core Intel Xeon VM (`scripts/bench_cnn_conv.py`): 3.2-3.4 ms
         'native', 4.2-4.6 ms 'im2col', 17-24 ms 'xla'; a 48k-image training epoch
-        (`bench/jaxnets_cnn.py`) 1.3-1.7 s 'native' against 2.5 s 'im2col'. On an AMD EPYC
+        (`bench/jaxnets_cnn.py`) 1.3-1.9 s 'native' against 2.2-2.6 s 'im2col'. On an AMD EPYC
         Zen 5, 'im2col' took 2.5 ms against 10.5 ('native' not measured there). What
         'im2col' took: batch-last patches (in NHWC the 25-72 patch features sit on the minor
         axis, which XLA:CPU gathers and multiplies slowly: 2.4x), patch stacks XLA:CPU fuses
