@@ -32,13 +32,13 @@ def cost_of_one_save(saves: int = 20) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxnets import checkpoint, optim, train
+    from jaxnets import adapters, checkpoint, losses, optim, train
     from jaxnets.models import MnistCNN
 
     tx = optim.sgd(optim.inverse_time_decay(0.05, 1e-6), momentum=0.9, nesterov=True)
-    state = train.create_train_state(
-        MnistCNN(), tx, jnp.zeros((1, 28, 28, 1)), key=jax.random.key(0)
-    )
+    objective = adapters.linen(MnistCNN(), loss=losses.softmax_cross_entropy)
+    sample = {"image": jnp.zeros((1, 28, 28, 1)), "label": jnp.zeros((1,), jnp.int32)}
+    state = train.create_train_state(objective.init, tx, sample, key=jax.random.key(0))
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
     directory = tempfile.mkdtemp(prefix="jaxnets-bench-save-")
     try:

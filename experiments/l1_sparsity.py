@@ -1,7 +1,9 @@
 """L1 proximal steps give exact zeros and recover a sparse truth; L1 subgradients and L2 do not.
 
 A linear regression with 200 features of which 10 matter (fewer training examples than
-features), trained by full-batch SGD with momentum six ways: L1 as a proximal step
+features), trained by full-batch SGD with momentum through the engine's step
+(`train.make_train_step` of a loss function that sees the params, so penalties are in the
+loss; all steps in one `make_epoch_runner` call) six ways: L1 as a proximal step
 (`sgd(l1=)`), L1 as a subgradient (`l1_penalty` in the loss), no regulariser, L2 coupled
 (`l2_penalty` in the loss) and decoupled (`sgd(weight_decay=)`), and the elastic net (both
 proximal L1 and decoupled L2). For each: the number of exactly-zero weights, the precision and
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnets import metrics, parallel, train
 from jaxnets.config import config_to_dict, parse_config
 from jaxnets.optim import inverse_time_decay, sgd
 from jaxnets.regularizers import l1_penalty, l2_penalty
@@ -100,6 +103,18 @@ def _mse(params, x, y):
     return 0.5 * jnp.mean(jnp.square(x @ params["kernel"] + params["bias"] - y))
 
 
+def make_loss_fn(penalty: Callable) -> train.LossFn:
+    """The engine's loss function: the data loss plus `penalty(params)`, both reported."""
+
+    def loss_fn(params, model_state, batch, key):
+        data_loss = _mse(params, batch["x"], batch["y"])
+        reported = {"loss": metrics.Mean.from_scalar(data_loss)}
+        reported["penalty"] = metrics.Mean.from_scalar(penalty(params))
+        return data_loss + penalty(params), (reported, model_state)
+
+    return loss_fn
+
+
 def make_method(name: str, config: Config) -> tuple[optax.GradientTransformation, Callable]:
     """The optimiser and the loss penalty `params -> scalar` of one method."""
     lr = config.learning_rate
@@ -121,18 +136,22 @@ def make_method(name: str, config: Config) -> tuple[optax.GradientTransformation
     }[name]
 
 
-def train(tx: optax.GradientTransformation, penalty: Callable, x, y, steps: int):
-    """Full-batch training from zero weights; returns `{'kernel': [d], 'bias': []}`."""
+def fit_full_batch(tx: optax.GradientTransformation, penalty: Callable, x, y, steps: int):
+    """Full-batch training from zero weights with the engine's step, all steps in one call.
+
+    Returns `(params {'kernel': [d], 'bias': []}, per-step metrics {loss, penalty})`.
+    """
     params = {"kernel": jnp.zeros(x.shape[1]), "bias": jnp.zeros([])}
-    grad_fn = jax.grad(lambda p: _mse(p, x, y) + penalty(p))
-
-    def step_fn(_, carry):
-        params, opt_state = carry
-        updates, opt_state = tx.update(grad_fn(params), opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    params, _ = jax.lax.fori_loop(0, steps, step_fn, (params, tx.init(params)))
-    return params
+    state = train.create_train_state(params, tx, key=jax.random.key(0))
+    dp = parallel.make_data_parallel(devices=1)
+    run = train.make_epoch_runner(
+        train.make_train_step(make_loss_fn(penalty), tx, axis_name=dp.axis_name), dp
+    )
+    every_example = np.tile(np.arange(len(y), dtype=np.int32), (steps, 1))
+    state, per_step = run(
+        dp.replicate(state), dp.replicate({"x": x, "y": y}), dp.shard_columns(every_example)
+    )
+    return jax.device_get(dp.unreplicate(state.params)), jax.device_get(dp.unreplicate(per_step))
 
 
 def evaluate(params, w_true, x_train, y_train, x_test, y_test) -> dict:
@@ -187,9 +206,7 @@ def main(config: Config) -> dict[str, dict]:
     results, weights = {}, {}
     for name in METHODS:
         tx, penalty = make_method(name, config)
-        params = jax.jit(train, static_argnums=(0, 1, 4))(
-            tx, penalty, x_train, y_train, config.steps
-        )
+        params, _ = fit_full_batch(tx, penalty, x_train, y_train, config.steps)
         results[name] = evaluate(params, w_true, x_train, y_train, x_test, y_test)
         weights[name] = np.asarray(params["kernel"])
         r = results[name]

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxnets import adapters, loop, losses, optim, parallel, regularizers, train, writers
 from jaxnets import checkpoint as ckpt
 from jaxnets import data as jdata
-from jaxnets import losses, metrics, optim, parallel, regularizers, train
+from jaxnets import metrics as jmetrics
 from jaxnets.config import config_to_dict, parse_config
 from jaxnets.data import augment as aug
 from jaxnets.models.cnn import MnistCNN
@@ -98,7 +98,9 @@ class Config:
     devices: int | None = dataclasses.field(
         default=None, metadata={"help": "number of devices (default: all)"}
     )
-    parallel: str = dataclasses.field(default="pmap", metadata={"help": "pmap | shard_map"})
+    parallel: str = dataclasses.field(
+        default="shard_map", metadata={"help": "shard_map (jit over a mesh) | pmap"}
+    )
     steps_per_dispatch: int | None = dataclasses.field(
         default=None, metadata={"help": "steps per device call (default: 10 on CPU, 50 else)"}
     )
@@ -187,24 +189,27 @@ def main(config: Config) -> dict:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=10)
     dp = parallel.make_data_parallel(backend=config.parallel, devices=config.devices)
     dp.check_batch(config.batch_size)
-    preprocess = make_preprocess(config, x_train)
-    loss_fn = lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none")
-    train_step = train.make_train_step(
-        model.apply, loss_fn, tx, preprocess=preprocess, axis_name=dp.axis_name
+    objective = adapters.linen(
+        model,
+        loss=lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none"),
+        metrics={"accuracy": jmetrics.accuracy},
+        preprocess=make_preprocess(config, x_train),
+        axis_name=dp.axis_name,
     )
-    eval_step = train.make_eval_step(
-        model.apply, loss_fn, preprocess=preprocess, axis_name=dp.axis_name
-    )
-    run_epoch = train.make_epoch_runner(train_step, dp)
+    train_step = train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
+    eval_step = train.make_eval_step(objective.eval_fn, axis_name=dp.axis_name)
+    train_data = {"image": x_train, "label": y_train}
     evaluation = (
-        train.make_evaluation(eval_step, dp, x_val, y_val, batch_size=config.batch_size)
+        loop.make_evaluation(
+            eval_step, dp, {"image": x_val, "label": y_val}, batch_size=config.batch_size
+        )
         if len(y_val)
         else None
     )
 
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     state = train.create_train_state(
-        model, tx, jnp.zeros((1, 28, 28, 1), jnp.float32), key=init_key
+        objective.init, tx, {"image": x_train[:1], "label": y_train[:1]}, key=init_key
     )
 
     # Resume from the work directory, or start fresh.
@@ -228,77 +233,75 @@ def main(config: Config) -> dict:
                 )
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        metrics.write_json(workdir / "config.json", config_dict)
+        writers.write_json(workdir / "config.json", config_dict)
     resume = start_step if start_step else None
-    writers = []
+    sinks = []
     if is_main:
-        writers = [
-            metrics.JsonlWriter(workdir / "metrics.jsonl", resume_step=resume),
-            metrics.TensorBoardWriter(workdir / "tb", purge_step=resume),
+        sinks = [
+            writers.JsonlWriter(workdir / "metrics.jsonl", resume_step=resume),
+            writers.TensorBoardWriter(workdir / "tb", purge_step=resume),
         ]
 
     steps_per_epoch = len(y_train) // config.batch_size
     # A wall-clock decision could differ between processes (and Orbax saves collectively):
     # with several processes only step-based saves are made.
     minutes = config.checkpoint_every_minutes if jax.process_count() == 1 else 0
-    autosave = ckpt.AutosaveTimer(minutes or None)
 
     def on_log(record):
-        for w in writers:
+        for w in sinks:
             w.write(record)
 
-    def on_steps(step, state, epoch_done):
-        if manager is None:
-            return
-        due = (
-            epoch_done
-            or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-            or autosave.due()
-        )
-        if due or guard.should_stop:
-            manager.save(
-                step, dp.to_checkpoint(state), metadata={"config": config_dict}, force=True
-            )
-            autosave.reset()
+    def save(step, state):
+        if manager is not None:
+            manager.save(step, state, metadata={"config": config_dict}, force=True)
 
     def progress(epoch, steps, start):
-        return metrics.ProgressBar(
+        return writers.ProgressBar(
             epoch, config.epochs, steps, start, disable=not (config.progress and is_main)
         )
 
     with ckpt.PreemptionGuard() as guard:
-        result = train.fit(
-            dp.replicate(state),
-            run_epoch,
+        result = loop.fit(
+            state,
+            train_step,
             dp,
-            (x_train, y_train),
+            train_data,
             data_key=data_key,
             epochs=config.epochs,
             batch_size=config.batch_size,
             evaluation=evaluation,
             steps_per_dispatch=config.steps_per_dispatch,
             log_every_steps=config.log_every_steps,
-            save_every_steps=config.checkpoint_every_steps,
+            actions=[
+                loop.Periodic(
+                    save,
+                    every_steps=config.checkpoint_every_steps,
+                    every_seconds=60 * minutes,
+                    at_epoch_end=True,
+                    on_stop=True,
+                )
+            ],
             on_nonfinite="warn" if config.skip_nonfinite else "raise",
-            hooks=train.Hooks(
-                on_log=on_log,
-                on_steps=on_steps,
-                should_stop=lambda: guard.should_stop,
-                progress=progress,
+            hooks=loop.Hooks(
+                on_log=on_log, should_stop=lambda: guard.should_stop, progress=progress
             ),
+            workdir=workdir if is_main else None,
         )
     if manager is not None:
         manager.wait_until_finished()
-    for w in writers:
+    for w in sinks:
         w.close()
 
-    params = dp.unreplicate(result.state.params)
-    final_step = int(dp.unreplicate(result.state.step))
-    test_eval = train.make_evaluation(
-        eval_step, dp, test_set.images, test_set.labels, batch_size=config.batch_size
+    params = jax.device_get(result.state.params)
+    final_step = int(result.state.step)
+    test_eval = loop.make_evaluation(
+        eval_step,
+        dp,
+        {"image": test_set.images, "label": test_set.labels},
+        batch_size=config.batch_size,
     )
-    test = train.evaluate(test_eval, result.state.params)
-    records = metrics.read_jsonl(workdir / "metrics.jsonl") if is_main else []
+    test = loop.evaluate(test_eval, result.state)
+    records = writers.read_jsonl(workdir / "metrics.jsonl") if is_main else []
     epochs_done = [r for r in records if r.get("kind") == "epoch"]
     last = epochs_done[-1] if epochs_done else {}
     seconds = [r["epoch_seconds"] for r in epochs_done[1:]] or [
@@ -335,8 +338,8 @@ def main(config: Config) -> dict:
         "params_sha256": train.params_sha256(params),
     }
     if is_main:
-        metrics.write_json(workdir / "summary.json", summary)
-        metrics.plot_history(
+        writers.write_json(workdir / "summary.json", summary)
+        writers.plot_history(
             records, workdir / "curves.png", title=f"MNIST CNN on {train_set.info.name}"
         )
     return summary

@@ -13,7 +13,7 @@ Run:
         --sweep learning_rate=0.01,0.05,0.1 --sweep weight_decay=0,1e-3
 
 --sweep NAME=a,b,c or NAME=start:stop (integers start..stop-1), NAME one of seed,
-learning_rate, lr_decay, momentum, weight_decay, l1; values not swept come from the flags of
+learning_rate, decay, momentum, weight_decay, l1; values not swept come from the flags of
 the same name. Writes sweep.json (config, every run's final metrics and curves, the best run),
 table.md (printed too) and curves.png (every run's train and validation loss) to --workdir.
 
@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import data, losses, metrics, parallel, sweep
+from jaxnets import adapters, data, losses, parallel, sweep, writers
+from jaxnets import metrics as jmetrics
 from jaxnets.config import add_config_flags, config_to_dict
 from jaxnets.models import MnistCNN, TwoLayerSigmoid
 
@@ -60,7 +61,7 @@ class Config:
     limit: int = dataclasses.field(
         default=0, metadata={"help": "use the first N training examples (0: all)"}
     )
-    validation_fraction: float = dataclasses.field(
+    validation_split: float = dataclasses.field(
         default=0.2,
         metadata={"help": "fraction of the training split held out, drawn at random (seed 0)"},
     )
@@ -68,7 +69,7 @@ class Config:
     batch_size: int = dataclasses.field(default=100, metadata={"help": "global batch per model"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed when not swept"})
     learning_rate: float = 0.05
-    lr_decay: float = dataclasses.field(
+    decay: float = dataclasses.field(
         default=1e-6, metadata={"help": "inverse-time decay per step (Keras 'decay')"}
     )
     momentum: float = 0.9
@@ -86,10 +87,14 @@ class Config:
             "else vmap)"
         },
     )
-    backend: str = dataclasses.field(default="pmap", metadata={"help": "pmap | shard_map"})
-    devices: int = dataclasses.field(default=0, metadata={"help": "first N devices (0: all)"})
-    steps_per_dispatch: int = dataclasses.field(
-        default=0, metadata={"help": "steps per device call (0: 10 on CPU, 50 elsewhere)"}
+    parallel: str = dataclasses.field(
+        default="shard_map", metadata={"help": "shard_map (jit over a mesh) | pmap"}
+    )
+    devices: int | None = dataclasses.field(
+        default=None, metadata={"help": "number of devices (default: all)"}
+    )
+    steps_per_dispatch: int | None = dataclasses.field(
+        default=None, metadata={"help": "steps per device call (default: measured)"}
     )
     log_every_steps: int = 10
     workdir: str = "runs/sweep"
@@ -140,16 +145,24 @@ def _cross_entropy(logits, labels):
     return losses.softmax_cross_entropy(logits, labels, reduction="none")
 
 
-def build_model(config: Config):
-    """(model, loss_fn, preprocess) of --model."""
+def build_objective(config: Config, axis_name: str | None) -> adapters.Objective:
+    """The adapter of --model: its loss, accuracy and preprocessing."""
     if config.model == "two_layer":
         model = TwoLayerSigmoid(
             hidden=config.hidden, out=10, use_bias=True, kernel_init=nn.initializers.lecun_normal()
         )
-        return model, _sum_squared_error, _flatten_scale
-    if config.model == "mnist_cnn":
-        return MnistCNN(conv_impl=config.conv_impl), _cross_entropy, _scale
-    raise ValueError(f"--model {config.model!r}: use one of {', '.join(MODELS)}")
+        loss, preprocess = _sum_squared_error, _flatten_scale
+    elif config.model == "mnist_cnn":
+        model, loss, preprocess = MnistCNN(conv_impl=config.conv_impl), _cross_entropy, _scale
+    else:
+        raise ValueError(f"--model {config.model!r}: use one of {', '.join(MODELS)}")
+    return adapters.linen(
+        model,
+        loss=loss,
+        metrics={"accuracy": jmetrics.accuracy},
+        preprocess=preprocess,
+        axis_name=axis_name,
+    )
 
 
 def main(config: Config) -> dict:
@@ -157,7 +170,8 @@ def main(config: Config) -> dict:
     configs = sweep.grid(**sweep.parse_sweep(config.sweep))
     base = {name: getattr(config, name) for name in sweep.SWEEPABLE}
     sweep.complete_configs(configs, base)  # fail on bad values before loading data
-    model, loss_fn, preprocess = build_model(config)
+    if config.model not in MODELS:
+        raise ValueError(f"--model {config.model!r}: use one of {', '.join(MODELS)}")
     if config.limit < 0:
         raise ValueError(f"--limit {config.limit}: use 0 (all) or a positive count")
     ds = data.load(config.dataset, split="train", data_dir=config.data_dir)
@@ -168,16 +182,18 @@ def main(config: Config) -> dict:
     # so Keras' "last fraction" would validate on two classes only.
     order = np.random.default_rng(0).permutation(len(labels))
     images, labels = images[order], labels[order]
-    train_data, val_data = data.split_validation(images, labels, config.validation_fraction)
-    if len(val_data[1]) == 0:
-        val_data = None
-    dp = parallel.make_data_parallel(backend=config.backend, devices=config.devices or None)
+    (x_train, y_train), (x_val, y_val) = data.split_validation(
+        images, labels, config.validation_split
+    )
+    train_data = {"image": x_train, "label": y_train}
+    val_data = {"image": x_val, "label": y_val} if len(y_val) else None
+    dp = parallel.make_data_parallel(backend=config.parallel, devices=config.devices)
     vectorize = config.vectorize
     if vectorize == "auto":
         on_cpu = dp.devices[0].platform == "cpu"
         vectorize = "map" if config.model == "mnist_cnn" and on_cpu else "vmap"
     print(
-        f"{len(configs)} {config.model} models x {len(train_data[1])} examples from "
+        f"{len(configs)} {config.model} models x {len(y_train)} examples from "
         f"{ds.info.source}, {config.epochs} epochs, on {dp.num_devices} "
         f"{dp.devices[0].platform} device(s), vectorize={vectorize}"
     )
@@ -192,18 +208,16 @@ def main(config: Config) -> dict:
         )
 
     result = sweep.run_sweep(
-        model,
-        loss_fn,
+        build_objective(config, dp.axis_name),
+        sweep.make_sweep_tx(sweep.DEFAULTS, nesterov=config.nesterov),
         configs,
         train_data,
         val_data,
         epochs=config.epochs,
         batch_size=config.batch_size,
         base=base,
-        nesterov=config.nesterov,
-        preprocess=preprocess,
         dp=dp,
-        steps_per_dispatch=config.steps_per_dispatch or None,
+        steps_per_dispatch=config.steps_per_dispatch,
         log_every_steps=config.log_every_steps,
         vectorize=vectorize,
         on_epoch=on_epoch,
@@ -223,7 +237,7 @@ def main(config: Config) -> dict:
         os.path.join(config.workdir, "curves.png"),
         title=f"{len(configs)} {config.model} models trained as one program",
     )
-    metrics.write_json(os.path.join(config.workdir, "sweep.json"), results)
+    writers.write_json(os.path.join(config.workdir, "sweep.json"), results)
     return results
 
 

@@ -59,7 +59,9 @@ class Config:
     devices: int | None = dataclasses.field(
         default=1, metadata={"help": "split --nets over this many devices (none: all)"}
     )
-    parallel: str = dataclasses.field(default="pmap", metadata={"help": "pmap | shard_map"})
+    parallel: str = dataclasses.field(
+        default="shard_map", metadata={"help": "shard_map (jit over a mesh) | pmap"}
+    )
     check: bool = dataclasses.field(
         default=False, metadata={"help": "assert jax.grad == hand backprop at every step"}
     )

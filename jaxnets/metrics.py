@@ -1,164 +1,152 @@
-"""Host-side metric writers: progress bar, metrics.jsonl, TensorBoard events, PNG plots, JSON."""
+"""Metrics as mergeable sums: computed per step on the device, added up anywhere, read on the host.
+
+A metric value is a small pytree of additive leaves (a total and a count, a confusion count)
+with a `compute()` method that turns it into a number; like CLU's metrics, two values of the
+same metric merge by adding their leaves, so per-step values add up over steps (on the host),
+over devices (`lax.psum`) and over evaluation batches with one rule (`merge`). Sums are kept
+in float32 whatever the model's dtype (bfloat16 sums lose digits after a few hundred steps).
+
+A metric function, as the adapters take them, is `(outputs, targets, mask) -> value`: either
+a `Metric` or a per-example array `[batch]`, which becomes `Mean` over the unmasked examples.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> logits, labels = jnp.array([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]), jnp.array([0, 0, 0])
+    >>> m = accuracy(logits, labels, jnp.array([True, True, False]))
+    >>> float(m.compute()), float(merge(m, m).count)
+    (0.5, 4.0)
+"""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import sys
-from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnets.types import Array
+
+SUM_DTYPE = jnp.float32
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON atomically (temp file + rename): a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
+class Metric(Protocol):
+    """What a metric value is: a pytree of additive leaves with `compute()`."""
+
+    def compute(self) -> Any: ...
 
 
-def _json_default(x):
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+class Mean(NamedTuple):
+    """The mean of per-example values: `total / count` (NaN for no examples)."""
+
+    total: Array  # float32 []
+    count: Array  # float32 []
+
+    def compute(self) -> Any:
+        total, count = np.asarray(self.total, np.float64), np.asarray(self.count, np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / count, np.nan)
+
+    @classmethod
+    def from_values(cls, values: Array, mask: Array | None = None) -> Mean:
+        """Mean of `values` ([batch] or [batch, ...]: averaged per example) where `mask`."""
+        values = jnp.asarray(values, SUM_DTYPE)
+        if values.ndim > 1:
+            values = values.reshape(values.shape[0], -1).mean(-1)
+        if mask is None:
+            return cls(jnp.sum(values), jnp.asarray(values.size, SUM_DTYPE))
+        mask = jnp.asarray(mask, bool)
+        return cls(jnp.sum(jnp.where(mask, values, 0.0)), jnp.sum(mask, dtype=SUM_DTYPE))
+
+    @classmethod
+    def from_scalar(cls, value: Array, weight: Array | float = 1.0) -> Mean:
+        """A scalar (e.g. a batch's weighted-mean loss) counted with `weight`."""
+        weight = jnp.asarray(weight, SUM_DTYPE)
+        return cls(jnp.asarray(value, SUM_DTYPE) * weight, weight)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records of a metrics.jsonl file; a torn last line (crash mid-write) is ignored."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
+def merge(a: Any, b: Any) -> Any:
+    """Adds two metric values (or two dicts of them) leaf by leaf."""
+    return jax.tree.map(lambda x, y: x + y, a, b)
 
 
-class JsonlWriter:
-    """Appends one JSON record per line; on resume, drops records past `resume_step`.
+def sum_steps(values: Any) -> Any:
+    """Host sums over a leading `[steps]` axis of every leaf, in float64 (exact counts)."""
+    return jax.tree.map(lambda x: np.sum(np.asarray(x, np.float64), axis=0), values)
+
+
+def compute(values: Mapping[str, Metric]) -> dict[str, float]:
+    """`{name: float(value.compute())}` of a dict of (host) metric values."""
+    out = {}
+    for name, value in values.items():
+        result = value.compute()
+        out[name] = float(result) if np.ndim(result) == 0 else np.asarray(result).tolist()
+    return out
+
+
+def as_metric(value: Any, mask: Array | None, name: str) -> Metric:
+    """A metric function's result as a `Metric`: per-example arrays become `Mean`."""
+    if hasattr(value, "compute"):
+        return value
+    value = jnp.asarray(value)
+    if value.ndim == 0:
+        raise ValueError(
+            f"metric {name!r} returned a scalar; return per-example values [batch] (averaged "
+            "for you) or a Metric such as metrics.Mean(total, count)"
+        )
+    return Mean.from_values(value, mask)
+
+
+def _labels(targets: Array, logits: Array) -> Array:
+    """Class ids of integer labels or of one-hot / probability targets."""
+    targets = jnp.asarray(targets)
+    if targets.ndim == logits.ndim and jnp.issubdtype(targets.dtype, jnp.floating):
+        return jnp.argmax(targets, -1)
+    return targets.reshape(logits.shape[:-1])
+
+
+def accuracy(logits: Array, targets: Array, mask: Array | None = None) -> Mean:
+    """Fraction of examples whose largest score is the label.
 
     Args:
-      path: the metrics.jsonl file.
-      resume_step: when continuing a run from a checkpoint at this step, records logged
-        after it (by the interrupted run) are removed so that no step appears twice.
+      logits: [batch, num_classes] scores.
+      targets: [batch] int class ids, or [batch, num_classes] one-hot.
+      mask: [batch] bool, False for padding.
     """
-
-    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
-        self.path = Path(path)
-        if resume_step is not None and self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-            os.replace(tmp, self.path)
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
-
-    def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, sort_keys=True, default=_json_default) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+    return Mean.from_values(jnp.argmax(logits, -1) == _labels(targets, logits), mask)
 
 
-class TensorBoardWriter:
-    """TensorBoard event files through tensorboardX (no TensorFlow needed).
+def top_k_accuracy(k: int) -> Callable[[Array, Array, Array | None], Mean]:
+    """A metric: the label is among the `k` largest scores (ties broken by `lax.top_k`)."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"top_k_accuracy(k={k!r}): k must be an int >= 1")
 
-    Scalars go under `train/` or `epoch/` by the record's kind; TensorBoard keeps the
-    last value written for a step, so a resumed run overwrites nothing it should keep.
-    """
+    def metric_fn(logits, targets, mask=None):
+        if k > logits.shape[-1]:
+            raise ValueError(f"top_k_accuracy(k={k}) with only {logits.shape[-1]} classes")
+        _, top = jax.lax.top_k(logits, k)
+        hit = jnp.any(top == _labels(targets, logits)[..., None], axis=-1)
+        return Mean.from_values(hit, mask)
 
-    def __init__(self, logdir: str | os.PathLike, *, purge_step: int | None = None):
-        from tensorboardX import SummaryWriter
-
-        self._writer = SummaryWriter(str(logdir), purge_step=purge_step, flush_secs=10)
-
-    def write(self, record: dict) -> None:
-        prefix = record.get("kind", "train")
-        for name, value in record.items():
-            if name in ("kind", "step", "epoch") or not isinstance(value, (int, float)):
-                continue
-            self._writer.add_scalar(f"{prefix}/{name}", value, record["step"])
-
-    def close(self) -> None:
-        self._writer.close()
+    return metric_fn
 
 
-class ProgressBar:
-    """A tqdm bar for one epoch; `update(n, loss=..., accuracy=...)` after each log point."""
-
-    def __init__(self, epoch: int, epochs: int, steps: int, start: int = 0, *, disable=None):
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(
-            total=steps,
-            initial=start,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            unit="step",
-            dynamic_ncols=True,
-            leave=True,
-            file=sys.stderr,
-            disable=disable,
+def _regression(predictions: Array, targets: Array, name: str) -> Array:
+    predictions, targets = jnp.asarray(predictions), jnp.asarray(targets)
+    if predictions.shape != targets.shape:
+        raise ValueError(
+            f"{name}: predictions {predictions.shape} and targets {targets.shape} differ in "
+            "shape; reshape the targets (e.g. y[:, None] for one output)"
         )
-
-    def update(self, n: int, **postfix: float) -> None:
-        self._bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()}, refresh=False)
-        self._bar.update(n)
-
-    def close(self) -> None:
-        self._bar.close()
+    return predictions - targets
 
 
-def plot_history(records: Iterable[dict], path: str | os.PathLike, *, title: str = "") -> None:
-    """Loss and accuracy curves (train per log point, train/val per epoch) as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = list(records)
-    train = [r for r in records if r.get("kind") == "train"]
-    epochs = [r for r in records if r.get("kind") == "epoch"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, name in zip(axes, ("loss", "accuracy")):
-        if train:
-            ax.plot(
-                [r["step"] for r in train],
-                [r[name] for r in train],
-                lw=0.8,
-                alpha=0.6,
-                label=f"train {name} (per log interval)",
-            )
-        for prefix, style in (("", "o-"), ("val_", "s-")):
-            pts = [(r["step"], r[prefix + name]) for r in epochs if prefix + name in r]
-            if pts:
-                ax.plot(*zip(*pts), style, label=f"{prefix or 'train '}{name} (epoch)")
-        ax.set_xlabel("step")
-        ax.set_ylabel(name)
-        if name == "loss" and all(r.get("loss", 1) > 0 for r in train):
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def mean_squared_error(predictions: Array, targets: Array, mask: Array | None = None) -> Mean:
+    """Mean over examples of the squared error, averaged over output dims."""
+    return Mean.from_values(jnp.square(_regression(predictions, targets, "mse")), mask)
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    """A markdown table of `rows` (floats with 4 significant digits)."""
-
-    def cell(v):
-        if isinstance(v, float):
-            return "nan" if math.isnan(v) else f"{v:.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+def mean_absolute_error(predictions: Array, targets: Array, mask: Array | None = None) -> Mean:
+    """Mean over examples of the absolute error, averaged over output dims."""
+    return Mean.from_values(jnp.abs(_regression(predictions, targets, "mae")), mask)

@@ -96,9 +96,10 @@ class DataParallel(NamedTuple):
                     sharding, stacked, (self.num_devices, *np.shape(x))
                 )
 
-            return jax.tree.map(put, tree)
+            return jax.tree.map(_keys_as_data(put), tree)
         sharding = NamedSharding(self.mesh, P())
-        return jax.tree.map(lambda x: _put_global(_host_value(x), sharding), tree)
+        put = lambda x: _put_global(_host_value(x), sharding)
+        return jax.tree.map(_keys_as_data(put), tree)
 
     def to_checkpoint(self, tree: Any) -> Any:
         """A replicated tree as a checkpoint should hold it, whatever the device count.
@@ -122,9 +123,18 @@ class DataParallel(NamedTuple):
         )
 
     def unreplicate(self, tree: Any) -> Any:
-        """The value of a replicated tree, as host-local arrays of device 0's copy."""
+        """The value of a replicated tree, as host-local arrays of device 0's copy.
+
+        Runs no device computation (nothing to compile): pmap's stacked copy is read
+        through the host and put back on its device.
+        """
         if self.backend == "pmap":
-            return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
+
+            def first(x):
+                shard = x.addressable_shards[0].data  # [1, ...]
+                return jax.device_put(np.asarray(shard)[0], shard.device)
+
+            return jax.tree.map(_keys_as_data(first), tree)
         return jax.tree.map(lambda x: x.addressable_shards[0].data, tree)
 
     def shard_columns(self, local_columns: Any) -> Any:
@@ -221,6 +231,18 @@ class DataParallel(NamedTuple):
         return jax.jit(mapped, donate_argnums=donate_argnums)
 
 
+def _keys_as_data(put: Callable[[Any], jax.Array]) -> Callable[[Any], jax.Array]:
+    """`put` for typed PRNG keys too (an NNX module's rng streams): moved as their data."""
+
+    def put_fn(x):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            impl = jax.random.key_impl(x)
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
+        return put(x)
+
+    return put_fn
+
+
 def _host_value(x: Any) -> np.ndarray:
     """A numpy value of `x`; a replicated global array is read from a local copy."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -234,7 +256,7 @@ def _put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def make_data_parallel(
     *,
-    backend: str = "pmap",
+    backend: str = "shard_map",
     devices: Sequence[Any] | int | None = None,
     axis_name: str = "batch",
 ) -> DataParallel:

@@ -1,33 +1,33 @@
-"""Many models in one program: a sweep over seeds and SGD hyperparameters, vmapped.
+"""Many models in one program: a sweep over seeds and any injected Optax hyperparameters.
 
-K configurations (a seed and the hyperparameters of `jaxnets.optim.sgd`) train as **one**
+K configurations (a seed and values of the optimiser's hyperparameters) train as **one**
 jitted program: the train state has a leading model axis `[K, ...]` and the step of
 `jaxnets.train.make_train_step` is `jax.vmap`-ed over it. The hyperparameters live in the
 optimiser state through `optax.inject_hyperparams`, so one Optax transform (traced once)
-applies K different learning rates, momenta, weight decays and L1 strengths. (`vectorize="map"`
-runs the K steps one after the other inside the same program instead, `lax.map`: the same
-numbers, faster for the CNN on XLA:CPU; see `make_sweep_train_step`.)
+applies K different learning rates, momenta, weight decays... Any chain works whose
+hyperparameters are injected: `optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3)`
+sweeps `learning_rate`, `b1`, `weight_decay`...; `make_sweep_tx` is the seed's SGD.
+(`vectorize="map"` runs the K steps one after the other inside the same program instead,
+`lax.map`: the same numbers, faster for the CNN on XLA:CPU; see `make_sweep_train_step`.)
+Any model the adapters support sweeps: the loss function is the train step's.
 
 Composition with devices: every device holds all K models and a slice of every model's
 batch; gradients are averaged over devices per model (`lax.pmean` inside the vmapped step),
 exactly as `train.py` splits one model's batch. This works for any K and any device count
 that divides the batch, and a K-model sweep on N devices equals K separate runs on 1.
-(Splitting the models over devices instead would need K divisible by N and gives nothing
-a data split does not: the models are small, the data set sits on every device anyway.)
 
-A configuration is a dict over `SWEEPABLE`; missing entries come from `DEFAULTS`. Its
-`seed` decides the model's initialisation, its per-step randomness (augmentation) and its
-data order: `model_key, data_key = jax.random.split(jax.random.key(seed))`, so two
-configurations with the same seed start from the same weights and see the same batches,
-and each configuration's run equals `train.fit` with `create_train_state(..., key=model_key)`
-and `data_key=data_key` (what the tests check, to 1e-5).
+A configuration is a dict over `seed` and the injected names; missing entries come from the
+transform's own values. Its `seed` decides the model's initialisation, its per-step
+randomness and its data order: `model_key, data_key = jax.random.split(jax.random.key(seed))`,
+so each configuration's run equals `loop.fit` with `create_train_state(..., key=model_key)`
+and `data_key=data_key` (what the tests check, to 1e-5). The loop is `loop.fit` itself.
 
 Example:
     >>> configs = grid(**parse_sweep(["seed=0:2", "learning_rate=0.01,0.1"]))
     >>> [(c["seed"], c["learning_rate"]) for c in configs]
     [(0, 0.01), (0, 0.1), (1, 0.01), (1, 0.1)]
-    >>> result = run_sweep(model, loss_fn, configs, (images, labels), (val_images, val_labels),
-    ...                    epochs=2, batch_size=100)               # doctest: +SKIP
+    >>> result = run_sweep(objective, make_sweep_tx(DEFAULTS), configs, {"image": x, "label": y},
+    ...                    val_data, epochs=2, batch_size=100)      # doctest: +SKIP
     >>> print(format_results(result.results))                      # doctest: +SKIP
 """
 
@@ -45,16 +45,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import metrics, optim, parallel, train
-from jaxnets.types import Array, PRNGKey
+from jaxnets import loop, optim, parallel, train, writers
+from jaxnets.types import Batch, PRNGKey
 
-HYPERPARAMETERS = ("learning_rate", "lr_decay", "momentum", "weight_decay", "l1")
-SWEEPABLE = ("seed", *HYPERPARAMETERS)
 # The seed CNN's optimiser (SEEDS.md): SGD 0.05, Nesterov 0.9, inverse-time decay 1e-6.
+SGD_HYPERPARAMETERS = ("learning_rate", "decay", "momentum", "weight_decay", "l1")
+SWEEPABLE = ("seed", *SGD_HYPERPARAMETERS)
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "learning_rate": 0.05,
-    "lr_decay": 1e-6,
+    "decay": 1e-6,
     "momentum": 0.9,
     "weight_decay": 0.0,
     "l1": 0.0,
@@ -146,34 +146,67 @@ def grid(**axes: Sequence[Any]) -> list[dict]:
     return [dict(zip(names, combo)) for combo in itertools.product(*axes.values())]
 
 
-def complete_configs(configs: Sequence[Mapping[str, Any]], base: Mapping[str, Any]) -> list[dict]:
-    """Every config with all of `SWEEPABLE` (from `base`, then `DEFAULTS`), checked.
+def injected_hyperparameters(tx: optax.GradientTransformation, params: Any) -> dict:
+    """`{name: float}` of the hyperparameters `optax.inject_hyperparams` put in `tx`'s state.
+
+    Args:
+      tx: the transform.
+      params: the params pytree (arrays or `jax.ShapeDtypeStruct`s).
+    """
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    found: dict = {}
+    is_injected = lambda x: hasattr(x, "hyperparams")
+    for node in jax.tree.leaves(tx.init(zeros), is_leaf=is_injected):
+        if is_injected(node):
+            found.update({k: float(v) for k, v in node.hyperparams.items() if jnp.ndim(v) == 0})
+    return found
+
+
+def complete_configs(
+    configs: Sequence[Mapping[str, Any]],
+    base: Mapping[str, Any],
+    *,
+    names: Sequence[str] = SGD_HYPERPARAMETERS,
+) -> list[dict]:
+    """Every config with `seed` and all of `names` (from `base`, then `DEFAULTS`), checked.
 
     Raises:
-      ValueError: no configs, an unknown name, a non-integer seed, a negative or non-finite
-        hyperparameter, momentum >= 1.
+      ValueError: no configs, an unknown name, a non-integer seed, a non-finite value; for
+        the seed's SGD names: a negative value or momentum >= 1.
     """
     if not configs:
         raise ValueError("a sweep needs at least one configuration; e.g. configs=[{'seed': 0}]")
+    allowed = ("seed", *names)
     full = []
     for i, config in enumerate(configs):
-        unknown = sorted(set(config) - set(SWEEPABLE)) + sorted(set(base) - set(SWEEPABLE))
+        unknown = sorted(set(config) - set(allowed)) + sorted(set(base) - set(allowed))
         if unknown:
             raise ValueError(
-                f"configuration {i}: unknown names {unknown}; sweepable: {', '.join(SWEEPABLE)}"
+                f"configuration {i}: unknown names {unknown}; sweepable: {', '.join(allowed)}"
             )
-        c = {**DEFAULTS, **base, **config}
-        if not isinstance(c["seed"], (int, np.integer)) or isinstance(c["seed"], bool):
+        c = {**{k: v for k, v in DEFAULTS.items() if k in allowed}, **base, **config}
+        if not isinstance(c.get("seed", 0), (int, np.integer)) or isinstance(c.get("seed"), bool):
             raise ValueError(f"configuration {i}: seed must be an int, got {c['seed']!r}")
-        for name in HYPERPARAMETERS:
-            value = c[name]
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        for name in names:
+            value = c.get(name)
+            if value is None:
+                continue
+            sgd_name = name in SGD_HYPERPARAMETERS
+            if not (isinstance(value, (int, float)) and math.isfinite(value)) or (
+                sgd_name and value < 0
+            ):
+                low = " >= 0" if sgd_name else ""
                 raise ValueError(
-                    f"configuration {i}: {name} must be a finite number >= 0, got {value!r}"
+                    f"configuration {i}: {name} must be a finite number{low}, got {value!r}"
                 )
-        if c["momentum"] >= 1:
+        if c.get("momentum", 0) >= 1 and "momentum" in names:
             raise ValueError(f"configuration {i}: momentum must be in [0, 1), got {c['momentum']}")
-        full.append({"seed": int(c["seed"]), **{k: float(c[k]) for k in HYPERPARAMETERS}})
+        full.append(
+            {
+                "seed": int(c.get("seed", 0)),
+                **{k: float(c[k]) for k in names if c.get(k) is not None},
+            }
+        )
     return full
 
 
@@ -183,9 +216,9 @@ def run_keys(seed: int) -> tuple[PRNGKey, PRNGKey]:
     return model_key, data_key
 
 
-def _sgd(learning_rate, lr_decay, momentum, weight_decay, l1, *, nesterov=False):
+def _sgd(learning_rate, decay, momentum, weight_decay, l1, *, nesterov=False):
     return optim.sgd(
-        optim.inverse_time_decay(learning_rate, lr_decay),
+        optim.inverse_time_decay(learning_rate, decay),
         momentum=momentum,
         nesterov=nesterov,
         weight_decay=weight_decay,
@@ -196,110 +229,98 @@ def _sgd(learning_rate, lr_decay, momentum, weight_decay, l1, *, nesterov=False)
 def make_sweep_tx(
     hyperparams: Mapping[str, Any], *, nesterov: bool = False
 ) -> optax.GradientTransformation:
-    """`optim.sgd` with an inverse-time decayed learning rate, hyperparameters in the state.
+    """The seed's SGD, `optim.sgd` with inverse-time decay, its hyperparameters injected.
 
-    `optax.inject_hyperparams` keeps `learning_rate, lr_decay, momentum, weight_decay, l1`
-    as float32 arrays in the optimiser state, so a state stacked over K models carries K
-    values of each, and any one transform built here updates all of them under `vmap`.
-    The update is that of `optim.sgd(optim.inverse_time_decay(learning_rate, lr_decay),
-    momentum=..., nesterov=..., weight_decay=..., l1=...)`.
+    `learning_rate, decay, momentum, weight_decay, l1` are float32 arrays in the optimiser
+    state (`optax.inject_hyperparams`), so a state stacked over K models carries K values of
+    each. Any other chain sweeps the same way once built with `optax.inject_hyperparams`.
 
     Args:
-      hyperparams: a mapping with the names of `HYPERPARAMETERS` (floats or arrays; extra
-        keys such as `seed` are ignored).
+      hyperparams: a mapping with the names of `SGD_HYPERPARAMETERS` (extra keys ignored).
       nesterov: Keras' Nesterov momentum (static: the same for every model of a sweep).
     """
     return optax.inject_hyperparams(_sgd, static_args=("nesterov",))(
-        **{k: hyperparams[k] for k in HYPERPARAMETERS}, nesterov=nesterov
+        **{k: hyperparams[k] for k in SGD_HYPERPARAMETERS}, nesterov=nesterov
     )
 
 
 def create_sweep_state(
-    model: Any,
+    init_fn: train.InitFn,
+    tx: optax.GradientTransformation,
     configs: Sequence[Mapping[str, Any]],
-    sample_input: Array,
-    *,
-    nesterov: bool = False,
+    sample_batch: Batch,
 ) -> train.TrainState:
     """K train states stacked along a leading model axis, initialised in one program.
 
-    Model k is initialised as `train.create_train_state(model, make_sweep_tx(configs[k]),
-    sample_input, key=run_keys(configs[k]["seed"])[0])`, bit for bit.
+    Model k is `train.create_train_state(init_fn, tx_k, sample_batch, key=run_keys(seed_k)[0])`
+    where `tx_k` is `tx` with config k's injected hyperparameters, bit for bit.
 
     Args:
-      model: a Flax Linen module.
+      init_fn: an adapter's `init` (`(key, batch) -> (params, model_state)`).
+      tx: a transform with injected hyperparameters (`optax.inject_hyperparams`).
       configs: complete configurations (`complete_configs`).
-      sample_input: [1, ...] an input of the right shape and dtype.
-      nesterov: as in `make_sweep_tx`.
-
-    Returns:
-      A `TrainState` whose every leaf has a leading axis of size K.
+      sample_batch: a batch of the right shapes and dtypes.
     """
     keys = jnp.stack([train.raw_key(run_keys(c["seed"])[0]) for c in configs])
-    hparams = {k: jnp.asarray([c[k] for c in configs], jnp.float32) for k in HYPERPARAMETERS}
+    names = sorted({k for c in configs for k in c if k != "seed"})
+    values = {k: jnp.asarray([c[k] for c in configs], jnp.float32) for k in names}
 
-    def init_fn(raw, hp):
-        key = jax.random.wrap_key_data(raw)
-        return train.create_train_state(
-            model, make_sweep_tx(hp, nesterov=nesterov), sample_input, key=key
+    def init_one(raw, hp):
+        state = train.create_train_state(
+            init_fn, tx, sample_batch, key=jax.random.wrap_key_data(raw)
         )
+        if not hp:
+            return state
+        dtypes = {k: optax.tree_utils.tree_get(state.opt_state, k).dtype for k in hp}
+        hp = {k: v.astype(dtypes[k]) for k, v in hp.items()}
+        return state._replace(opt_state=optax.tree_utils.tree_set(state.opt_state, **hp))
 
-    return jax.jit(jax.vmap(init_fn))(keys, hparams)
+    return jax.jit(jax.vmap(init_one))(keys, values)
 
 
 def make_sweep_train_step(
-    apply_fn: Callable,
     loss_fn: train.LossFn,
     tx: optax.GradientTransformation,
     *,
-    preprocess: train.Preprocess | None = None,
     axis_name: str | None = None,
     vectorize: str = "vmap",
 ) -> Callable:
     """`train.make_train_step` over K models at once: `(states, batch) -> (states, metrics)`.
 
     Args:
-      apply_fn, loss_fn, preprocess, axis_name: as in `train.make_train_step`.
+      loss_fn, tx, axis_name: as in `train.make_train_step`.
       vectorize: "vmap" batches the K models' arithmetic (wide matmuls: fast on GPU/TPU and
         for small dense nets everywhere); "map" runs the K steps one after the other inside
         the same compiled program (`lax.map`), which on XLA:CPU is faster for the CNN,
         whose vmapped convolutions become batched matmuls XLA:CPU runs slowly (measured:
         K=8 forward+backward 188 ms vmapped vs 100 ms mapped vs 8 x 14 ms alone).
-      tx: from `make_sweep_tx` (any one: the hyperparameters are read from each model's
-        state). A transform without injected hyperparameters trains every model with the
-        same hyperparameters (a seed-only sweep).
 
-    The returned step takes `states` with a leading model axis `[K, ...]` and
-    `batch = (images [batch, K, ...], labels [batch, K])` (batch first: the layout in which
+    The returned step takes `states` with a leading model axis `[K, ...]` and a batch whose
+    leaves are `[batch, K, ...]` (batch first: the layout in which
     `DataParallel.shard_columns` splits `[steps, batch, K]` example indices over devices),
-    and returns the states and metric sums of shape `[K]`. `train.make_epoch_runner` runs it.
+    and returns the states and metrics with a `[K]` axis. `train.make_epoch_runner` runs it.
     """
     if vectorize not in VECTORIZE:
         raise ValueError(f"vectorize={vectorize!r}: use one of {VECTORIZE}")
-    step = train.make_train_step(apply_fn, loss_fn, tx, preprocess=preprocess, axis_name=axis_name)
+    step = train.make_train_step(loss_fn, tx, axis_name=axis_name)
     if vectorize == "vmap":
-        return jax.vmap(step, in_axes=(0, 1))
+        step_fn = jax.vmap(step, in_axes=(0, 1))
+    else:
 
-    def step_fn(states, batch):
-        images, labels = (jnp.moveaxis(x, 1, 0) for x in batch)
-        return jax.lax.map(lambda args: step(args[0], args[1:]), (states, images, labels))
+        def step_fn(states, batch):
+            batch = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batch)
+            return jax.lax.map(lambda args: step(*args), (states, batch))
 
+    step_fn.axis_name = axis_name
     return step_fn
 
 
-def make_sweep_eval_step(
-    apply_fn: Callable,
-    loss_fn: train.LossFn,
-    *,
-    preprocess: train.Preprocess | None = None,
-    axis_name: str | None = None,
-) -> Callable:
-    """`train.make_eval_step` vmapped over K models' params (the same batch for all).
-
-    `train.make_evaluation` takes it as is; `train.evaluate`-style sums come out as `[K]`.
-    """
-    step = train.make_eval_step(apply_fn, loss_fn, preprocess=preprocess, axis_name=axis_name)
-    return jax.vmap(step, in_axes=(0, None, None))
+def make_sweep_eval_step(eval_fn: train.EvalFn, *, axis_name: str | None = None) -> Callable:
+    """`train.make_eval_step` vmapped over K models' states (the same batch for all)."""
+    step = train.make_eval_step(eval_fn, axis_name=axis_name)
+    step_fn = jax.vmap(step, in_axes=(0, None, None))
+    step_fn.axis_name = axis_name
+    return step_fn
 
 
 def sweep_epoch_indices(
@@ -320,128 +341,115 @@ def _label(config: Mapping[str, Any], axes: Sequence[str]) -> str:
     return " ".join(f"{k}={config[k]:g}" for k in axes) or "base"
 
 
-def _sums_to_means(sums: Mapping[str, np.ndarray], prefix: str = "") -> list[dict]:
-    """Per-model means of `[K]` metric sums (NaN where a model diverged)."""
-    count = np.maximum(np.asarray(sums["count"], np.float64), 1)
-    loss = np.asarray(sums["loss"], np.float64) / count
-    accuracy = np.asarray(sums["correct"], np.float64) / count
-    return [
-        {f"{prefix}loss": float(lo), f"{prefix}accuracy": float(ac)}
-        for lo, ac in zip(loss, accuracy)
-    ]
+def _per_model(record: Mapping[str, Any], num_models: int) -> list[dict]:
+    """One record per model of a record whose metrics are lists of K values."""
+    out = [{} for _ in range(num_models)]
+    for name, value in record.items():
+        for k in range(num_models):
+            out[k][name] = float(value[k]) if isinstance(value, list) else value
+    return out
 
 
 def run_sweep(
-    model: Any,
-    loss_fn: train.LossFn,
+    objective: Any,
+    tx: optax.GradientTransformation,
     configs: Sequence[Mapping[str, Any]],
-    train_data: tuple[np.ndarray, np.ndarray],
-    val_data: tuple[np.ndarray, np.ndarray] | None = None,
+    train_data: Batch,
+    val_data: Batch | None = None,
     *,
     epochs: int,
     batch_size: int,
     base: Mapping[str, Any] = {},  # noqa: B006 - read only
-    nesterov: bool = False,
-    preprocess: train.Preprocess | None = None,
     dp: parallel.DataParallel | None = None,
     steps_per_dispatch: int | None = None,
     log_every_steps: int = 10,
     vectorize: str = "vmap",
     on_epoch: Callable[[int, list[dict]], None] | None = None,
+    progress: Callable[..., Any] | None = None,
 ) -> SweepResult:
     """Trains every configuration for `epochs` epochs as one vmapped, device-parallel program.
 
     Args:
-      model: a Flax Linen module (`model.apply` is the forward pass).
-      loss_fn: `(logits, labels) -> [batch]` per-example losses.
-      configs: dicts over `SWEEPABLE` (e.g. from `grid`); missing entries from `base`.
-      train_data: host `(images, labels)`.
-      val_data: host `(images, labels)` evaluated after every epoch (None: no validation).
+      objective: an adapter's `Objective` (`init`, `loss_fn`, `eval_fn`); its
+        `axis_name` must be `dp.axis_name` when it uses per-example keys.
+      tx: the optimiser, hyperparameters injected (`make_sweep_tx`, or any chain built
+        with `optax.inject_hyperparams`); configs may set any of them.
+      configs: dicts over `seed` and the injected names (e.g. from `grid`); missing entries
+        from `base`, then the transform's own values.
+      train_data: the training set, a host batch pytree.
+      val_data: a host batch pytree evaluated after every epoch (None: no validation).
       epochs: epochs per model.
       batch_size: global batch per model (divisible by the device count).
-      base: values for entries the configs leave out (then `DEFAULTS`).
-      nesterov: Keras' Nesterov momentum for every model.
-      preprocess: `(images, *, keys) -> inputs`, as in `train.make_train_step`.
-      dp: the data-parallel plan (default: pmap over every device).
-      steps_per_dispatch: steps per device call (default `train.default_steps_per_dispatch()`).
+      base: values for entries the configs leave out.
+      dp: the data-parallel plan (default: every device, jit + shard_map).
+      steps_per_dispatch: steps per device call (None: measured by `loop.fit`).
       log_every_steps: train curves get one point (the mean over the interval) this often.
       vectorize: "vmap" or "map" (`make_sweep_train_step`); the numbers are the same.
       on_epoch: `(epoch, records)` after each epoch, one record per model (host-side logging).
+      progress: as `loop.Hooks.progress`.
 
     Returns:
       `SweepResult(state, results)`: the final states (host, `[K, ...]`) and a dict with
       `runs` (per configuration: `config`, `label`, `final` {loss, accuracy, val_loss,
-      val_accuracy}, `history` per epoch, `curve` per log interval), `axes` (the names that
+      val_accuracy...}, `history` per epoch, `curve` per log interval), `axes` (the names that
       vary), `best` (index by `best_index`), `metric`, `num_models`, `devices`, `seconds`.
     """
     if vectorize not in VECTORIZE:
         raise ValueError(f"vectorize={vectorize!r}: use one of {VECTORIZE}")
-    full = complete_configs(configs, base)
-    images, labels = train_data
-    train.check_data(images, labels, "training data")
-    dp = dp or parallel.make_data_parallel(backend="pmap")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    n = train.num_examples(train_data, "training data")
+    sample = jax.tree.map(lambda x: np.asarray(x[:1]), train_data)
+    params_shape = jax.eval_shape(objective.init, jax.random.key(0), sample)[0]
+    injected = injected_hyperparameters(tx, params_shape)
+    if not injected and any(set(c) - {"seed"} for c in configs):
+        raise ValueError(
+            "the configs set hyperparameters but tx has none injected; build it with "
+            "optax.inject_hyperparams(...) (e.g. sweep.make_sweep_tx)"
+        )
+    full = complete_configs(configs, {**injected, **base}, names=tuple(sorted(injected)))
+    dp = dp or parallel.make_data_parallel(backend="shard_map")
     dp.check_batch(batch_size)
-    steps_per_epoch = len(labels) // batch_size
-    train.epoch_indices(jax.random.key(0), 0, len(labels), batch_size)  # validates the batch
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    sample = images[:1] if preprocess is None else preprocess(jnp.asarray(images[:1]), keys=None)
+    train.epoch_indices(jax.random.key(0), 0, n, batch_size)  # validates the batch
     start = time.perf_counter()
-    state = create_sweep_state(model, full, sample, nesterov=nesterov)
-    tx = make_sweep_tx(full[0], nesterov=nesterov)
-    step = make_sweep_train_step(
-        model.apply,
-        loss_fn,
-        tx,
-        preprocess=preprocess,
-        axis_name=dp.axis_name,
-        vectorize=vectorize,
-    )
-    run_epoch = train.make_epoch_runner(step, dp)
+    state = create_sweep_state(objective.init, tx, full, sample)
+    step = make_sweep_train_step(objective.loss_fn, tx, axis_name=dp.axis_name, vectorize=vectorize)
     evaluation = None
     if val_data is not None:
-        eval_step = make_sweep_eval_step(
-            model.apply, loss_fn, preprocess=preprocess, axis_name=dp.axis_name
-        )
-        evaluation = train.make_evaluation(
-            eval_step, dp, val_data[0], val_data[1], batch_size=batch_size
-        )
+        eval_step = make_sweep_eval_step(objective.eval_fn, axis_name=dp.axis_name)
+        evaluation = loop.make_evaluation(eval_step, dp, val_data, batch_size=batch_size)
     data_keys = [run_keys(c["seed"])[1] for c in full]
-    k = steps_per_dispatch or train.default_steps_per_dispatch()
-    state = dp.replicate(jax.device_get(state))
-    data = dp.replicate((images, labels))
-    histories: list[list[dict]] = [[] for _ in full]
     curves: list[list[dict]] = [[] for _ in full]
-    for epoch in range(epochs):
-        idx = dp.process_columns(sweep_epoch_indices(data_keys, epoch, len(labels), batch_size))
-        t0 = time.perf_counter()
-        chunks, pos = [], 0
-        for end in train._chunk_ends(0, steps_per_epoch, [k, log_every_steps]):
-            state, m = run_epoch(state, data, dp.shard_columns(idx[pos:end]))
-            chunks.append(m)
-            pos = end
-        per_step = jax.device_get([dp.unreplicate(m) for m in chunks])
-        per_step = {name: np.concatenate([m[name] for m in per_step]) for name in per_step[0]}
-        seconds = time.perf_counter() - t0
-        first = epoch * steps_per_epoch
-        for lo in range(0, steps_per_epoch, log_every_steps):
-            hi = min(lo + log_every_steps, steps_per_epoch)
-            window = {name: v[lo:hi].sum(0) for name, v in per_step.items()}
-            for run, point in enumerate(_sums_to_means(window)):
-                curves[run].append({"step": first + hi, **point})
-        records = _sums_to_means({name: v.sum(0) for name, v in per_step.items()})
-        if evaluation is not None:
-            sums = evaluation.run(state.params, evaluation.data, evaluation.idx)
-            val = jax.device_get(dp.unreplicate(sums))
-            for record, v in zip(records, _sums_to_means(val, "val_")):
-                record.update(v)
-        for run, record in enumerate(records):
-            record.update(epoch=epoch + 1, step=first + steps_per_epoch, epoch_seconds=seconds)
-            histories[run].append(record)
+    histories: list[list[dict]] = [[] for _ in full]
+
+    def on_log(record):
+        per_model = _per_model(record, len(full))
+        if record["kind"] == "train":
+            for curve, r in zip(curves, per_model):
+                curve.append({k: v for k, v in r.items() if k not in ("kind", "epoch")})
+            return
+        for history, r in zip(histories, per_model):
+            history.append({k: v for k, v in r.items() if k != "kind"})
         if on_epoch is not None:
-            on_epoch(epoch, records)
-    final_state = jax.device_get(dp.unreplicate(state))
-    axes = [name for name in SWEEPABLE if len({c[name] for c in full}) > 1]
+            on_epoch(record["epoch"] - 1, [h[-1] for h in histories])
+
+    result = loop.fit(
+        state,
+        step,
+        dp,
+        train_data,
+        data_key=data_keys[0],
+        epochs=epochs,
+        batch_size=batch_size,
+        evaluation=evaluation,
+        steps_per_dispatch=steps_per_dispatch,
+        log_every_steps=log_every_steps,
+        hooks=loop.Hooks(on_log=on_log, progress=progress),
+        on_nonfinite="ignore",
+        epoch_indices=lambda epoch: sweep_epoch_indices(data_keys, epoch, n, batch_size),
+    )
+    final_state = jax.device_get(result.state)
+    axes = [name for name in full[0] if len({c[name] for c in full}) > 1]
     runs = [
         {
             "config": c,
@@ -461,8 +469,8 @@ def run_sweep(
         "devices": dp.num_devices,
         "epochs": epochs,
         "batch_size": batch_size,
-        "nesterov": nesterov,
         "vectorize": vectorize,
+        "steps_per_call": result.steps_per_call,
         "seconds": time.perf_counter() - start,
     }
     results["best"] = best_index(results, metric)
@@ -504,7 +512,7 @@ def format_results(results: Mapping[str, Any], metric: str | None = None) -> str
         row = {"run": i, **{a: run["config"][a] for a in axes}, **run["final"]}
         row["best"] = "*" if i == winner else ""
         rows.append(row)
-    return metrics.format_table(rows, columns)
+    return writers.format_table(rows, columns)
 
 
 def plot_results(results: Mapping[str, Any], path: str | os.PathLike, *, title: str = "") -> None:

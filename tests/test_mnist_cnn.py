@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from experiments import mnist_cnn
-from jaxnets import metrics
+from jaxnets import writers
 
 ROOT = Path(__file__).parent.parent
 # Small and fast: 400 training digits (320 train / 80 val), batch 40 on 2 devices.
@@ -55,7 +55,7 @@ def test_outputs_and_summary(uninterrupted, tmp_path_factory):
     assert summary["step"] == 16 and summary["epochs_completed"] == 2
     assert summary["devices"]["count"] == 2
     assert 0.3 < summary["test"]["accuracy"] <= 1.0  # 16 steps on 320 digits: over chance (0.1)
-    records = metrics.read_jsonl(wd / "metrics.jsonl")
+    records = writers.read_jsonl(wd / "metrics.jsonl")
     assert [r["step"] for r in records if r["kind"] == "train"] == [4, 8, 12, 16]
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
     assert (wd / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -68,7 +68,7 @@ def test_resume_after_a_finished_epoch_is_bit_identical(uninterrupted, tmp_path)
     assert first["step"] == 8
     resumed = _run(tmp_path, "r")  # same command with more epochs continues
     assert resumed["params_sha256"] == uninterrupted["params_sha256"]
-    steps = [(r["kind"], r["step"]) for r in metrics.read_jsonl(tmp_path / "r/metrics.jsonl")]
+    steps = [(r["kind"], r["step"]) for r in writers.read_jsonl(tmp_path / "r/metrics.jsonl")]
     assert len(steps) == len(set(steps))  # no duplicated log lines
 
 
@@ -125,7 +125,7 @@ def test_kill_9_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
     proc.wait()
     resumed = _run(tmp_path, "k")
     assert resumed["params_sha256"] == uninterrupted["params_sha256"]
-    steps = [(r["kind"], r["step"]) for r in metrics.read_jsonl(wd / "metrics.jsonl")]
+    steps = [(r["kind"], r["step"]) for r in writers.read_jsonl(wd / "metrics.jsonl")]
     assert len(steps) == len(set(steps))
     assert [s for k, s in steps if k == "train"] == [4, 8, 12, 16]
 

@@ -1,4 +1,4 @@
-"""Sweeps: K vmapped models equal K separate `train.fit` runs; best/table; --sweep parsing."""
+"""Sweeps: K vmapped models equal K separate `loop.fit` runs; best/table; --sweep parsing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnets import optim, parallel, sweep, train
+from jaxnets import adapters, loop, metrics, optim, parallel, sweep, train
 
 
 class _TinyNet(nn.Module):
@@ -37,53 +37,89 @@ def _preprocess(images, *, keys):
     return x
 
 
+class _BatchNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        # No bias before BatchNorm: its gradient is rounding noise, which adam would amplify.
+        x = nn.Dense(16, use_bias=False)(x.reshape(x.shape[0], -1))
+        x = nn.BatchNorm(use_running_average=not train, axis_name="batch" if train else None)(x)
+        return nn.Dense(10)(nn.tanh(x))
+
+
+def _objective(module=None, axis_name="batch"):
+    return adapters.linen(
+        module or _TinyNet(),
+        loss=_loss,
+        metrics={"accuracy": metrics.accuracy},
+        preprocess=_preprocess,
+        axis_name=axis_name,
+    )
+
+
+def _batch(data):
+    return {"image": data[0], "label": data[1]}
+
+
 # Every hyperparameter differs somewhere; two configs share a seed (same init and data order).
 CONFIGS = [
     {"seed": 0, "learning_rate": 0.1, "momentum": 0.9},
     {"seed": 1, "learning_rate": 0.05, "momentum": 0.0, "weight_decay": 1e-2},
-    {"seed": 2, "learning_rate": 0.2, "momentum": 0.5, "l1": 1e-3, "lr_decay": 1e-2},
+    {"seed": 2, "learning_rate": 0.2, "momentum": 0.5, "l1": 1e-3, "decay": 1e-2},
     {"seed": 0, "learning_rate": 0.02, "momentum": 0.9, "weight_decay": 1e-3, "l1": 1e-4},
 ]
 EPOCHS, BATCH = 2, 32
 
 
-def _separate_run(config, train_data, val_data):
-    """One configuration through the ordinary single-model path: train.fit on 1 device."""
-    c = sweep.complete_configs([config], {})[0]
-    tx = optim.sgd(
-        optim.inverse_time_decay(c["learning_rate"], c["lr_decay"]),
-        momentum=c["momentum"],
-        nesterov=True,
-        weight_decay=c["weight_decay"],
-        l1=c["l1"],
-    )
-    model_key, data_key = sweep.run_keys(c["seed"])
-    model = _TinyNet()
+def _separate_run(tx, seed, train_data, val_data, module=None):
+    """One configuration through the ordinary single-model path: loop.fit on 1 device."""
+    model_key, data_key = sweep.run_keys(seed)
     dp = parallel.make_data_parallel(backend="pmap", devices=1)
-    state = train.create_train_state(
-        model, tx, _preprocess(train_data[0][:1], keys=None), key=model_key
-    )
-    step = train.make_train_step(
-        model.apply, _loss, tx, preprocess=_preprocess, axis_name=dp.axis_name
-    )
-    evaluation = train.make_evaluation(
-        train.make_eval_step(model.apply, _loss, preprocess=_preprocess, axis_name=dp.axis_name),
+    objective = _objective(module)
+    state = train.create_train_state(objective.init, tx, _batch(train_data), key=model_key)
+    step = train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
+    evaluation = loop.make_evaluation(
+        train.make_eval_step(objective.eval_fn, axis_name=dp.axis_name),
         dp,
-        *val_data,
+        _batch(val_data),
         batch_size=BATCH,
     )
-    result = train.fit(
-        dp.replicate(state),
-        train.make_epoch_runner(step, dp),
+    result = loop.fit(
+        state,
+        step,
         dp,
-        train_data,
+        _batch(train_data),
         data_key=data_key,
         epochs=EPOCHS,
         batch_size=BATCH,
         evaluation=evaluation,
         steps_per_dispatch=1,
     )
-    return dp.unreplicate(result.state.params), result.history
+    return result.state, result.history
+
+
+def _sgd_of(config):
+    c = sweep.complete_configs([config], {})[0]
+    return c["seed"], optim.sgd(
+        optim.inverse_time_decay(c["learning_rate"], c["decay"]),
+        momentum=c["momentum"],
+        nesterov=True,
+        weight_decay=c["weight_decay"],
+        l1=c["l1"],
+    )
+
+
+def _assert_sweep_equals_runs(results, configs, separate, train_data, val_data):
+    for k, config in enumerate(configs):
+        state, history = separate(config)
+        for result in results:
+            assert result.results["num_models"] == len(configs)
+            mine = jax.tree.map(lambda x, k=k: x[k], result.state)
+            chex.assert_trees_all_close(mine.params, state.params, atol=1e-5, rtol=1e-5)
+            chex.assert_trees_all_close(mine.model_state, state.model_state, atol=1e-5, rtol=1e-5)
+            run = result.results["runs"][k]
+            for got, want in zip(run["history"], history, strict=True):
+                for name in sweep.RESULT_COLUMNS:
+                    np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -91,47 +127,73 @@ def test_sweep_on_several_devices_equals_separate_runs_on_1():
     train_data, val_data = _data(160, 0), _data(40, 1)
     results = [
         sweep.run_sweep(
-            _TinyNet(),
-            _loss,
+            _objective(),
+            sweep.make_sweep_tx(sweep.DEFAULTS, nesterov=True),
             CONFIGS,
-            train_data,
-            val_data,
+            _batch(train_data),
+            _batch(val_data),
             epochs=EPOCHS,
             batch_size=BATCH,
-            nesterov=True,
-            preprocess=_preprocess,
             dp=parallel.make_data_parallel(backend=backend, devices=devices),
             steps_per_dispatch=k,  # k=2: chunks of 2, 2, 1 steps, the scanned and direct paths
             vectorize=vectorize,
         )
         for vectorize, backend, devices, k in [("vmap", "pmap", 4, 2), ("map", "shard_map", 2, 1)]
     ]
-    for k, config in enumerate(CONFIGS):
-        params, history = _separate_run(config, train_data, val_data)
-        for result in results:
-            assert result.results["num_models"] == len(CONFIGS)
-            chex.assert_trees_all_close(
-                jax.tree.map(lambda x, k=k: x[k], result.state.params), params, atol=1e-5, rtol=1e-5
-            )
-            run = result.results["runs"][k]
-            for mine, theirs in zip(run["history"], history, strict=True):
-                for name in sweep.RESULT_COLUMNS:
-                    np.testing.assert_allclose(mine[name], theirs[name], atol=1e-5, rtol=1e-5)
+    _assert_sweep_equals_runs(
+        results,
+        CONFIGS,
+        lambda c: _separate_run(_sgd_of(c)[1], _sgd_of(c)[0], train_data, val_data),
+        train_data,
+        val_data,
+    )
     # The two seed-0 configs started from the same weights.
     init = sweep.create_sweep_state(
-        _TinyNet(), sweep.complete_configs(CONFIGS, {}), jnp.zeros((1, 6, 6, 1))
+        _objective().init,
+        sweep.make_sweep_tx(sweep.DEFAULTS),
+        sweep.complete_configs(CONFIGS, {}),
+        _batch(train_data),
     )
     chex.assert_trees_all_equal(
         jax.tree.map(lambda x: x[0], init.params), jax.tree.map(lambda x: x[3], init.params)
     )
 
 
+@pytest.mark.slow
+def test_sweep_of_any_injected_chain_and_a_batchnorm_model():
+    """adamw's injected learning_rate and b1, swept over a BatchNorm model on 2 devices."""
+    train_data, val_data = _data(128, 4), _data(40, 5)
+    tx = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, weight_decay=1e-4)
+    configs = [{"seed": 0, "learning_rate": 0.01}, {"seed": 1, "b1": 0.5}]
+    result = sweep.run_sweep(
+        _objective(_BatchNormNet()),
+        tx,
+        configs,
+        _batch(train_data),
+        _batch(val_data),
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        dp=parallel.make_data_parallel(backend="shard_map", devices=2),
+        steps_per_dispatch=2,
+    )
+    assert result.results["axes"] == ["seed", "b1", "learning_rate"]
+
+    def separate(config):
+        hp = {"learning_rate": 1e-3, "weight_decay": 1e-4, **config}
+        seed = hp.pop("seed")
+        return _separate_run(optax.adamw(**hp), seed, train_data, val_data, module=_BatchNormNet())
+
+    _assert_sweep_equals_runs([result], configs, separate, train_data, val_data)
+
+
 def test_sweep_state_matches_create_train_state_bit_for_bit():
     configs = sweep.complete_configs([{"seed": 5, "learning_rate": 0.3, "momentum": 0.1}], {})
-    sample = jnp.zeros((1, 6, 6, 1))
-    stacked = sweep.create_sweep_state(_TinyNet(), configs, sample, nesterov=True)
+    sample = _batch(_data(2, 0))
+    stacked = sweep.create_sweep_state(
+        _objective().init, sweep.make_sweep_tx(sweep.DEFAULTS, nesterov=True), configs, sample
+    )
     one = train.create_train_state(
-        _TinyNet(),
+        _objective().init,
         sweep.make_sweep_tx(configs[0], nesterov=True),
         sample,
         key=sweep.run_keys(5)[0],
@@ -140,6 +202,18 @@ def test_sweep_state_matches_create_train_state_bit_for_bit():
     hp = jax.tree.map(lambda x: x[0], stacked.opt_state.hyperparams)
     assert float(hp["learning_rate"]) == pytest.approx(0.3)
     assert float(hp["momentum"]) == pytest.approx(0.1)
+
+
+def test_configs_setting_hyperparameters_need_an_injected_transform():
+    with pytest.raises(ValueError, match="tx has none injected; build it with"):
+        sweep.run_sweep(
+            _objective(),
+            optax.sgd(0.1),
+            [{"seed": 0, "learning_rate": 0.1}],
+            _batch(_data(64, 0)),
+            epochs=1,
+            batch_size=BATCH,
+        )
 
 
 def _results_with(val_losses):
@@ -157,27 +231,26 @@ def test_best_is_lowest_validation_loss_and_table_marks_it():
     train_data, val_data = _data(96, 2), _data(64, 3)
     configs = sweep.grid(learning_rate=[0.001, 0.3, 3.0], seed=[0, 1])
     result = sweep.run_sweep(
-        _TinyNet(),
-        _loss,
+        _objective(),
+        sweep.make_sweep_tx(sweep.DEFAULTS),
         configs,
-        train_data,
-        val_data,
+        _batch(train_data),
+        _batch(val_data),
         epochs=2,
         batch_size=BATCH,
-        preprocess=_preprocess,
         dp=parallel.make_data_parallel(backend="shard_map", devices=2),
     )
     results = result.results
     # Independent of the sweep's own bookkeeping: evaluate each final model separately.
-    dp, params = parallel.make_data_parallel(backend="pmap", devices=1), result.state.params
-    evaluation = train.make_evaluation(
-        train.make_eval_step(_TinyNet().apply, _loss, preprocess=_preprocess, axis_name="batch"),
+    dp = parallel.make_data_parallel(backend="pmap", devices=1)
+    evaluation = loop.make_evaluation(
+        train.make_eval_step(_objective().eval_fn, axis_name="batch"),
         dp,
-        *val_data,
+        _batch(val_data),
         batch_size=16,
     )
     val = [
-        train.evaluate(evaluation, dp.replicate(jax.tree.map(lambda x, k=k: x[k], params)))["loss"]
+        loop.evaluate(evaluation, jax.tree.map(lambda x, k=k: x[k], result.state))["loss"]
         for k in range(len(configs))
     ]
     expected = int(np.nanargmin(val))

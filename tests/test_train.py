@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnets import parallel, train
+from jaxnets import adapters, loop, metrics, parallel, train
 
 
 class _TinyNet(nn.Module):
@@ -42,6 +42,20 @@ def _preprocess(images, *, keys):
 TX = optax.sgd(0.1, momentum=0.9, nesterov=True)
 
 
+def _objective(loss=_loss, axis_name="batch"):
+    return adapters.linen(
+        _TinyNet(),
+        loss=loss,
+        metrics={"accuracy": metrics.accuracy},
+        preprocess=_preprocess,
+        axis_name=axis_name,
+    )
+
+
+def _batch(images, labels):
+    return {"image": images, "label": labels}
+
+
 def _run(
     backend="pmap",
     devices=1,
@@ -49,39 +63,35 @@ def _run(
     epochs=2,
     batch=32,
     data=None,
-    hooks=train.Hooks(),
+    hooks=loop.Hooks(),
     state=None,
     tx=TX,
     evaluate=True,
     loss=_loss,
     on_nonfinite="raise",
+    actions=(),
 ):
     images, labels = data if data is not None else _data()
     dp = parallel.make_data_parallel(backend=backend, devices=devices)
-    model = _TinyNet()
+    objective = _objective(loss)
     if state is None:
         state = train.create_train_state(
-            model, tx, _preprocess(images[:1], keys=None), key=jax.random.key(0)
+            objective.init, tx, _batch(images[:1], labels[:1]), key=jax.random.key(0)
         )
-    step = train.make_train_step(
-        model.apply, loss, tx, preprocess=_preprocess, axis_name=dp.axis_name
-    )
+    step = train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
     ev = None
     if evaluate:
-        ev = train.make_evaluation(
-            train.make_eval_step(
-                model.apply, _loss, preprocess=_preprocess, axis_name=dp.axis_name
-            ),
+        ev = loop.make_evaluation(
+            train.make_eval_step(_objective().eval_fn, axis_name=dp.axis_name),
             dp,
-            images[:50],
-            labels[:50],
+            _batch(images[:50], labels[:50]),
             batch_size=batch,
         )
-    result = train.fit(
-        dp.replicate(state),
-        train.make_epoch_runner(step, dp),
+    result = loop.fit(
+        state,
+        step,
         dp,
-        (images, labels),
+        _batch(images, labels),
         data_key=jax.random.key(1),
         epochs=epochs,
         batch_size=batch,
@@ -89,10 +99,10 @@ def _run(
         steps_per_dispatch=k,
         log_every_steps=4,
         hooks=hooks,
+        actions=actions,
         on_nonfinite=on_nonfinite,
     )
-    host_state = jax.device_get(dp.unreplicate(result.state))
-    return host_state, result
+    return jax.device_get(result.state), result
 
 
 def _assert_close(a, b, rtol):
@@ -104,21 +114,24 @@ def test_one_device_step_matches_hand_written_sgd():
     """One step of the engine == value_and_grad + optax by hand on the same batch."""
     images, labels = _data(32)
     model = _TinyNet()
-    state = train.create_train_state(
-        model, TX, _preprocess(images[:1], keys=None), key=jax.random.key(0)
-    )
-    step = jax.jit(train.make_train_step(model.apply, _loss, TX))
     x = images.astype(jnp.float32) / 255.0
-    new_state, m = step(state, (x, labels))
+    objective = adapters.linen(model, loss=_loss, metrics={"accuracy": metrics.accuracy})
+    state = train.create_train_state(objective.init, TX, _batch(x, labels), key=jax.random.key(0))
+    step = jax.jit(train.make_train_step(objective.loss_fn, TX))
+    new_state, m = step(state, _batch(x, labels))
 
-    def objective(p):
+    def loss_of(p):
         return _loss(model.apply({"params": p}, x), labels).mean()
 
-    loss, grads = jax.value_and_grad(objective)(state.params)
+    loss, grads = jax.value_and_grad(loss_of)(state.params)
     updates, _ = TX.update(grads, TX.init(state.params), state.params)
     _assert_close(new_state.params, optax.apply_updates(state.params, updates), 1e-6)
-    assert int(new_state.step) == 1 and int(m["count"]) == 32
-    np.testing.assert_allclose(float(m["loss"]) / 32, float(loss), rtol=1e-6)
+    assert int(new_state.step) == 1 and float(m["loss"].count) == 32
+    np.testing.assert_allclose(float(m["loss"].compute()), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(m["accuracy"].compute()),
+        np.mean(np.argmax(model.apply({"params": state.params}, x), -1) == labels),
+    )
 
 
 @pytest.mark.parametrize("devices", [2, 8])
@@ -153,10 +166,9 @@ def test_same_seed_is_bit_identical():
 def test_resume_mid_epoch_is_bit_identical():
     full, _ = _run(devices=2, epochs=2)
     calls = []
-    stop_after = train.Hooks(
-        should_stop=lambda: len(calls) >= 3, on_steps=lambda step, state, done: calls.append(step)
-    )
-    part, res = _run(devices=2, epochs=2, hooks=stop_after)
+    stop_after = loop.Hooks(should_stop=lambda: len(calls) >= 2)  # polled before the action
+    every = loop.Periodic(lambda step, state: calls.append(step), every_steps=1)
+    part, res = _run(devices=2, epochs=2, hooks=stop_after, actions=[every])
     assert res.stopped_early and int(part.step) == 3
     resumed, _ = _run(devices=2, epochs=2, state=part)
     assert train.params_sha256(resumed.params) == train.params_sha256(full.params)
@@ -165,7 +177,7 @@ def test_resume_mid_epoch_is_bit_identical():
 
 def test_history_and_logs():
     records = []
-    _, res = _run(epochs=2, hooks=train.Hooks(on_log=records.append))
+    _, res = _run(epochs=2, hooks=loop.Hooks(on_log=records.append))
     assert [r["epoch"] for r in res.history] == [1, 2]
     train_steps = [r["step"] for r in records if r["kind"] == "train"]
     assert train_steps == [4, 8, 12, 16]
@@ -178,17 +190,17 @@ def test_evaluation_counts_every_example_once():
     images, labels = _data(50)
     dp = parallel.make_data_parallel(devices=2)
     model = _TinyNet()
+    objective = _objective()
     state = train.create_train_state(
-        model, TX, _preprocess(images[:1], keys=None), key=jax.random.key(3)
+        objective.init, TX, _batch(images[:1], labels[:1]), key=jax.random.key(3)
     )
-    ev = train.make_evaluation(
-        train.make_eval_step(model.apply, _loss, preprocess=_preprocess, axis_name="batch"),
+    ev = loop.make_evaluation(
+        train.make_eval_step(objective.eval_fn, axis_name="batch"),
         dp,
-        images,
-        labels,
+        _batch(images, labels),
         batch_size=16,
     )
-    got = train.evaluate(ev, dp.replicate(state.params))
+    got = loop.evaluate(ev, state)
     logits = model.apply({"params": state.params}, _preprocess(images, keys=None))
     np.testing.assert_allclose(got["accuracy"], np.mean(np.argmax(logits, -1) == labels))
     np.testing.assert_allclose(got["loss"], float(_loss(logits, labels).mean()), rtol=1e-5)
@@ -251,29 +263,33 @@ def _count_compiles():
 
 
 @pytest.mark.parametrize("backend", parallel.BACKENDS)
-def test_second_epoch_does_not_recompile(backend):
-    images, labels = _data()
-    dp = parallel.make_data_parallel(backend=backend, devices=2)
-    model = _TinyNet()
-    state = train.create_train_state(
-        model, TX, _preprocess(images[:1], keys=None), key=jax.random.key(0)
-    )
-    run = train.make_epoch_runner(
-        train.make_train_step(
-            model.apply, _loss, TX, preprocess=_preprocess, axis_name=dp.axis_name
-        ),
-        dp,
-    )
-    state, data = dp.replicate(state), dp.replicate((images, labels))
-    idx = train.epoch_indices(jax.random.key(1), 0, len(labels), 32)
-    state, _ = run(state, data, dp.shard_columns(idx[:1]))
-    with _count_compiles() as compiles:
-        for epoch in range(2):
-            idx = train.epoch_indices(jax.random.key(1), epoch, len(labels), 32)
-            for s in range(1, idx.shape[0]):
-                state, m = run(state, data, dp.shard_columns(idx[s : s + 1]))
-        jax.block_until_ready(m)
-    assert compiles == []
+def test_fit_compiles_before_the_first_step_and_never_again(backend):
+    """Any log/save cadence, a fresh start and a resumed mid-epoch start: no compile after
+    fit's first device call (the two chunk programs are compiled up front)."""
+    polls = []
+    stop = loop.Hooks(should_stop=lambda: polls.append(1) or len(polls) >= 2)
+    part, _ = _run(backend, devices=2, k=3, epochs=1, hooks=stop, evaluate=False)
+    assert int(part.step) == 6  # mid-epoch (8 steps per epoch: chunks 3, 3, 2)
+    for state in (None, part):
+        seen = []
+
+        def spy(step, state, seen=seen):
+            seen.append(step)
+
+        with _count_compiles() as compiles:
+            _run(
+                backend,
+                devices=2,
+                k=3,
+                epochs=3,
+                state=state,
+                evaluate=False,
+                actions=[loop.Periodic(spy, every_steps=3), loop.Periodic(spy, every_steps=5)],
+                hooks=loop.Hooks(on_log=lambda r, seen=seen: seen.append(("log", len(compiles)))),
+            )
+        # Every compile happened before the first log record (i.e. before training).
+        first_log = next(n for s_, n in (x for x in seen if isinstance(x, tuple)))
+        assert len(compiles) == first_log and first_log >= 1
 
 
 def test_epoch_indices_are_a_pure_function_of_key_and_epoch():
@@ -286,10 +302,10 @@ def test_epoch_indices_are_a_pure_function_of_key_and_epoch():
     assert b.shape == (10, 10) and len(set(b.ravel().tolist())) == 100
 
 
-def test_images_and_labels_of_different_length_are_a_clear_error():
+def test_arrays_of_different_length_are_a_clear_error():
     images, labels = _data()
-    with pytest.raises(ValueError, match=r"training data: 256 images but \(255,\) labels"):
+    with pytest.raises(ValueError, match=r"training data: every array needs the same leading"):
         _run(data=(images, labels[:-1]), evaluate=False)
     dp = parallel.make_data_parallel(devices=1)
-    with pytest.raises(ValueError, match=r"evaluation data: 50 images but \(3200,\) labels"):
-        train.make_evaluation(None, dp, images[:50], np.zeros(3200, np.int32), batch_size=10)
+    with pytest.raises(ValueError, match=r"evaluation data: .*\['image'\]: 50, \['label'\]: 3200"):
+        loop.make_evaluation(None, dp, _batch(images[:50], np.zeros(3200, np.int32)), batch_size=10)

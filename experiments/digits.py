@@ -1,0 +1,273 @@
+"""A small CNN with BatchNorm and Dropout on scikit-learn's bundled 8x8 digits.
+
+Run:
+    python -m experiments.digits                         # 30 epochs, all devices
+    python -m experiments.digits --epochs 5 --workdir runs/digits_short --devices 1
+
+Data: `sklearn.datasets.load_digits()`, 1,797 real 8x8 images of handwritten digits (shipped
+with scikit-learn, no download), pixels 0..16 scaled to [0, 1] as float32 `[n, 8, 8, 1]`,
+labels int32. A shuffle seeded by `--seed`, then 20% test, 20% validation (`--test-split`,
+`--validation-split`), the rest (1,079) for training. SGD with Nesterov momentum, batch 64.
+
+Expected (measured with the defaults on a 2-core CPU, 1 device): test accuracy 0.989,
+top-3 accuracy 1.000, test loss 0.050, validation accuracy 0.975 (30 epochs, 480 steps, the
+default `steps_per_dispatch` measures single steps as the faster), in 17 s wall time.
+
+BatchNorm on several devices: in training each BatchNorm averages its batch statistics over
+the data-parallel axis (`axis_name=dp.axis_name if train else None`), so it normalises with
+the statistics of the whole global batch, as one device would; the running averages are
+then the same on every device. Evaluation uses the running averages (no collective).
+Dropout is not device-count independent: Linen's `Dropout` draws a mask of the shape of the
+examples a device holds, from the step key with the device's index folded in; so 1 and N
+devices drop different units. With
+`--dropout-rate 0` a run on N devices equals the 1-device run to float rounding (tested).
+
+The work directory holds config.json, metrics.jsonl, TensorBoard events (tb/), curves.png,
+summary.json and checkpoints/; running the same command again resumes from the last
+checkpoint (bit-identical to an uninterrupted run on the same devices) or says the run has
+finished; `--restart` starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from jaxnets import adapters, loop, losses, optim, parallel, run, train
+from jaxnets import checkpoint as ckpt
+from jaxnets import metrics as jmetrics
+from jaxnets.config import config_to_dict, parse_config
+
+log = logging.getLogger("jaxnets.digits")
+
+# Changing any of these changes the result: a run with different values cannot resume.
+RESULT_FIELDS = (
+    "batch_size",
+    "learning_rate",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "dropout_rate",
+    "batch_norm_momentum",
+    "validation_split",
+    "test_split",
+    "seed",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    epochs: int = 30
+    batch_size: int = dataclasses.field(default=64, metadata={"help": "global batch"})
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = dataclasses.field(default=1e-4, metadata={"help": "decoupled L2"})
+    dropout_rate: float = dataclasses.field(
+        default=0.3, metadata={"help": "before the last layer (0: off, device-count independent)"}
+    )
+    batch_norm_momentum: float = dataclasses.field(
+        default=0.9, metadata={"help": "decay of BatchNorm's running averages"}
+    )
+    validation_split: float = 0.2
+    test_split: float = 0.2
+    seed: int = 0
+    devices: int | None = dataclasses.field(
+        default=None, metadata={"help": "number of devices (default: all)"}
+    )
+    parallel: str = dataclasses.field(default="pmap", metadata={"help": "pmap | shard_map"})
+    steps_per_dispatch: int | None = dataclasses.field(
+        default=None, metadata={"help": "steps per device call (default: measured)"}
+    )
+    log_every_steps: int = 8
+    checkpoint_every_steps: int = dataclasses.field(
+        default=0, metadata={"help": "also checkpoint every N steps (0: only at epoch ends)"}
+    )
+    checkpoint_every_minutes: float = dataclasses.field(
+        default=10.0, metadata={"help": "wall-clock autosave (0: off)"}
+    )
+    keep_checkpoints: int = 3
+    checkpoint: bool = dataclasses.field(default=True, metadata={"help": "save checkpoints"})
+    restart: bool = dataclasses.field(
+        default=False, metadata={"help": "discard the work directory's run and start fresh"}
+    )
+    progress: bool = True
+    workdir: str = "runs/digits"
+
+
+def get_config() -> Config:
+    return Config()
+
+
+def load_data(*, validation_split: float, test_split: float, seed: int) -> dict[str, dict]:
+    """The digits as `{"train" | "validation" | "test": {"image": [n, 8, 8, 1], "label": [n]}}`.
+
+    Images float32 in [0, 1] (pixels are 0..16), labels int32; the examples are shuffled
+    with `np.random.default_rng(seed)`, then the first `test_split` of them are the test
+    set, the next `validation_split` the validation set.
+    """
+    if not (0 <= validation_split and 0 <= test_split and validation_split + test_split < 1):
+        raise ValueError(
+            f"validation_split={validation_split}, test_split={test_split}: each must be >= 0 "
+            "and together < 1, e.g. --validation-split 0.2 --test-split 0.2"
+        )
+    try:
+        from sklearn import datasets
+    except ImportError:
+        raise ImportError(
+            "experiments.digits reads the digits bundled with scikit-learn: "
+            "pip install scikit-learn"
+        ) from None
+    digits = datasets.load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[..., None]
+    labels = digits.target.astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = int(round(test_split * len(labels)))
+    n_val = int(round(validation_split * len(labels)))
+    parts = np.split(order, [n_test, n_test + n_val])
+    names = ("test", "validation", "train")
+    return {name: {"image": images[ix], "label": labels[ix]} for name, ix in zip(names, parts)}
+
+
+class DigitsCNN(nn.Module):
+    """Conv 16 3x3, BN, relu; Conv 32 3x3, BN, relu; 2x2 max pool; Dense 64; Dropout; Dense 10.
+
+    `axis_name`: the data-parallel axis over which BatchNorm averages its batch statistics
+    in training (None on one device outside a mapped step).
+    """
+
+    dropout_rate: float = 0.3
+    batch_norm_momentum: float = 0.9
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        def norm(y):
+            return nn.BatchNorm(
+                use_running_average=not train,
+                momentum=self.batch_norm_momentum,
+                axis_name=self.axis_name if train else None,
+            )(y)
+
+        x = nn.relu(norm(nn.Conv(16, (3, 3), use_bias=False)(x)))
+        x = nn.relu(norm(nn.Conv(32, (3, 3), use_bias=False)(x)))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1)))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(10)(x)
+
+
+def make_objective(config: Config, dp: parallel.DataParallel) -> adapters.Objective:
+    """The model's init, loss and eval functions: cross-entropy, accuracy and top-3."""
+    model = DigitsCNN(config.dropout_rate, config.batch_norm_momentum, axis_name=dp.axis_name)
+    return adapters.linen(
+        model,
+        loss=lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none"),
+        metrics={"accuracy": jmetrics.accuracy, "top3_accuracy": jmetrics.top_k_accuracy(3)},
+        axis_name=dp.axis_name,
+    )
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    return optim.sgd(
+        config.learning_rate,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+
+
+def main(config: Config) -> dict:
+    """Trains, evaluates on the test split, writes the work directory; returns summary.json."""
+    data = load_data(
+        validation_split=config.validation_split, test_split=config.test_split, seed=config.seed
+    )
+    sizes = {name: len(split["label"]) for name, split in data.items()}
+    log.warning("digits: %(train)d train, %(validation)d validation, %(test)d test", sizes)
+
+    dp = parallel.make_data_parallel(backend=config.parallel, devices=config.devices)
+    dp.check_batch(config.batch_size)
+    objective = make_objective(config, dp)
+    tx = make_optimizer(config)
+    train_step = train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
+    eval_step = train.make_eval_step(objective.eval_fn, axis_name=dp.axis_name)
+
+    def evaluation_of(split):
+        if not sizes[split]:
+            return None
+        return loop.make_evaluation(eval_step, dp, data[split], batch_size=config.batch_size)
+
+    init_key, data_key = jax.random.split(jax.random.key(config.seed))
+    sample = jax.tree.map(lambda x: x[:1], data["train"])
+    state = train.create_train_state(objective.init, tx, sample, key=init_key)
+    steps_per_epoch = sizes["train"] // config.batch_size
+
+    with run.open_run(
+        config.workdir,
+        config_to_dict(config),
+        state,
+        dp,
+        result_fields=RESULT_FIELDS,
+        total_steps=config.epochs * steps_per_epoch,
+        checkpoint=config.checkpoint,
+        restart=config.restart,
+        keep_checkpoints=config.keep_checkpoints,
+    ) as work:
+        with ckpt.PreemptionGuard() as guard:
+            result = loop.fit(
+                work.state,
+                train_step,
+                dp,
+                data["train"],
+                data_key=data_key,
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                evaluation=evaluation_of("validation"),
+                steps_per_dispatch=config.steps_per_dispatch,
+                log_every_steps=config.log_every_steps,
+                actions=[
+                    work.save_action(
+                        every_steps=config.checkpoint_every_steps,
+                        every_minutes=config.checkpoint_every_minutes,
+                    )
+                ],
+                hooks=work.hooks(
+                    should_stop=lambda: guard.should_stop,
+                    epochs=config.epochs,
+                    progress=config.progress,
+                ),
+                workdir=work.fit_workdir,
+            )
+        test_evaluation = evaluation_of("test")
+        summary = work.summarise(
+            result, dp, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size
+        )
+        summary["dataset"] = {"name": "sklearn_digits", **sizes}
+        summary["test"] = loop.evaluate(test_evaluation, result.state) if test_evaluation else {}
+        summary["num_params"] = sum(x.size for x in jax.tree.leaves(result.state.params))
+        work.finish(summary, title="DigitsCNN on scikit-learn digits", metric="accuracy")
+    return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(message)s", force=True)
+    cfg = parse_config(get_config(), description=__doc__)
+    out = main(cfg)
+    wd = Path(cfg.workdir)
+    print(json.dumps({"test": out["test"], "params_sha256": out["params_sha256"]}, indent=2))
+    if out["stopped_early"]:
+        print(
+            f"stopped by a signal at step {out['step']} (checkpoint saved); "
+            "run the same command again to resume"
+        )
+    print(
+        f"plot: {wd / 'curves.png'}\nmetrics: {wd / 'metrics.jsonl'}\n"
+        f"summary: {wd / 'summary.json'}\ntensorboard events: {wd / 'tb'}"
+    )

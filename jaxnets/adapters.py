@@ -1,0 +1,278 @@
+"""Loss and eval functions of the train-step contract, built from a Flax Linen or NNX module.
+
+`linen(module, loss=..., metrics=...)` and `nnx(module, loss=..., metrics=...)` return an
+`Objective(init, loss_fn, eval_fn)`: `init(key, batch) -> (params, model_state)`, and the two
+pure functions `jaxnets.train` takes. They handle what a hand-written step gets wrong:
+- the model's non-trainable collections (Linen `batch_stats`, NNX `BatchStat`) live in
+  `model_state`, are updated in training (`mutable`) and read, not updated, in evaluation;
+- randomness (dropout) comes from the step key, a different key every step;
+- a `train` flag: `module(x, train=True)` in training, `train=False` in evaluation (when the
+  module's `__call__` takes one; NNX modules get `.train()` / `.eval()`);
+- the loss: per-example values `[batch]` are averaged (and their mean is reported as
+  `loss`), a scalar is used as returned (a weighted mean); `penalty(params)` is added.
+
+Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from jaxnets import losses, metrics
+    >>> objective = linen(nn.Dense(3), loss=losses.softmax_cross_entropy,
+    ...                   metrics={"accuracy": metrics.accuracy})
+    >>> batch = {"image": jnp.ones((4, 5)), "label": jnp.array([0, 1, 2, 0])}
+    >>> params, model_state = objective.init(jax.random.key(0), batch)
+    >>> loss, (m, _) = objective.loss_fn(params, model_state, batch, jax.random.key(1))
+    >>> sorted(m)
+    ['accuracy', 'loss']
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxnets import metrics as jmetrics
+from jaxnets import train
+from jaxnets.types import Array, Batch, Params, PRNGKey, PyTree
+
+# (inputs, *, keys) -> model inputs; keys: [batch] per-example keys in training, else None.
+Preprocess = Callable[..., Any]
+# (outputs, targets) -> per-example losses [batch] or a scalar.
+Loss = Callable[[Any, Any], Array]
+# A batch key, or a function of the batch.
+Selector = str | Callable[[Batch], Any]
+
+
+class Objective(NamedTuple):
+    """A model's pure functions for `jaxnets.train`: init, loss_fn, eval_fn."""
+
+    init: train.InitFn
+    loss_fn: train.LossFn
+    eval_fn: train.EvalFn
+
+
+def _select(batch: Batch, selector: Selector, what: str) -> Any:
+    if callable(selector):
+        return selector(batch)
+    if not isinstance(batch, Mapping) or selector not in batch:
+        have = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise KeyError(
+            f"the batch has no {selector!r} ({what}); it has {have}: pass {what}=<a key of the "
+            "batch or a function of the batch>"
+        )
+    return batch[selector]
+
+
+def _check_metrics(metrics: Mapping[str, Callable]) -> dict[str, Callable]:
+    metrics = dict(metrics)
+    for name, fn in metrics.items():
+        if name in ("loss", "penalty"):
+            raise ValueError(f"metric name {name!r} is reserved (the adapter reports it)")
+        if not callable(fn):
+            raise TypeError(f"metric {name!r} is a {type(fn).__name__}; give a function")
+    return metrics
+
+
+class _Parts(NamedTuple):
+    """The module-independent half of an adapter: data selection, loss and metrics."""
+
+    inputs: Selector
+    targets: Selector
+    loss: Loss
+    metrics: dict[str, Callable]
+    penalty: Callable[[Params], Array] | None
+    preprocess: Preprocess | None
+    axis_name: str | None
+
+    def device_key(self, key: PRNGKey) -> PRNGKey:
+        """The key of this device's shard: each device draws its own dropout masks."""
+        if self.axis_name is None:
+            return key
+        return jax.random.fold_in(key, jax.lax.axis_index(self.axis_name))
+
+    def model_inputs(self, batch: Batch, key: PRNGKey | None) -> Any:
+        x = _select(batch, self.inputs, "inputs")
+        if self.preprocess is None:
+            return x
+        keys = None
+        if key is not None:
+            n = jax.tree.leaves(x)[0].shape[0]
+            keys = train.example_keys(key, n, self.axis_name)
+        return self.preprocess(x, keys=keys)
+
+    def objective(self, params, outputs, batch, mask) -> tuple[Array, dict]:
+        """(differentiated objective, metrics) of a batch's model outputs."""
+        targets = _select(batch, self.targets, "targets")
+        value = jnp.asarray(self.loss(outputs, targets))
+        n = jax.tree.leaves(outputs)[0].shape[0]
+        if value.ndim == 0:
+            loss = value
+            # A scalar cannot leave out padding: count it only for batches without any.
+            full = jnp.ones((), jnp.float32) if mask is None else jnp.all(mask).astype(jnp.float32)
+            reported = jmetrics.Mean.from_scalar(value, full)
+        elif value.shape == (n,):
+            loss = jnp.mean(value)
+            reported = jmetrics.Mean.from_values(value, mask)
+        else:
+            raise ValueError(
+                f"the loss returned shape {value.shape}; return per-example losses [{n}] or a "
+                "scalar (e.g. reduction='none' or reduction='mean')"
+            )
+        out = {"loss": reported}
+        if self.penalty is not None:
+            p = self.penalty(params)
+            loss = loss + p
+            out["penalty"] = jmetrics.Mean.from_scalar(p)
+        for name, fn in self.metrics.items():
+            out[name] = jmetrics.as_metric(fn(outputs, targets, mask), mask, name)
+        return loss, out
+
+
+def _parts(inputs, targets, loss, metrics, penalty, preprocess, axis_name) -> _Parts:
+    if not callable(loss):
+        raise TypeError(f"loss must be a function (outputs, targets) -> losses, got {loss!r}")
+    return _Parts(inputs, targets, loss, _check_metrics(metrics), penalty, preprocess, axis_name)
+
+
+def _takes_train(fn: Callable) -> bool:
+    try:
+        return "train" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def linen(
+    module: Any,
+    *,
+    loss: Loss,
+    metrics: Mapping[str, Callable] = {},  # noqa: B006 - read only
+    inputs: Selector = "image",
+    targets: Selector = "label",
+    penalty: Callable[[Params], Array] | None = None,
+    preprocess: Preprocess | None = None,
+    rng_streams: Sequence[str] = ("dropout",),
+    axis_name: str | None = None,
+) -> Objective:
+    """The `Objective` of a Flax Linen module.
+
+    Args:
+      module: a Linen module; `module.apply(variables, x, train=...)` when its `__call__`
+        takes `train`, else `module.apply(variables, x)`.
+      loss: `(outputs, targets) -> [batch]` per-example losses (averaged) or a scalar
+        (used as is), e.g. `losses.softmax_cross_entropy`.
+      metrics: `{name: (outputs, targets, mask) -> Metric or per-example values}`, e.g.
+        `{"accuracy": metrics.accuracy}`; `loss` (and `penalty`) are always reported.
+      inputs, targets: the batch keys (or functions of the batch) of the model's input and
+        of what the loss compares with.
+      penalty: `params -> scalar` added to the loss (`regularizers.l2_penalty`, ...).
+      preprocess: `(inputs, *, keys) -> model inputs`; keys `[batch]` per-example keys in
+        training (augmentation), None in evaluation.
+      rng_streams: the Linen rng names the module draws from in training.
+      axis_name: the data-parallel axis: per-example keys follow the example's global
+        position, and each device folds its index into the module's rng key, so that the
+        devices draw different dropout masks. (A Linen/NNX dropout mask is drawn for the
+        device's whole shard, so it depends on the device count; 1 and N devices agree to
+        rounding only without dropout. Per-example randomness, e.g. augmentation in
+        `preprocess`, does not depend on it.)
+    """
+    parts = _parts(inputs, targets, loss, metrics, penalty, preprocess, axis_name)
+    has_train = _takes_train(module.__call__)
+    streams = tuple(rng_streams)
+
+    def flags(training: bool) -> dict:
+        return {"train": training} if has_train else {}
+
+    def init_fn(key: PRNGKey, batch: Batch) -> tuple[Params, PyTree]:
+        x = parts.model_inputs(batch, None)
+        # The params key is `key` itself: `module.init(key, x)` gives the same parameters.
+        rngs = {"params": key, **{s: jax.random.fold_in(key, i + 1) for i, s in enumerate(streams)}}
+        variables = module.init(rngs, x, **flags(False))
+        variables = dict(variables)
+        params = variables.pop("params", {})
+        return params, variables
+
+    def loss_fn(params, model_state, batch, key):
+        x = parts.model_inputs(batch, key)
+        rngs = dict(zip(streams, jax.random.split(parts.device_key(key), len(streams))))
+        variables = {"params": params, **model_state}
+        if model_state:
+            outputs, new_state = module.apply(
+                variables, x, rngs=rngs, mutable=list(model_state), **flags(True)
+            )
+            new_state = {**model_state, **new_state}
+        else:
+            outputs, new_state = module.apply(variables, x, rngs=rngs, **flags(True)), {}
+        loss, out = parts.objective(params, outputs, batch, None)
+        return loss, (out, new_state)
+
+    def eval_fn(params, model_state, batch, mask):
+        outputs = module.apply(
+            {"params": params, **model_state}, parts.model_inputs(batch, None), **flags(False)
+        )
+        return parts.objective(params, outputs, batch, mask)[1]
+
+    return Objective(init_fn, loss_fn, eval_fn)
+
+
+def nnx(
+    module: Any,
+    *,
+    loss: Loss,
+    metrics: Mapping[str, Callable] = {},  # noqa: B006 - read only
+    inputs: Selector = "image",
+    targets: Selector = "label",
+    penalty: Callable[[Params], Array] | None = None,
+    preprocess: Preprocess | None = None,
+    axis_name: str | None = None,
+) -> Objective:
+    """The `Objective` of a Flax NNX module (split/merge inside the pure functions).
+
+    `params` are the module's `nnx.Param` variables, `model_state` everything else
+    (`BatchStat`, the rng streams' keys and counts). The module passed in is not changed:
+    each call merges a fresh copy. In training every rng stream is reseeded from the step
+    key, so dropout differs between steps and resumes exactly; `.train()` / `.eval()` set
+    the mode (Dropout, BatchNorm).
+
+    Args: as `linen` (without rng_streams: the module's own streams are reseeded).
+    """
+    from flax import nnx as fnnx
+
+    parts = _parts(inputs, targets, loss, metrics, penalty, preprocess, axis_name)
+    model = fnnx.clone(module)
+    model.train()
+    train_def, params0, rest0 = fnnx.split(model, fnnx.Param, ...)
+    model.eval()
+    eval_def = fnnx.graphdef(model)
+    streams = sorted(
+        {s.key.tag for _, s in fnnx.iter_graph(model) if isinstance(s, fnnx.RngStream)}
+    )
+
+    def init_fn(key: PRNGKey, batch: Batch) -> tuple[Params, PyTree]:
+        del key, batch  # an NNX module is initialised when it is built
+        return fnnx.to_pure_dict(params0), fnnx.to_pure_dict(rest0)
+
+    def _state(template, pure):
+        state = jax.tree.map(lambda x: x, template)  # a copy: the template is never changed
+        fnnx.replace_by_pure_dict(state, pure)
+        return state
+
+    def _merge(graphdef, params, model_state):
+        return fnnx.merge(graphdef, _state(params0, params), _state(rest0, model_state))
+
+    def loss_fn(params, model_state, batch, key):
+        m = _merge(train_def, params, model_state)
+        if streams:
+            keys = jax.random.split(parts.device_key(key), len(streams))
+            fnnx.reseed(m, **dict(zip(streams, keys)))
+        outputs = m(parts.model_inputs(batch, key))
+        loss, out = parts.objective(params, outputs, batch, None)
+        _, _, new_state = fnnx.split(m, fnnx.Param, ...)
+        return loss, (out, fnnx.to_pure_dict(new_state))
+
+    def eval_fn(params, model_state, batch, mask):
+        m = _merge(eval_def, params, model_state)
+        outputs = m(parts.model_inputs(batch, None))
+        return parts.objective(params, outputs, batch, mask)[1]
+
+    return Objective(init_fn, loss_fn, eval_fn)

@@ -1,0 +1,470 @@
+"""`fit()`: a short host loop over the public parts of `jaxnets.train`, with periodic actions.
+
+What the loop decides, and why it cannot change the numbers:
+- **Device calls.** Steps run in chunks of `k` scanned steps per call from each epoch's
+  start (the epoch's remainder as one shorter chunk), every program compiled before the
+  first step. Nothing else cuts a chunk: logging splits the per-step metrics that come out
+  of the scan into windows afterwards; checkpoints and signals wait for the next chunk
+  boundary. So the numbers depend on `k` alone, not on any log, save or stop cadence.
+- **k, when not given, is measured**: a chunk of 1 and of `k` steps are timed on a copy of
+  the state before training, and the faster kept. Scanning may round differently from
+  single steps, so the choice is recorded: in the work directory (a resumed run uses the
+  choice of the run it continues) and in the jaxnets cache, keyed by the compiled program
+  and the devices (the same command on the same machine makes the same choice).
+- Everything else (progress, logs, checkpoints) happens between device calls, on the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from jaxnets import metrics as jmetrics
+from jaxnets import parallel, train
+from jaxnets.types import Batch, PRNGKey
+
+log = logging.getLogger("jaxnets.loop")
+
+CHOICE_FILE = "steps_per_call.json"
+NONFINITE = ("raise", "warn", "ignore")
+
+
+def scan_candidates(devices: Sequence[Any]) -> int:
+    """The scanned chunk length tried against single steps: 10 on CPU, 50 on GPU/TPU.
+
+    Taken from the devices the steps run on. On CPU a user's `lax.conv` model can be many
+    times slower inside `lax.scan` (PERF-NOTES), the seed CNN's native kernels faster: that
+    is why the choice is measured, not assumed. On accelerators scanning removes the
+    per-step launch and host round trip.
+    """
+    return 10 if devices[0].platform == "cpu" else 50
+
+
+class Periodic(NamedTuple):
+    """When an action runs: every N steps, every T seconds, at epoch ends, on a stop signal.
+
+    Actions run between device calls, at the first chunk boundary at or after they fall due
+    (`every_steps`: once a multiple of N has been passed); they never cut a chunk, so they
+    cannot change the numbers. With `steps_per_dispatch` dividing N, they run at exactly
+    the multiples of N.
+    """
+
+    fn: Callable[[int, train.TrainState], None]  # (step, state as a checkpoint holds it)
+    every_steps: int = 0
+    every_seconds: float = 0.0
+    at_epoch_end: bool = False
+    on_stop: bool = False
+
+
+def _check_periodic(action: Periodic) -> None:
+    if not callable(action.fn):
+        raise TypeError(f"Periodic.fn must be a function (step, state), got {action.fn!r}")
+    if not (isinstance(action.every_steps, int) and action.every_steps >= 0):
+        raise ValueError(f"every_steps={action.every_steps!r}; use an int >= 0 (0: off)")
+    if not action.every_seconds >= 0:
+        raise ValueError(f"every_seconds={action.every_seconds!r}; use a number >= 0 (0: off)")
+
+
+class _Timers:
+    """Last run time per action (monotonic seconds)."""
+
+    def __init__(self, actions: Sequence[Periodic]):
+        now = time.monotonic()
+        self.last = [now] * len(actions)
+
+    def due(self, i: int, action: Periodic, step: int, c: int, epoch_end: bool) -> bool:
+        """Whether `action` runs after a chunk of `c` steps that ended at `step`."""
+        now = time.monotonic()
+        n = action.every_steps
+        due = (
+            (n and step // n != (step - c) // n)
+            or (action.at_epoch_end and epoch_end)
+            or (action.every_seconds and now - self.last[i] >= action.every_seconds)
+        )
+        if due:
+            self.last[i] = now
+        return bool(due)
+
+
+def chunk_plan(start: int, stop: int, k: int) -> list[int]:
+    """Chunk lengths from position `start` to `stop` (the epoch's length) of an epoch.
+
+    Chunks of `k` from the epoch's start, the remainder `stop % k` as one chunk. Nothing
+    else cuts a chunk (logs, checkpoints and signals wait for the next boundary), so the
+    calls, and with them the rounding, depend only on `k`: a run with any log or save
+    cadence, and a resumed run, make the calls of an uninterrupted one. A start that is
+    not a boundary (a resume with another `k`) is reached with single steps.
+    """
+    plan, pos = [], start
+    to_boundary = min(-pos % k, stop - pos)
+    plan += [1] * to_boundary
+    pos += to_boundary
+    plan += [k] * ((stop - pos) // k)
+    if (stop - pos) % k:
+        plan.append((stop - pos) % k)
+    return plan
+
+
+class Evaluation(NamedTuple):
+    """What `fit` needs to evaluate: a compiled runner and device-resident data."""
+
+    dp: parallel.DataParallel
+    run: Callable  # (state, data, idx) -> metrics
+    data: Batch  # replicated
+    idx: Any  # sharded eval_indices
+
+
+def make_evaluation(
+    eval_step: Callable, dp: parallel.DataParallel, data: Batch, *, batch_size: int
+) -> Evaluation:
+    """Puts an evaluation set on the devices once, padded to whole global batches."""
+    n = train.num_examples(data, "evaluation data")
+    dp.check_batch(batch_size)
+    idx = dp.shard_columns(dp.process_columns(train.eval_indices(n, batch_size)))
+    on_device = dp.replicate(data)
+    return Evaluation(dp, train.make_eval_runner(eval_step, dp), on_device, idx)
+
+
+def evaluate(evaluation: Evaluation, state: train.TrainState) -> dict[str, float]:
+    """Every metric of `state` (a plain train state) on an `Evaluation`'s data, on the host."""
+    return _evaluate_replicated(evaluation, evaluation.dp.replicate(state))
+
+
+def _evaluate_replicated(evaluation: Evaluation, state: train.TrainState) -> dict[str, float]:
+    sums = evaluation.run(state, evaluation.data, evaluation.idx)
+    host = jax.tree.map(
+        lambda x: np.asarray(x, np.float64), jax.device_get(evaluation.dp.unreplicate(sums))
+    )
+    return jmetrics.compute(host)
+
+
+class Hooks(NamedTuple):
+    """Optional host-side functions `fit` calls; none of them changes what a step computes.
+
+    Attributes:
+      on_log: `(record)` at each log point (`record["kind"] == "train"`) and after each
+        epoch's evaluation (`"epoch"`).
+      should_stop: `() -> bool`, polled at chunk boundaries (preemption).
+      progress: `(epoch, steps_per_epoch, start_in_epoch) -> bar` with `update(n, **postfix)`
+        and `close()`; None for no progress bar.
+    """
+
+    on_log: Callable[[dict], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    progress: Callable[..., Any] | None = None
+
+
+class FitResult(NamedTuple):
+    state: train.TrainState  # plain (device 0's copy): what a checkpoint saves
+    history: list[dict]  # one record per epoch
+    stopped_early: bool
+    steps_per_call: int  # the chunk length used
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: x.copy(), tree)
+
+
+def _choice_key(compiled_text: str, dp: parallel.DataParallel, k: int) -> str:
+    devices = f"{dp.backend}:{dp.num_devices}x{dp.devices[0].platform}:{dp.devices[0].device_kind}"
+    digest = hashlib.sha256(f"{devices}|{k}|{jax.__version__}|".encode() + compiled_text.encode())
+    return digest.hexdigest()[:32]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _time_calls(program, state, data, idx_chunks) -> float:
+    """Seconds per step of running `idx_chunks` (after one warm-up call) on a copy of state."""
+    state = _copy(state)
+    state, m = program(state, data, idx_chunks[0])
+    jax.block_until_ready((state, m))
+    t0 = time.perf_counter()
+    steps = 0
+    for idx in idx_chunks[1:]:
+        state, m = program(state, data, idx)
+        steps += idx.shape[0]
+    jax.block_until_ready((state, m))
+    return (time.perf_counter() - t0) / max(steps, 1)
+
+
+def _cache_dir() -> Path:
+    from jaxnets.data.sources import default_cache_dir
+
+    return Path(default_cache_dir())
+
+
+def choose_steps_per_call(
+    programs: dict[int, Callable],
+    state: train.TrainState,
+    data: Batch,
+    idx: np.ndarray,
+    dp: parallel.DataParallel,
+    *,
+    key_text: str,
+    workdir: str | os.PathLike | None = None,
+) -> int:
+    """The faster of the chunk lengths in `programs` (1 and k), measured once and recorded.
+
+    Looks first in `workdir` (the choice of the run being resumed), then in the cache
+    (keyed by `key_text`, the compiled program, and the devices); measures otherwise, on
+    copies of `state` (nothing of the run changes), and writes both records.
+    """
+    k = max(programs)
+    cache_key = _choice_key(key_text, dp, k)
+    record = Path(workdir) / CHOICE_FILE if workdir is not None else None
+    if record is not None and (saved := _read_json(record)).get("steps_per_call") in programs:
+        return int(saved["steps_per_call"])
+    cache = _cache_dir() / CHOICE_FILE
+    cached = _read_json(cache)
+    if cached.get(cache_key, {}).get("steps_per_call") in programs:
+        choice, how = int(cached[cache_key]["steps_per_call"]), "cached"
+        times = cached[cache_key].get("seconds_per_step", {})
+    else:
+        rows = np.take(idx, np.arange(2 * k + 1) % len(idx), axis=0)  # wraps short epochs
+        times = {}
+        for c in sorted(programs):
+            chunks = [dp.shard_columns(rows[i : i + c]) for i in range(0, k + c, c)]
+            times[str(c)] = _time_calls(programs[c], state, data, chunks)
+        choice = min(programs, key=lambda c: times[str(c)])
+        how = "measured"
+        cached[cache_key] = {"steps_per_call": choice, "seconds_per_step": times}
+        _write_json(cache, cached)
+    log.info("steps per device call: %d (%s: %s s/step)", choice, how, times)
+    if record is not None:
+        _write_json(record, {"steps_per_call": choice, "seconds_per_step": times, "how": how})
+    return choice
+
+
+def _check_fit_args(epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite):
+    for name, value, low in (
+        ("epochs", epochs, 1),
+        ("batch_size", batch_size, 1),
+        ("log_every_steps", log_every_steps, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(
+                f"{name}={value!r}: must be an int >= {low} (--{name.replace('_', '-')})"
+            )
+    if steps_per_dispatch is not None and (
+        not isinstance(steps_per_dispatch, int) or steps_per_dispatch < 1
+    ):
+        raise ValueError(
+            f"steps_per_dispatch={steps_per_dispatch!r}: an int >= 1, or None to measure"
+        )
+    if on_nonfinite not in NONFINITE:
+        raise ValueError(f"on_nonfinite={on_nonfinite!r}; use one of {NONFINITE}")
+
+
+def fit(
+    state: train.TrainState,
+    train_step: Callable,
+    dp: parallel.DataParallel,
+    train_data: Batch,
+    *,
+    data_key: PRNGKey,
+    epochs: int,
+    batch_size: int,
+    evaluation: Evaluation | None = None,
+    steps_per_dispatch: int | None = None,
+    log_every_steps: int = 10,
+    actions: Sequence[Periodic] = (),
+    hooks: Hooks = Hooks(),
+    on_nonfinite: str = "raise",
+    workdir: str | os.PathLike | None = None,
+    epoch_indices: Callable[[int], np.ndarray] | None = None,
+) -> FitResult:
+    """Trains until `epochs` epochs are done, resuming from `state.step`.
+
+    Args:
+      state: the TrainState (as `create_train_state` or a checkpoint restore gives it; `fit`
+        replicates it over `dp`); its step says where to start.
+      train_step: `train.make_train_step(loss_fn, tx, axis_name=dp.axis_name)`.
+      dp: the data-parallel plan.
+      train_data: the training set as a host batch pytree (`{"image": x, "label": y}`),
+        put on the devices once.
+      data_key: key of the data order (epoch e uses `fold_in(data_key, e)`).
+      epochs: total epochs (a finished run given more epochs continues).
+      batch_size: global batch.
+      evaluation: evaluated after every epoch (`make_evaluation`); its metrics get `val_`.
+      steps_per_dispatch: steps per device call; None: measured (module docstring), or
+        `scan_candidates` with several processes (which must all make the same calls).
+      log_every_steps: a "train" record (means over the window) every this many steps.
+      actions: `Periodic` actions (checkpoints), run at chunk boundaries.
+      hooks: host-side logging, progress and stop hooks.
+      on_nonfinite: "raise": a non-finite training loss stops training with
+        FloatingPointError naming the step range (checked at log points, no extra sync);
+        "warn": log a warning and go on (the optimiser must skip such updates:
+        `optax.apply_if_finite`); "ignore": go on silently (a sweep, where one diverged
+        model must not stop the others).
+      workdir: where the measured steps-per-call choice is recorded (for resume).
+      epoch_indices: `epoch -> [steps, batch, ...]` example indices (default:
+        `train.epoch_indices(data_key, epoch, n, batch_size)`); a sweep gives each model
+        its own order `[steps, batch, models]`.
+
+    Returns:
+      FitResult(state, history, stopped_early, steps_per_call).
+    """
+    _check_fit_args(epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite)
+    for action in actions:
+        _check_periodic(action)
+    n = train.num_examples(train_data, "training data")
+    dp.check_batch(batch_size)
+    steps_per_epoch = n // batch_size
+    train.epoch_indices(data_key, 0, n, batch_size)  # validates the batch size
+    if epoch_indices is None:
+        epoch_indices = lambda epoch: train.epoch_indices(data_key, epoch, n, batch_size)
+    run = train.make_epoch_runner(train_step, dp)
+    step = int(np.max(jax.device_get(state.step)))  # a sweep holds one step per model
+    total_steps = epochs * steps_per_epoch
+    history: list[dict] = []
+    if step >= total_steps:
+        return FitResult(state, history, False, steps_per_dispatch or 1)
+    state, data = dp.replicate(state), dp.replicate(train_data)
+
+    # Every program the plan calls is compiled here, before the first step: none later.
+    start_epoch, start_pos = divmod(step, steps_per_epoch)
+    first = dp.process_columns(epoch_indices(start_epoch))
+    k = min(steps_per_dispatch or scan_candidates(dp.devices), steps_per_epoch)
+
+    def compile_for(k):
+        lengths = set(chunk_plan(start_pos, steps_per_epoch, k))
+        if start_epoch + 1 < epochs:
+            lengths |= set(chunk_plan(0, steps_per_epoch, k))
+        return {c: run.lower(state, data, dp.shard_columns(first[:c])) for c in lengths}
+
+    lowered = compile_for(k)
+    programs = {c: lo.compile() for c, lo in lowered.items()}
+    # With several processes every one must make the same calls: no measured (local) choice.
+    if steps_per_dispatch is None and k > 1 and jax.process_count() == 1:
+        single = programs.get(1) or run.lower(state, data, dp.shard_columns(first[:1])).compile()
+        k = choose_steps_per_call(
+            {1: single, k: programs[k]},
+            state,
+            data,
+            first,
+            dp,
+            key_text=lowered[k].as_text(),
+            workdir=workdir,
+        )
+        if k == 1:
+            programs = {1: single}
+    timers = _Timers(actions)
+    stopping = False
+    while step < total_steps and not stopping:
+        epoch, pos = divmod(step, steps_per_epoch)
+        idx = dp.process_columns(epoch_indices(epoch))
+        bar = hooks.progress(epoch, steps_per_epoch, pos) if hooks.progress else None
+        logger = _WindowLogger(epoch, step, pos, log_every_steps, hooks, bar, on_nonfinite)
+        pending: list[Any] = []  # per-step metrics of chunks not yet read back
+        t0 = time.perf_counter()
+        for c in chunk_plan(pos, steps_per_epoch, k):
+            state, metrics = programs[c](state, data, dp.shard_columns(idx[pos : pos + c]))
+            pos, step = pos + c, step + c
+            pending.append(metrics)
+            epoch_end = pos == steps_per_epoch
+            stopping = bool(hooks.should_stop and hooks.should_stop())
+            # Read back only when a log window is complete (one sync, never a cut chunk);
+            # before the actions, so that a checkpoint never holds steps the logs lack.
+            if epoch_end or stopping or pos // log_every_steps != (pos - c) // log_every_steps:
+                logger.add(
+                    jax.device_get([dp.unreplicate(m) for m in pending]),
+                    flush=epoch_end or stopping,
+                )
+                pending = []
+            for j, action in enumerate(actions):
+                if timers.due(j, action, step, c, epoch_end) or (stopping and action.on_stop):
+                    action.fn(step, dp.to_checkpoint(state))
+            if stopping:
+                break
+        if bar is not None:
+            bar.close()
+        if stopping and pos != steps_per_epoch:
+            return FitResult(dp.to_checkpoint(state), history, True, k)
+        record = {"kind": "epoch", "epoch": epoch + 1, "step": step}
+        if logger.epoch_sums is not None:
+            record.update(jmetrics.compute(logger.epoch_sums))
+        record["epoch_seconds"] = time.perf_counter() - t0
+        if evaluation is not None:
+            val = _evaluate_replicated(evaluation, state)
+            record.update({f"val_{name}": v for name, v in val.items()})
+        history.append(record)
+        if hooks.on_log:
+            hooks.on_log(record)
+    return FitResult(dp.to_checkpoint(state), history, stopping, k)
+
+
+class _WindowLogger:
+    """Splits per-step metrics into log windows of `every` steps (aligned within the epoch)."""
+
+    def __init__(self, epoch, step, pos, every, hooks, bar, on_nonfinite):
+        self.epoch, self.every, self.hooks, self.bar = epoch, every, hooks, bar
+        self.on_nonfinite = on_nonfinite
+        self.step0 = step - pos  # global step of the epoch's start
+        self.pos = pos  # epoch position of the first step in `self.window`
+        self.window = None  # stacked per-step host metrics, leading [steps]
+        self.epoch_sums = None
+
+    def add(self, chunks: list, *, flush: bool) -> None:
+        chunks = ([self.window] if self.window is not None else []) + list(chunks)
+        self.window = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
+        have = len(jax.tree.leaves(self.window)[0])
+        used = 0
+        while used < have:
+            room = self.every - (self.pos + used) % self.every
+            if room > have - used and not flush:
+                break
+            size = min(room, have - used)
+            part = jax.tree.map(lambda x, a=used, b=used + size: x[a:b], self.window)
+            self._log(jmetrics.sum_steps(part), self.pos + used, self.pos + used + size)
+            used += size
+        self.window = jax.tree.map(lambda x: x[used:], self.window) if used < have else None
+        self.pos += used
+
+    def _log(self, sums: dict, lo: int, hi: int) -> None:
+        _check_finite(sums, self.step0 + lo, self.step0 + hi, self.on_nonfinite)
+        self.epoch_sums = sums if self.epoch_sums is None else jmetrics.merge(self.epoch_sums, sums)
+        record = {"kind": "train", "step": self.step0 + hi, "epoch": self.epoch}
+        record.update(jmetrics.compute(sums))
+        if self.hooks.on_log:
+            self.hooks.on_log(record)
+        if self.bar is not None:
+            self.bar.update(hi - lo, **_scalars(jmetrics.compute(self.epoch_sums)))
+
+
+def _scalars(values: dict) -> dict:
+    return {k: v for k, v in values.items() if isinstance(v, float)}
+
+
+def _check_finite(sums: dict, first_step: int, last_step: int, on_nonfinite: str) -> None:
+    loss = sums.get("loss")
+    if on_nonfinite == "ignore" or loss is None or np.all(np.isfinite(loss.compute())):
+        return
+    where = f"non-finite training loss between steps {first_step + 1} and {last_step}"
+    if on_nonfinite == "warn":
+        log.warning("%s", where)
+        return
+    raise FloatingPointError(
+        f"{where}: lower the learning rate, check the inputs, or pass --skip-nonfinite; the "
+        "last checkpoint saved before this is intact"
+    )

@@ -1,0 +1,279 @@
+"""A training run in a work directory: config, metrics, checkpoints, resume and summary.
+
+`open_run` does what every experiment does before and after `loop.fit`, so that an experiment
+reads config, data, model, optimiser, state, fit, test:
+- refuses an unwritable work directory now rather than at the first save;
+- with `restart`, discards the directory's checkpoints and events (metrics.jsonl starts
+  over); otherwise restores the latest checkpoint, after checking that the config fields
+  that change the result are the saved run's, and says so, or that the run has finished;
+- writes `config.json`, and opens `metrics.jsonl` and TensorBoard events (`tb/`) for
+  appending, dropping what an interrupted run logged after the checkpoint it resumes from;
+- gives `loop.fit` its checkpoint action (epoch ends, every N steps, every T minutes, on
+  SIGTERM) and its hooks (log sinks, progress bar, stop signal);
+- at the end writes `summary.json` and `curves.png`.
+Only process 0 writes files; every process restores and saves (Orbax saves collectively).
+
+Example:
+    >>> with run.open_run(config.workdir, config_dict, state, dp, result_fields=FIELDS,
+    ...                   total_steps=epochs * steps_per_epoch) as work:
+    ...     with checkpoint.PreemptionGuard() as guard:
+    ...         result = loop.fit(work.state, train_step, dp, data, data_key=key,
+    ...                           epochs=epochs, batch_size=batch,
+    ...                           actions=[work.save_action(every_steps=0, every_minutes=10)],
+    ...                           hooks=work.hooks(should_stop=lambda: guard.should_stop,
+    ...                                            epochs=epochs),
+    ...                           workdir=work.fit_workdir)
+    ...     summary = work.summarise(result, dp, steps_per_epoch=steps_per_epoch,
+    ...                              batch_size=batch)
+    ...     work.finish(summary, title="my run", metric="accuracy")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxnets import checkpoint as ckpt
+from jaxnets import loop, parallel, train, writers
+
+log = logging.getLogger("jaxnets.run")
+
+CHECKPOINTS = "checkpoints"
+# Fields of an epoch record that are bookkeeping, not metrics.
+_NOT_METRICS = ("kind", "epoch", "step", "epoch_seconds")
+
+
+class Run:
+    """An open work directory (from `open_run`); close it (or use `with`) to flush.
+
+    Attributes:
+      path: the work directory.
+      config: the run's config dict, as written to config.json and into checkpoints.
+      state: the state to train from: the restored checkpoint's, else the one given.
+      start_step: the step `state` is at (0 for a fresh run).
+      checkpointer: the `Checkpointer`, or None with checkpoints off.
+      is_main: whether this process writes files.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        config: dict,
+        state: train.TrainState,
+        start_step: int,
+        checkpointer: ckpt.Checkpointer | None,
+    ):
+        self.path = path
+        self.config = config
+        self.state = state
+        self.start_step = start_step
+        self.checkpointer = checkpointer
+        self.is_main = parallel.is_main_process()
+        self._started = time.perf_counter()
+        self._sinks: list[Any] = []
+        if self.is_main:
+            resume = start_step or None
+            self._sinks = [
+                writers.JsonlWriter(path / "metrics.jsonl", resume_step=resume),
+                writers.TensorBoardWriter(path / "tb", purge_step=resume),
+            ]
+
+    @property
+    def fit_workdir(self) -> Path | None:
+        """What `loop.fit(workdir=...)` records its steps-per-call choice in (process 0)."""
+        return self.path if self.is_main else None
+
+    def log(self, record: dict) -> None:
+        """Writes one record to metrics.jsonl and TensorBoard (`loop.Hooks.on_log`)."""
+        for sink in self._sinks:
+            sink.write(record)
+
+    def save(self, step: int, state: train.TrainState) -> None:
+        """Checkpoints `state` at `step` with the config as metadata (no-op when off)."""
+        if self.checkpointer is not None:
+            self.checkpointer.save(step, state, metadata={"config": self.config}, force=True)
+
+    def save_action(self, *, every_steps: int = 0, every_minutes: float = 0.0) -> loop.Periodic:
+        """The checkpoint action of `loop.fit`: epoch ends, stop signals, and the cadences.
+
+        With several processes the wall-clock cadence is off: each process's clock could
+        decide differently, and Orbax saves collectively.
+        """
+        minutes = every_minutes if jax.process_count() == 1 else 0.0
+        return loop.Periodic(
+            self.save,
+            every_steps=every_steps,
+            every_seconds=60.0 * minutes,
+            at_epoch_end=True,
+            on_stop=True,
+        )
+
+    def hooks(
+        self, *, should_stop: Callable[[], bool], epochs: int, progress: bool = True
+    ) -> loop.Hooks:
+        """`loop.Hooks` writing to this directory, with a progress bar on process 0."""
+
+        def progress_fn(epoch, steps, start):
+            return writers.ProgressBar(
+                epoch, epochs, steps, start, disable=not (progress and self.is_main)
+            )
+
+        return loop.Hooks(on_log=self.log, should_stop=should_stop, progress=progress_fn)
+
+    def records(self) -> list[dict]:
+        """Everything metrics.jsonl holds (this run and the runs it resumed); [] off process 0."""
+        return writers.read_jsonl(self.path / "metrics.jsonl") if self.is_main else []
+
+    def summarise(
+        self,
+        result: loop.FitResult,
+        dp: parallel.DataParallel,
+        *,
+        steps_per_epoch: int,
+        batch_size: int,
+    ) -> dict:
+        """The part of summary.json every run has; an experiment adds its data and test.
+
+        `train` and `validation` are the last epoch's metrics (from metrics.jsonl, so a run
+        resumed after its last epoch still reports them); speeds are medians over epochs
+        after the first (which compiles); `wall_seconds` counts from `open_run`.
+        """
+        epochs = [r for r in self.records() if r.get("kind") == "epoch"]
+        last = epochs[-1] if epochs else {}
+        seconds = [r["epoch_seconds"] for r in epochs[1:]] or [r["epoch_seconds"] for r in epochs]
+        steady = float(np.median(seconds)) if seconds else None
+        step = int(np.asarray(jax.device_get(result.state.step)))
+        return {
+            "config": self.config,
+            "step": step,
+            "epochs_completed": step // steps_per_epoch,
+            "stopped_early": result.stopped_early,
+            "train": {
+                k: v for k, v in last.items() if k not in _NOT_METRICS and not k.startswith("val_")
+            },
+            "validation": {k[4:]: v for k, v in last.items() if k.startswith("val_")},
+            "seconds_per_epoch_steady": steady,
+            "examples_per_second": steps_per_epoch * batch_size / steady if steady else None,
+            "wall_seconds": time.perf_counter() - self._started,
+            "devices": {
+                "kind": dp.devices[0].device_kind,
+                "platform": dp.devices[0].platform,
+                "count": dp.num_devices,
+                "processes": jax.process_count(),
+                "backend": dp.backend,
+            },
+            "params_sha256": train.params_sha256(result.state.params),
+        }
+
+    def finish(self, summary: Mapping[str, Any], *, title: str, metric: str) -> None:
+        """Writes summary.json and curves.png (loss and `metric`) on process 0."""
+        if self.is_main:
+            writers.write_json(self.path / "summary.json", dict(summary))
+            writers.plot_history(
+                self.records(), self.path / "curves.png", title=title, names=("loss", metric)
+            )
+
+    def close(self) -> None:
+        """Waits for the last checkpoint to be committed and closes the log files."""
+        try:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+        finally:
+            for sink in self._sinks:
+                sink.close()
+            self._sinks = []
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_run(
+    workdir: str | os.PathLike,
+    config: Mapping[str, Any],
+    state: train.TrainState,
+    dp: parallel.DataParallel,
+    *,
+    result_fields: Sequence[str],
+    total_steps: int,
+    checkpoint: bool = True,
+    restart: bool = False,
+    keep_checkpoints: int = 3,
+) -> Run:
+    """Opens `workdir` for a run of `config`, resuming its latest checkpoint if there is one.
+
+    Args:
+      workdir: the work directory (created if missing).
+      config: the run's JSON-serialisable config (`config.config_to_dict`), saved in
+        config.json and in every checkpoint.
+      state: the freshly initialised state (plain, on the host): the layout to restore into
+        and the state to start from when there is no checkpoint.
+      dp: the data-parallel plan (where restored arrays go).
+      result_fields: config fields that change the numbers; a checkpoint saved with other
+        values is not resumed (ValueError naming each field and `--restart`).
+      total_steps: the steps of the whole run, to say when the checkpoint has them all.
+      checkpoint: save and restore checkpoints (off: always a fresh run).
+      restart: discard the directory's checkpoints, metrics and events; start fresh.
+      keep_checkpoints: how many of the latest checkpoints to keep.
+
+    Returns:
+      The open `Run`; `run.state` is what to train from.
+    """
+    path = Path(workdir)
+    ckpt.check_workdir_writable(path)
+    config = dict(config)
+    checkpoints = path / CHECKPOINTS
+    if restart:  # every process: each may have its own disk
+        for old in (checkpoints, path / "tb"):
+            shutil.rmtree(old, ignore_errors=True)
+    manager, start_step = None, 0
+    if checkpoint:
+        manager = ckpt.Checkpointer(checkpoints, max_to_keep=keep_checkpoints)
+        if manager.latest_step() is not None:
+            try:
+                state, meta, start_step = _restore(manager, state, dp, config, result_fields, path)
+            except BaseException:
+                manager.close()
+                raise
+            if start_step >= total_steps:
+                log.warning(
+                    "the run in %s has already finished (step %d of %d); pass a larger "
+                    "--epochs to train on, or --restart to start over",
+                    path,
+                    start_step,
+                    total_steps,
+                )
+            else:
+                log.warning(
+                    "resuming from step %d of %d (%s)", start_step, total_steps, checkpoints
+                )
+    if parallel.is_main_process():
+        writers.write_json(path / "config.json", config)
+    return Run(path, config, state, start_step, manager)
+
+
+def _restore(manager, state, dp, config, result_fields, path):
+    try:
+        state, meta, step = manager.restore(dp.checkpoint_target(state))
+    except ValueError:
+        # A changed model size fails the layout check first: name the changed field instead.
+        try:
+            saved = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, dict):
+            ckpt.check_resumable(saved, config, keys=result_fields)
+        raise
+    ckpt.check_resumable(meta["config"], config, keys=result_fields)
+    return state, meta, step

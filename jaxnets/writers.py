@@ -1,0 +1,205 @@
+"""Host-side writers: progress bar, metrics.jsonl, TensorBoard events, PNG plots, JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON atomically (temp file + rename): a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a metrics.jsonl file; a torn last line (crash mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+class JsonlWriter:
+    """Appends one JSON record per line; on resume, drops records past `resume_step`.
+
+    Args:
+      path: the metrics.jsonl file.
+      resume_step: when continuing a run from a checkpoint at this step, records logged
+        after it (by the interrupted run) are removed so that no step appears twice.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, sort_keys=True, default=_json_default) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardWriter:
+    """TensorBoard event files through tensorboardX (no TensorFlow needed).
+
+    Scalars go under `train/` or `epoch/` by the record's kind; TensorBoard keeps the
+    last value written for a step, so a resumed run overwrites nothing it should keep.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, *, purge_step: int | None = None):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(str(logdir), purge_step=purge_step, flush_secs=10)
+
+    def write(self, record: dict) -> None:
+        prefix = record.get("kind", "train")
+        for name, value in record.items():
+            if name in ("kind", "step", "epoch") or not isinstance(value, (int, float)):
+                continue
+            self._writer.add_scalar(f"{prefix}/{name}", value, record["step"])
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class ProgressBar:
+    """A tqdm bar for one epoch; `update(n, loss=..., accuracy=...)` after each log point."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, start: int = 0, *, disable=None):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=steps,
+            initial=start,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+            file=sys.stderr,
+            disable=disable,
+        )
+
+    def update(self, n: int, **postfix: float) -> None:
+        self._bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()}, refresh=False)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def plot_history(
+    records: Iterable[dict],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    names: Sequence[str] | None = None,
+) -> None:
+    """One panel per metric: train per log point, train and validation per epoch, as a PNG.
+
+    Args:
+      records: `fit`'s log records (`kind` "train" and "epoch").
+      path: the PNG file.
+      title: the figure title.
+      names: the metrics to draw (default: `loss`, then every other metric the train
+        records have, e.g. `accuracy`, a regression's `mae`, a user's own).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = list(records)
+    logged = [r for r in records if r.get("kind") == "train"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    if names is None:
+        found = {k for r in logged + epochs for k, v in r.items() if isinstance(v, (int, float))}
+        found = {k.removeprefix("val_") for k in found} - {"step", "epoch", "epoch_seconds"}
+        names = ["loss"] * ("loss" in found) + sorted(found - {"loss"})
+    names = list(names) or ["loss"]
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        pts = [(r["step"], r[name]) for r in logged if name in r]
+        if pts:
+            ax.plot(*zip(*pts), lw=0.8, alpha=0.6, label=f"train {name} (per log interval)")
+        for prefix, style in (("", "o-"), ("val_", "s-")):
+            pts = [(r["step"], r[prefix + name]) for r in epochs if prefix + name in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{prefix or 'train '}{name} (epoch)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        if name == "loss" and all(r["loss"] > 0 for r in logged + epochs if "loss" in r):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A markdown table of `rows` (floats with 4 significant digits)."""
+
+    def cell(v):
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def read_tensorboard_scalars(logdir: str | os.PathLike) -> dict[str, dict[int, float]]:
+    """`{tag: {step: value}}` of every scalar in the event files under `logdir`.
+
+    Reads the TFRecord frames with tensorboardX's protobufs (no TensorFlow, no TensorBoard);
+    a later event for the same tag and step wins, as in TensorBoard.
+    """
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+        raw = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(raw):
+            (length,) = struct.unpack("<Q", raw[pos : pos + 8])
+            data = raw[pos + 12 : pos + 12 + length]
+            pos += 12 + length + 4
+            if len(data) < length:
+                break  # a torn last record (crash mid-write)
+            event = event_pb2.Event.FromString(data)
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
