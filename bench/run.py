@@ -27,7 +27,7 @@ import workload  # noqa: E402
 
 # name -> (script, arguments). The first is the reference of the ratios.
 CNN = {
-    "jaxnets (defaults: native convs, 10 steps/dispatch on CPU)": ("jaxnets_cnn.py", []),
+    "jaxnets (defaults: native convs, measured steps/dispatch)": ("jaxnets_cnn.py", []),
     "jaxnets (im2col convs)": ("jaxnets_cnn.py", ["--conv-impl", "im2col"]),
     "Keras 3 fit, JAX backend": ("keras_cnn.py", []),
     "PyTorch eager, 2 threads": ("torch_cnn.py", []),
@@ -38,7 +38,11 @@ CNN = {
 # wait for a descheduled thread): run --all there.
 CNN_MORE = {
     "jaxnets (1 step/dispatch)": ("jaxnets_cnn.py", ["--steps-per-dispatch", "1"]),
-    "jaxnets (lax.conv, 10 steps/dispatch)": ("jaxnets_cnn.py", ["--conv-impl", "xla"]),
+    "jaxnets (lax.conv, measured steps/dispatch)": ("jaxnets_cnn.py", ["--conv-impl", "xla"]),
+    "jaxnets (lax.conv, 10 steps/dispatch)": (
+        "jaxnets_cnn.py",
+        ["--conv-impl", "xla", "--steps-per-dispatch", "10"],
+    ),
     "PyTorch eager, 1 thread": ("torch_cnn.py", ["--threads", "1"]),
     "PyTorch torch.compile, 1 thread": ("torch_cnn.py", ["--compile", "--threads", "1"]),
 }
@@ -166,13 +170,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 epochs, 6,000 images")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--all", action="store_true", help="also lax.conv and 2-thread torch")
-    parser.add_argument("--only", default="", help="comma list of: cnn,two_layer,data,ckpt")
+    parser.add_argument("--only", default="", help="comma list of: cnn,two_layer,data,ckpt,users")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
-    parts = set(args.only.split(",")) if args.only else {"cnn", "two_layer", "data", "ckpt"}
+    parts = (
+        set(args.only.split(",")) if args.only else {"cnn", "two_layer", "data", "ckpt", "users"}
+    )
+    users_args = ["--repeats", str(repeats)]
     if args.quick:
         size = ["--epochs", "2", "--num-train", "6000", "--num-val", "1000"]
         tl_args, ck_args = ["--nets", "1000", "--scaled-iterations", "30"], ["--num-train", "6000"]
+        users_args += ["--num-train", "1600", "--epochs", "2"]
     else:
         size, tl_args, ck_args = [], [], []
     epochs = 2 if args.quick else workload.EPOCHS
@@ -199,6 +207,7 @@ def main(argv=None) -> dict:
         "two_layer": [],
         "data_load": [],
         "checkpoint": [],
+        "users": {},
     }
     for r in range(repeats):
         for name, (script, extra) in contenders.items():
@@ -215,6 +224,8 @@ def main(argv=None) -> dict:
             results["data_load"].append(run_one("data_load.py", []))
     if "ckpt" in parts:
         results["checkpoint"].append(run_one("checkpoint_overhead.py", ck_args))
+    if "users" in parts:  # interleaved inside the script itself
+        results["users"] = run_one("fit_vs_loop.py", users_args)
 
     lines = [
         f"Machine: {info['cpu_model']}, {info['cores']} cores, {info['mhz']} MHz, "
@@ -253,6 +264,20 @@ def main(argv=None) -> dict:
             "(as if none of it overlapped training; differences between interleaved epoch "
             "times smaller than the machine's noise are not an overhead)."
         )
+    users = {k: v for k, v in results["users"].items() if k not in ("process_s",)}
+    if "error" in users:
+        lines.append(f"Users' models: failed: {users['error'][-300:]}")
+    for model, rows in users.items() if "error" not in users else ():
+        lines += ["", f"Users' model {model} (fit vs a plain loop of jitted steps, s/epoch):"]
+        lines += [
+            "| way | s/epoch min | median | / plain loop | steps/call |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {way} | {r['s_per_epoch_min']:.3f} | {r['s_per_epoch_median']:.3f} | "
+            f"{r['vs_plain_loop']:.2f} | {r['steps_per_call']} |"
+            for way, r in rows.items()
+        ]
     table = "\n".join(lines)
     results["table"] = table
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)

@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
 
-    from jaxnets.models.mlp import two_layer_train_many
+    from jaxnets.models import two_layer_train_many
 
     x, y = np.array(X, np.float32), np.array(Y, np.float32)
     draws = np.random.RandomState(1).rand(args.nets, 16)

@@ -41,7 +41,6 @@ import numpy as np
 import optax
 
 from jaxnets import adapters, loop, losses, optim, parallel, run, train
-from jaxnets import checkpoint as ckpt
 from jaxnets import metrics as jmetrics
 from jaxnets.config import config_to_dict, parse_config
 
@@ -63,7 +62,7 @@ RESULT_FIELDS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(run.RunConfig):
     epochs: int = 30
     batch_size: int = dataclasses.field(default=64, metadata={"help": "global batch"})
     learning_rate: float = 0.05
@@ -79,26 +78,7 @@ class Config:
     validation_split: float = 0.2
     test_split: float = 0.2
     seed: int = 0
-    devices: int | None = dataclasses.field(
-        default=None, metadata={"help": "number of devices (default: all)"}
-    )
-    parallel: str = dataclasses.field(default="pmap", metadata={"help": "pmap | shard_map"})
-    steps_per_dispatch: int | None = dataclasses.field(
-        default=None, metadata={"help": "steps per device call (default: measured)"}
-    )
     log_every_steps: int = 8
-    checkpoint_every_steps: int = dataclasses.field(
-        default=0, metadata={"help": "also checkpoint every N steps (0: only at epoch ends)"}
-    )
-    checkpoint_every_minutes: float = dataclasses.field(
-        default=10.0, metadata={"help": "wall-clock autosave (0: off)"}
-    )
-    keep_checkpoints: int = 3
-    checkpoint: bool = dataclasses.field(default=True, metadata={"help": "save checkpoints"})
-    restart: bool = dataclasses.field(
-        default=False, metadata={"help": "discard the work directory's run and start fresh"}
-    )
-    progress: bool = True
     workdir: str = "runs/digits"
 
 
@@ -210,41 +190,24 @@ def main(config: Config) -> dict:
     steps_per_epoch = sizes["train"] // config.batch_size
 
     with run.open_run(
-        config.workdir,
+        config,
         config_to_dict(config),
         state,
         dp,
         result_fields=RESULT_FIELDS,
         total_steps=config.epochs * steps_per_epoch,
-        checkpoint=config.checkpoint,
-        restart=config.restart,
-        keep_checkpoints=config.keep_checkpoints,
     ) as work:
-        with ckpt.PreemptionGuard() as guard:
-            result = loop.fit(
-                work.state,
-                train_step,
-                dp,
-                data["train"],
-                data_key=data_key,
-                epochs=config.epochs,
-                batch_size=config.batch_size,
-                evaluation=evaluation_of("validation"),
-                steps_per_dispatch=config.steps_per_dispatch,
-                log_every_steps=config.log_every_steps,
-                actions=[
-                    work.save_action(
-                        every_steps=config.checkpoint_every_steps,
-                        every_minutes=config.checkpoint_every_minutes,
-                    )
-                ],
-                hooks=work.hooks(
-                    should_stop=lambda: guard.should_stop,
-                    epochs=config.epochs,
-                    progress=config.progress,
-                ),
-                workdir=work.fit_workdir,
-            )
+        result = loop.fit(
+            work.state,
+            train_step,
+            dp,
+            data["train"],
+            data_key=data_key,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            evaluation=evaluation_of("validation"),
+            **work.fit_options(epochs=config.epochs),
+        )
         test_evaluation = evaluation_of("test")
         summary = work.summarise(
             result, dp, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size

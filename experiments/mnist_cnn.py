@@ -20,20 +20,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxnets import adapters, loop, losses, optim, parallel, regularizers, train, writers
-from jaxnets import checkpoint as ckpt
+from jaxnets import adapters, loop, losses, optim, parallel, regularizers, run, train
 from jaxnets import data as jdata
 from jaxnets import metrics as jmetrics
 from jaxnets.config import config_to_dict, parse_config
 from jaxnets.data import augment as aug
 from jaxnets.models.cnn import MnistCNN
+from jaxnets.workdir import check_workdir_writable
 
 log = logging.getLogger("jaxnets.mnist_cnn")
 
@@ -62,7 +60,7 @@ RESULT_FIELDS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(run.RunConfig):
     dataset: str = dataclasses.field(
         default="auto", metadata={"help": "auto | mnist | fashion_mnist | mnist_sample | idx:DIR"}
     )
@@ -95,28 +93,6 @@ class Config:
     limit_train: int | None = dataclasses.field(
         default=None, metadata={"help": "use only the first N training examples (smoke tests)"}
     )
-    devices: int | None = dataclasses.field(
-        default=None, metadata={"help": "number of devices (default: all)"}
-    )
-    parallel: str = dataclasses.field(
-        default="shard_map", metadata={"help": "shard_map (jit over a mesh) | pmap"}
-    )
-    steps_per_dispatch: int | None = dataclasses.field(
-        default=None, metadata={"help": "steps per device call (default: 10 on CPU, 50 else)"}
-    )
-    log_every_steps: int = 10
-    checkpoint_every_steps: int = dataclasses.field(
-        default=0, metadata={"help": "also checkpoint every N steps (0: only at epoch ends)"}
-    )
-    checkpoint_every_minutes: float = dataclasses.field(
-        default=10.0, metadata={"help": "wall-clock autosave (0: off)"}
-    )
-    keep_checkpoints: int = 3
-    checkpoint: bool = dataclasses.field(default=True, metadata={"help": "save checkpoints"})
-    restart: bool = dataclasses.field(
-        default=False, metadata={"help": "discard the work directory's run and start fresh"}
-    )
-    progress: bool = True
     workdir: str = "runs/mnist_cnn"
 
 
@@ -151,10 +127,7 @@ def make_preprocess(config: Config, train_images: np.ndarray):
 
 def main(config: Config) -> dict:
     """Trains, evaluates on the test split, writes the work directory; returns summary.json."""
-    t_start = time.perf_counter()
-    workdir = Path(config.workdir)
-    is_main = parallel.is_main_process()
-    ckpt.check_workdir_writable(workdir)
+    check_workdir_writable(config.workdir)  # before loading any data
 
     # Data: host arrays, validation = the last fraction of the training split (Keras).
     train_set = jdata.load(config.dataset, split="train", data_dir=config.data_dir)
@@ -198,7 +171,6 @@ def main(config: Config) -> dict:
     )
     train_step = train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
     eval_step = train.make_eval_step(objective.eval_fn, axis_name=dp.axis_name)
-    train_data = {"image": x_train, "label": y_train}
     evaluation = (
         loop.make_evaluation(
             eval_step, dp, {"image": x_val, "label": y_val}, batch_size=config.batch_size
@@ -212,136 +184,44 @@ def main(config: Config) -> dict:
         objective.init, tx, {"image": x_train[:1], "label": y_train[:1]}, key=init_key
     )
 
-    # Resume from the work directory, or start fresh.
     config_dict = config_to_dict(config)
     config_dict["dataset_used"] = train_set.info.name
-    manager = None
-    start_step = 0
-    if config.checkpoint:
-        if config.restart and (workdir / "checkpoints").exists():
-            shutil.rmtree(workdir / "checkpoints")
-        manager = ckpt.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-        if manager.latest_step() is not None:
-            state, meta, start_step = manager.restore(dp.checkpoint_target(state))
-            ckpt.check_resumable(meta["config"], config_dict, keys=RESULT_FIELDS)
-            log.warning("resuming from step %d (%s)", start_step, workdir / "checkpoints")
-            if start_step >= config.epochs * (len(y_train) // config.batch_size):
-                log.warning(
-                    "this run already finished %d epochs; pass a larger --epochs to "
-                    "train on, or --restart to start over",
-                    config.epochs,
-                )
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        writers.write_json(workdir / "config.json", config_dict)
-    resume = start_step if start_step else None
-    sinks = []
-    if is_main:
-        sinks = [
-            writers.JsonlWriter(workdir / "metrics.jsonl", resume_step=resume),
-            writers.TensorBoardWriter(workdir / "tb", purge_step=resume),
-        ]
-
     steps_per_epoch = len(y_train) // config.batch_size
-    # A wall-clock decision could differ between processes (and Orbax saves collectively):
-    # with several processes only step-based saves are made.
-    minutes = config.checkpoint_every_minutes if jax.process_count() == 1 else 0
-
-    def on_log(record):
-        for w in sinks:
-            w.write(record)
-
-    def save(step, state):
-        if manager is not None:
-            manager.save(step, state, metadata={"config": config_dict}, force=True)
-
-    def progress(epoch, steps, start):
-        return writers.ProgressBar(
-            epoch, config.epochs, steps, start, disable=not (config.progress and is_main)
-        )
-
-    with ckpt.PreemptionGuard() as guard:
+    with run.open_run(
+        config,
+        config_dict,
+        state,
+        dp,
+        result_fields=RESULT_FIELDS,
+        total_steps=config.epochs * steps_per_epoch,
+    ) as work:
         result = loop.fit(
-            state,
+            work.state,
             train_step,
             dp,
-            train_data,
+            {"image": x_train, "label": y_train},
             data_key=data_key,
             epochs=config.epochs,
             batch_size=config.batch_size,
             evaluation=evaluation,
-            steps_per_dispatch=config.steps_per_dispatch,
-            log_every_steps=config.log_every_steps,
-            actions=[
-                loop.Periodic(
-                    save,
-                    every_steps=config.checkpoint_every_steps,
-                    every_seconds=60 * minutes,
-                    at_epoch_end=True,
-                    on_stop=True,
-                )
-            ],
             on_nonfinite="warn" if config.skip_nonfinite else "raise",
-            hooks=loop.Hooks(
-                on_log=on_log, should_stop=lambda: guard.should_stop, progress=progress
-            ),
-            workdir=workdir if is_main else None,
+            **work.fit_options(epochs=config.epochs),
         )
-    if manager is not None:
-        manager.wait_until_finished()
-    for w in sinks:
-        w.close()
-
-    params = jax.device_get(result.state.params)
-    final_step = int(result.state.step)
-    test_eval = loop.make_evaluation(
-        eval_step,
-        dp,
-        {"image": test_set.images, "label": test_set.labels},
-        batch_size=config.batch_size,
-    )
-    test = loop.evaluate(test_eval, result.state)
-    records = writers.read_jsonl(workdir / "metrics.jsonl") if is_main else []
-    epochs_done = [r for r in records if r.get("kind") == "epoch"]
-    last = epochs_done[-1] if epochs_done else {}
-    seconds = [r["epoch_seconds"] for r in epochs_done[1:]] or [
-        r["epoch_seconds"] for r in epochs_done
-    ]
-    summary = {
-        "config": config_dict,
-        "dataset": {
+        test_data = {"image": test_set.images, "label": test_set.labels}
+        test_eval = loop.make_evaluation(eval_step, dp, test_data, batch_size=config.batch_size)
+        summary = work.summarise(
+            result, dp, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size
+        )
+        summary["dataset"] = {
             "name": train_set.info.name,
             "source": train_set.info.source,
             "train": len(y_train),
             "validation": len(y_val),
             "test": len(test_set.labels),
-        },
-        "step": final_step,
-        "epochs_completed": final_step // steps_per_epoch,
-        "stopped_early": result.stopped_early,
-        "train": {"loss": last.get("loss"), "accuracy": last.get("accuracy")},
-        "validation": {"loss": last.get("val_loss"), "accuracy": last.get("val_accuracy")},
-        "test": test,
-        "sparsity": regularizers.sparsity(params),
-        "seconds_per_epoch_steady": float(np.median(seconds)) if seconds else None,
-        "images_per_second": (steps_per_epoch * config.batch_size / float(np.median(seconds)))
-        if seconds
-        else None,
-        "wall_seconds": time.perf_counter() - t_start,
-        "devices": {
-            "kind": dp.devices[0].device_kind,
-            "platform": dp.devices[0].platform,
-            "count": dp.num_devices,
-            "processes": jax.process_count(),
-            "backend": config.parallel,
-        },
-        "params_sha256": train.params_sha256(params),
-    }
-    if is_main:
-        writers.write_json(workdir / "summary.json", summary)
-        writers.plot_history(
-            records, workdir / "curves.png", title=f"MNIST CNN on {train_set.info.name}"
-        )
+        }
+        summary["test"] = loop.evaluate(test_eval, result.state)
+        summary["sparsity"] = regularizers.sparsity(jax.device_get(result.state.params))
+        work.finish(summary, title=f"MNIST CNN on {train_set.info.name}", metric="accuracy")
     return summary
 
 

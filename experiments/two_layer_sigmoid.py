@@ -1,7 +1,8 @@
 """The seed's two-layer sigmoid net (3-4-1, no biases) trained from scratch on the XOR-like set.
 
 Full-batch gradient descent with step 1 on the sum of squared errors, the gradient by the
-tutorial's hand-written chain rule; `--check` asserts at every step that it equals `jax.grad`.
+tutorial's hand-written chain rule (a custom VJP, so the engine's own train step runs it);
+`--check` asserts at every step that it equals `jax.grad`.
 `--nets N` also trains N random initialisations at once in one jitted program.
 
 Run:
@@ -25,15 +26,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
-from jaxnets import parallel
+from jaxnets import metrics, parallel, train
 from jaxnets.config import config_to_dict, parse_config
+from jaxnets.models import two_layer_train_many
 from jaxnets.models.mlp import (
     sum_squared_error,
+    sum_squared_error_by_hand,
     two_layer_forward,
-    two_layer_manual_grads,
-    two_layer_train_many,
     uniform_01,
 )
 
@@ -111,30 +113,58 @@ def init_params(config: Config) -> dict:
     }
 
 
-def train_one(params, x, y, learning_rate, *, iterations: int, check: bool):
-    """The tutorial's loop: `iterations` steps of ``w -= lr * hand_written_grad``.
+def make_loss_fn(*, check: bool) -> train.LossFn:
+    """The engine's loss function of the seed net: the sum of squared errors, differentiated
+    by the tutorial's hand-written backprop (`sum_squared_error_by_hand`).
 
-    Returns:
-      ``(params, losses, grad_errors)``: the final params; [iterations] the loss before each
-      step; [iterations] max|hand - jax.grad| / (1 + max|jax.grad|) at each step when
-      `check` (zeros otherwise).
+    Reports `loss` (before the step) and, with `check`, `grad_error`: max|hand - jax.grad|
+    / (1 + max|jax.grad|) of that step.
     """
 
-    def step_fn(params, _):
-        loss = sum_squared_error(params, x, y)
-        grads = two_layer_manual_grads(params, x, y)
-        if check:
+    def loss_fn(params, model_state, batch, key):
+        x, y = batch["x"], batch["y"]
+        loss = sum_squared_error_by_hand(params, x, y)
+        reported = {"loss": metrics.Mean.from_scalar(loss)}
+        if check:  # the gradient the step takes against JAX's own
+            hand = jax.grad(sum_squared_error_by_hand)(params, x, y)
             auto = jax.grad(sum_squared_error)(params, x, y)
-            diff = jnp.max(jnp.stack([jnp.max(jnp.abs(grads[k] - auto[k])) for k in auto]))
+            diff = jnp.max(jnp.stack([jnp.max(jnp.abs(hand[k] - auto[k])) for k in auto]))
             scale = 1.0 + jnp.max(jnp.stack([jnp.max(jnp.abs(auto[k])) for k in auto]))
-            error = diff / scale
-        else:
-            error = jnp.zeros((), loss.dtype)
-        params = jax.tree.map(lambda w, g: w - learning_rate * g, params, grads)
-        return params, (loss, error)
+            reported["grad_error"] = metrics.Mean.from_scalar(lax.stop_gradient(diff / scale))
+        return loss, (reported, model_state)
 
-    params, (losses, errors) = lax.scan(step_fn, params, length=iterations)
-    return params, losses, errors
+    return loss_fn
+
+
+def make_train_one(config: Config, x, y):
+    """The tutorial's loop on the engine: `iterations` full-batch steps of plain gradient
+    descent (`optax.sgd(learning_rate)`: ``w -= lr * hand_written_grad``) in one device call.
+
+    Returns `(compiled, args)`: `compiled(*args) -> (state, per-step metrics)`.
+    """
+    tx = optax.sgd(config.learning_rate)
+    dp = parallel.make_data_parallel(devices=1)
+    step = train.make_train_step(make_loss_fn(check=config.check), tx, axis_name=dp.axis_name)
+    run = train.make_epoch_runner(step, dp)
+    every_example = np.tile(np.arange(len(x), dtype=np.int32), (config.iterations, 1))
+
+    def start(params):
+        state = train.create_train_state(params, tx, key=jax.random.key(0))
+        return (
+            dp.replicate(state),
+            dp.replicate({"x": x, "y": y}),
+            dp.shard_columns(every_example),
+        )
+
+    return run, start, dp
+
+
+def train_one(config: Config, params) -> tuple[dict, np.ndarray, np.ndarray]:
+    """`(final params, [iterations] losses before each step, [iterations] grad errors)`."""
+    run, start_fn, dp = make_train_one(config, X, Y)
+    state, per_step = jax.device_get(dp.unreplicate(run(*start_fn(params))))
+    errors = per_step["grad_error"].total if config.check else np.zeros(config.iterations)
+    return state.params, np.asarray(per_step["loss"].total), np.asarray(errors)
 
 
 def _timed(fn, *args):
@@ -204,14 +234,16 @@ def main(config: Config) -> dict:
 
     # The seed: one net (net 0), hand-written backprop, loss recorded at every step.
     one = jax.tree.map(lambda v: v[0], params)
-    train = jax.jit(train_one, static_argnames=("iterations", "check"))
-    args = (one, x, y, config.learning_rate)
-    kwargs = dict(iterations=config.iterations, check=config.check)
+    run, start_fn, dp = make_train_one(config, x, y)
+    args = start_fn(one)
     start = time.perf_counter()
-    compiled = train.lower(*args, **kwargs).compile()
+    compiled = run.lower(*args).compile()
     one_compile_s = time.perf_counter() - start
-    (final, losses, errors), one_run_s = _timed(compiled, *args)
-    losses, errors = np.asarray(losses), np.asarray(errors)
+    (state, per_step), one_run_s = _timed(compiled, *args)
+    per_step = jax.device_get(dp.unreplicate(per_step))
+    final = jax.device_get(dp.unreplicate(state.params))
+    losses = np.asarray(per_step["loss"].total)
+    errors = np.asarray(per_step["grad_error"].total) if config.check else np.zeros(0)
     if config.check:
         bad = np.flatnonzero(~(errors <= GRAD_TOLERANCE))
         if bad.size:

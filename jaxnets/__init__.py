@@ -17,11 +17,12 @@ from jaxnets import (
     writers,
 )
 from jaxnets.adapters import Objective
-from jaxnets.checkpoint import Checkpointer, PreemptionGuard
+from jaxnets.checkpoint import Checkpointer
 from jaxnets.loop import Periodic, evaluate, fit, make_evaluation
 from jaxnets.models import MnistCNN, TwoLayerSigmoid
 from jaxnets.optim import inverse_time_decay, sgd
 from jaxnets.parallel import make_data_parallel
+from jaxnets.preemption import PreemptionGuard
 from jaxnets.regularizers import (
     add_decoupled_weight_decay,
     kernel_mask,

@@ -1,73 +1,34 @@
-"""Checkpoints: kill-safe Orbax saves of a training state with JSON metadata, verified restore."""
+"""Checkpoints: kill-safe Orbax saves of a training state with JSON metadata, verified restore.
+
+The on-disk layout (readable with plain Orbax) is in the README, "Checkpoints on disk".
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
-import signal
-import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxnets.config import config_diff
+from jaxnets import fingerprint
 from jaxnets.types import PyTree
+from jaxnets.workdir import START_FRESH, check_workdir_writable
 
 FORMAT = "jaxnets.checkpoint/1"
 _STATE, _META = "state", "meta"
 _QUARANTINE = "corrupted"
-_START_FRESH = (
-    "To start fresh, pass --restart (discards this run's checkpoints) or use a new --workdir."
-)
 
 
 class CheckpointError(RuntimeError):
     """No readable checkpoint where one was expected (corrupted, truncated, or missing)."""
-
-
-# Integrity: a 64-bit fingerprint per leaf, computed on device with wrapping uint32 sums. The
-# sums are exact and associative, so the value does not depend on how an array is sharded.
-# Orbax does not checksum array data: a flipped byte in a data file restores silently.
-
-
-def _fmix32(h: jax.Array) -> jax.Array:
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _words(x: Any) -> jax.Array:
-    x = jnp.asarray(x)
-    if jnp.iscomplexobj(x):
-        x = jnp.stack([x.real, x.imag], axis=-1)
-    if x.dtype == jnp.bool_:
-        x = x.astype(jnp.uint8)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
-
-
-@jax.jit
-def _fingerprints(leaves: list[Any]) -> jax.Array:
-    """uint32[len(leaves), 2]: (sum of words, sum of position-mixed words) per leaf."""
-    rows = []
-    for x in leaves:
-        w = _words(x)
-        i = jnp.arange(w.size, dtype=jnp.uint32)
-        mixed = _fmix32(w ^ _fmix32(i + jnp.uint32(0x9E3779B9)))
-        rows.append(jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)]))
-    return jnp.stack(rows) if rows else jnp.zeros((0, 2), jnp.uint32)
 
 
 def _is_key(x: Any) -> bool:
@@ -280,14 +241,14 @@ class Checkpointer:
         metadata = _to_json(dict(metadata), "metadata")
         metrics = _to_json(dict(metrics), "metrics") if metrics is not None else None
         tree, specs = _flatten_for_save(state)
-        fingerprint = np.asarray(_fingerprints(jax.tree.leaves(tree))).tolist()
+        prints = np.asarray(fingerprint.fingerprints(jax.tree.leaves(tree))).tolist()
         meta = {
             "format": FORMAT,
             "step": step,
             "metadata": metadata,
             "metrics": metrics,
             "leaves": specs,
-            "fingerprint": fingerprint,
+            "fingerprint": prints,
         }
         ranked = None
         if self._best_metric is not None and metrics is not None:
@@ -358,7 +319,7 @@ class Checkpointer:
         details = "\n".join(f"  step {s}: {e}" for s, e in failures)
         raise CheckpointError(
             f"no readable checkpoint in {self.directory}:\n{details}\n"
-            f"Nothing was deleted. {_START_FRESH}"
+            f"Nothing was deleted. {START_FRESH}"
         )
 
     def _restore_step(self, target: PyTree, step: int) -> tuple[PyTree, dict[str, Any]]:
@@ -380,7 +341,7 @@ class Checkpointer:
             raise ValueError(
                 f"checkpoint step {step} in {self.directory} does not fit the target state:\n"
                 + "\n".join(mismatch)
-                + f"\nRestore into a state built like the saved one. {_START_FRESH}"
+                + f"\nRestore into a state built like the saved one. {START_FRESH}"
             )
         try:
             tree = self._manager.restore(
@@ -389,7 +350,7 @@ class Checkpointer:
         except Exception as e:
             raise CheckpointError(f"cannot read its arrays: {_short(e)}") from e
         paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        got = np.asarray(_fingerprints([x for _, x in paths_leaves])).tolist()
+        got = np.asarray(fingerprint.fingerprints([x for _, x in paths_leaves])).tolist()
         paths = [jax.tree_util.keystr(p) for p, _ in paths_leaves]
         bad = [p for p, fp in zip(paths, got, strict=True) if saved[p][1] != fp]
         if bad:
@@ -438,136 +399,3 @@ class Checkpointer:
 def _short(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".splitlines()[0]
     return text if len(text) < 200 else text[:200] + "..."
-
-
-def check_resumable(
-    saved_config: Mapping[str, Any],
-    current_config: Mapping[str, Any],
-    *,
-    keys: Sequence[str] | None = None,
-    ignore: Sequence[str] = (),
-) -> None:
-    """Raises ValueError listing every config field that differs from the saved run's.
-
-    Args:
-      saved_config: `config_to_dict` of the run that wrote the checkpoint.
-      current_config: the same for this run.
-      keys: compare only these fields (default: all fields of either).
-      ignore: fields allowed to change on resume (e.g. `epochs`, `workdir`).
-    """
-    missing = object()
-    diff = [
-        (k, saved_config.get(k, missing), current_config.get(k, missing))
-        for k, _, _ in config_diff(dict(saved_config), dict(current_config), keys)
-        if k not in ignore
-    ]
-    if not diff:
-        return
-    show = lambda v: "<absent>" if v is missing else repr(v)
-    lines = "\n".join(f"  {k}: saved {show(s)}, current {show(c)}" for k, s, c in diff)
-    raise ValueError(
-        f"cannot resume: the config differs from the checkpointed run in {len(diff)} "
-        f"field(s):\n{lines}\nRun with the saved values to resume. {_START_FRESH}"
-    )
-
-
-def check_workdir_writable(path: str | os.PathLike, *, required_bytes: int = 0) -> None:
-    """Raises a clear error now if `path` cannot hold checkpoints, instead of mid-training.
-
-    Creates `path` if missing, writes and deletes a probe file, and checks free space.
-
-    Args:
-      path: the directory checkpoints (or a whole run) will be written to.
-      required_bytes: the free space needed (e.g. a few times the state's size).
-    """
-    path = os.path.abspath(os.fspath(path))
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-") as probe:
-            probe.write(b"jaxnets")
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as e:
-        raise PermissionError(
-            f"work directory {path} is not writable ({e.strerror or e}); fix its permissions "
-            "or choose another with --workdir"
-        ) from None
-    free = shutil.disk_usage(path).free
-    if free < required_bytes:
-        raise OSError(
-            f"work directory {path} has {free / 2**20:.1f} MiB free but checkpoints need "
-            f"{required_bytes / 2**20:.1f} MiB; free space or choose another --workdir"
-        )
-
-
-class PreemptionGuard:
-    """Turns SIGTERM/SIGINT into a flag the training loop checks at step boundaries.
-
-    Inside the `with` block the first signal only sets `should_stop`, so the loop can
-    save, flush and exit cleanly (Colab and TPU VMs send SIGTERM before taking the
-    machine). A second SIGINT raises KeyboardInterrupt as usual. The previous handlers
-    are restored on exit. Must be entered on the main thread.
-
-    Example:
-        >>> with PreemptionGuard() as guard:
-        ...     for step in steps:
-        ...         state = train_step(state, batch(step))
-        ...         if guard.should_stop:
-        ...             ckpt.save(step + 1, state, metadata=meta, force=True)
-        ...             ckpt.wait_until_finished()
-        ...             break
-    """
-
-    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
-        self.signals = tuple(signals)
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def should_stop(self) -> bool:
-        """True once one of the signals has arrived."""
-        return self.received is not None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __enter__(self) -> PreemptionGuard:
-        if threading.current_thread() is not threading.main_thread():
-            raise ValueError("PreemptionGuard must be entered on the main thread (signals)")
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous.clear()
-
-
-class AutosaveTimer:
-    """Wall-clock autosave: `due()` is True once every `minutes` (never if minutes is None).
-
-    Args:
-      minutes: the interval (`--checkpoint-every-minutes`); None disables it.
-      clock: seconds, monotonic (injectable for tests).
-    """
-
-    def __init__(self, minutes: float | None, *, clock: Callable[[], float] = time.monotonic):
-        if minutes is not None and not minutes > 0:
-            raise ValueError(f"autosave every {minutes} minutes; use a positive number or None")
-        self.minutes = minutes
-        self._clock = clock
-        self._last = clock()
-
-    def due(self) -> bool:
-        """True if `minutes` have passed since the last due() or reset(); restarts the clock."""
-        if self.minutes is None or self._clock() - self._last < 60 * self.minutes:
-            return False
-        self.reset()
-        return True
-
-    def reset(self) -> None:
-        """Restarts the interval (call after any save)."""
-        self._last = self._clock()

@@ -67,7 +67,7 @@ def installed_version(package: str) -> str | None:
 
 
 def _data_report() -> dict[str, Any]:
-    from jaxnets.data.sources import default_cache_dir
+    from jaxnets.data.cache import default_cache_dir
 
     sample = importlib.resources.files("jaxnets.data").joinpath("mnist_sample.npz")
     # tfds.core.constants.get_default_data_dir(), without importing TFDS.

@@ -35,6 +35,7 @@ from jaxnets.types import Batch, PRNGKey
 log = logging.getLogger("jaxnets.loop")
 
 CHOICE_FILE = "steps_per_call.json"
+_now = time.monotonic  # the clock of `every_seconds` (replaceable in tests)
 NONFINITE = ("raise", "warn", "ignore")
 
 
@@ -78,12 +79,12 @@ class _Timers:
     """Last run time per action (monotonic seconds)."""
 
     def __init__(self, actions: Sequence[Periodic]):
-        now = time.monotonic()
+        now = _now()
         self.last = [now] * len(actions)
 
     def due(self, i: int, action: Periodic, step: int, c: int, epoch_end: bool) -> bool:
         """Whether `action` runs after a chunk of `c` steps that ended at `step`."""
-        now = time.monotonic()
+        now = _now()
         n = action.every_steps
         due = (
             (n and step // n != (step - c) // n)
@@ -209,7 +210,7 @@ def _time_calls(program, state, data, idx_chunks) -> float:
 
 
 def _cache_dir() -> Path:
-    from jaxnets.data.sources import default_cache_dir
+    from jaxnets.data.cache import default_cache_dir
 
     return Path(default_cache_dir())
 

@@ -14,15 +14,14 @@ reads config, data, model, optimiser, state, fit, test:
 Only process 0 writes files; every process restores and saves (Orbax saves collectively).
 
 Example:
-    >>> with run.open_run(config.workdir, config_dict, state, dp, result_fields=FIELDS,
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Config(run.RunConfig):        # the experiment's own fields, then the run's
+    ...     epochs: int = 10
+    ...     workdir: str = "runs/mine"
+    >>> with run.open_run(config, config_dict, state, dp, result_fields=FIELDS,
     ...                   total_steps=epochs * steps_per_epoch) as work:
-    ...     with checkpoint.PreemptionGuard() as guard:
-    ...         result = loop.fit(work.state, train_step, dp, data, data_key=key,
-    ...                           epochs=epochs, batch_size=batch,
-    ...                           actions=[work.save_action(every_steps=0, every_minutes=10)],
-    ...                           hooks=work.hooks(should_stop=lambda: guard.should_stop,
-    ...                                            epochs=epochs),
-    ...                           workdir=work.fit_workdir)
+    ...     result = loop.fit(work.state, train_step, dp, data, data_key=key, epochs=epochs,
+    ...                       batch_size=batch, **work.fit_options(epochs=epochs))
     ...     summary = work.summarise(result, dp, steps_per_epoch=steps_per_epoch,
     ...                              batch_size=batch)
     ...     work.finish(summary, title="my run", metric="accuracy")
@@ -30,9 +29,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,10 +43,47 @@ import numpy as np
 
 from jaxnets import checkpoint as ckpt
 from jaxnets import loop, parallel, train, writers
+from jaxnets.preemption import PreemptionGuard
+from jaxnets.workdir import check_resumable, check_workdir_writable
 
 log = logging.getLogger("jaxnets.run")
 
 CHECKPOINTS = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The flags of a run that are not the experiment's own: devices, cadences, checkpoints.
+
+    An experiment's frozen `Config` subclasses it (and may override the defaults, e.g.
+    `workdir`); none of these fields changes the numbers, so none is a result field.
+    """
+
+    devices: int | None = dataclasses.field(
+        default=None, metadata={"help": "number of devices (default: all)"}
+    )
+    parallel: str = dataclasses.field(
+        default="shard_map", metadata={"help": "shard_map (jit over a mesh) | pmap"}
+    )
+    steps_per_dispatch: int | None = dataclasses.field(
+        default=None, metadata={"help": "steps per device call (default: measured)"}
+    )
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = dataclasses.field(
+        default=0, metadata={"help": "also checkpoint every N steps (0: only at epoch ends)"}
+    )
+    checkpoint_every_minutes: float = dataclasses.field(
+        default=10.0, metadata={"help": "wall-clock autosave (0: off)"}
+    )
+    keep_checkpoints: int = 3
+    checkpoint: bool = dataclasses.field(default=True, metadata={"help": "save checkpoints"})
+    restart: bool = dataclasses.field(
+        default=False, metadata={"help": "discard the work directory's run and start fresh"}
+    )
+    progress: bool = True
+    workdir: str = "runs/run"
+
+
 # Fields of an epoch record that are bookkeeping, not metrics.
 _NOT_METRICS = ("kind", "epoch", "step", "epoch_seconds")
 
@@ -71,7 +107,10 @@ class Run:
         state: train.TrainState,
         start_step: int,
         checkpointer: ckpt.Checkpointer | None,
+        flags: RunConfig | None = None,
     ):
+        self.flags = flags or RunConfig(workdir=str(path))
+        self.guard = PreemptionGuard()
         self.path = path
         self.config = config
         self.state = state
@@ -192,29 +231,52 @@ class Run:
                 sink.close()
             self._sinks = []
 
+    def fit_options(self, *, epochs: int) -> dict[str, Any]:
+        """`loop.fit`'s keyword arguments for this run's flags: steps per call, log cadence,
+        the checkpoint action, the hooks (logs, progress bar, SIGTERM/SIGINT), the record of
+        the measured steps per call. Use inside `with open_run(...)` (the signal guard)."""
+        flags = self.flags
+        return {
+            "steps_per_dispatch": flags.steps_per_dispatch,
+            "log_every_steps": flags.log_every_steps,
+            "actions": [
+                self.save_action(
+                    every_steps=flags.checkpoint_every_steps,
+                    every_minutes=flags.checkpoint_every_minutes,
+                )
+            ],
+            "hooks": self.hooks(
+                should_stop=lambda: self.guard.should_stop, epochs=epochs, progress=flags.progress
+            ),
+            "workdir": self.fit_workdir,
+        }
+
     def __enter__(self) -> Run:
+        self.guard.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
+        try:
+            self.guard.__exit__(*exc)
+        finally:
+            self.close()
 
 
 def open_run(
-    workdir: str | os.PathLike,
+    flags: RunConfig,
     config: Mapping[str, Any],
     state: train.TrainState,
     dp: parallel.DataParallel,
     *,
     result_fields: Sequence[str],
     total_steps: int,
-    checkpoint: bool = True,
-    restart: bool = False,
-    keep_checkpoints: int = 3,
 ) -> Run:
     """Opens `workdir` for a run of `config`, resuming its latest checkpoint if there is one.
 
     Args:
-      workdir: the work directory (created if missing).
+      flags: the run's `RunConfig` (the experiment's config): `workdir` (created if
+        missing), `checkpoint` (off: always a fresh run), `restart` (discard the directory's
+        checkpoints and events), `keep_checkpoints`, and what `Run.fit_options` passes on.
       config: the run's JSON-serialisable config (`config.config_to_dict`), saved in
         config.json and in every checkpoint.
       state: the freshly initialised state (plain, on the host): the layout to restore into
@@ -223,23 +285,20 @@ def open_run(
       result_fields: config fields that change the numbers; a checkpoint saved with other
         values is not resumed (ValueError naming each field and `--restart`).
       total_steps: the steps of the whole run, to say when the checkpoint has them all.
-      checkpoint: save and restore checkpoints (off: always a fresh run).
-      restart: discard the directory's checkpoints, metrics and events; start fresh.
-      keep_checkpoints: how many of the latest checkpoints to keep.
 
     Returns:
       The open `Run`; `run.state` is what to train from.
     """
-    path = Path(workdir)
-    ckpt.check_workdir_writable(path)
+    path = Path(flags.workdir)
+    check_workdir_writable(path)
     config = dict(config)
     checkpoints = path / CHECKPOINTS
-    if restart:  # every process: each may have its own disk
+    if flags.restart:  # every process: each may have its own disk
         for old in (checkpoints, path / "tb"):
             shutil.rmtree(old, ignore_errors=True)
     manager, start_step = None, 0
-    if checkpoint:
-        manager = ckpt.Checkpointer(checkpoints, max_to_keep=keep_checkpoints)
+    if flags.checkpoint:
+        manager = ckpt.Checkpointer(checkpoints, max_to_keep=flags.keep_checkpoints)
         if manager.latest_step() is not None:
             try:
                 state, meta, start_step = _restore(manager, state, dp, config, result_fields, path)
@@ -260,7 +319,7 @@ def open_run(
                 )
     if parallel.is_main_process():
         writers.write_json(path / "config.json", config)
-    return Run(path, config, state, start_step, manager)
+    return Run(path, config, state, start_step, manager, flags)
 
 
 def _restore(manager, state, dp, config, result_fields, path):
@@ -273,7 +332,7 @@ def _restore(manager, state, dp, config, result_fields, path):
         except (OSError, ValueError):
             saved = None
         if isinstance(saved, dict):
-            ckpt.check_resumable(saved, config, keys=result_fields)
+            check_resumable(saved, config, keys=result_fields)
         raise
-    ckpt.check_resumable(meta["config"], config, keys=result_fields)
+    check_resumable(meta["config"], config, keys=result_fields)
     return state, meta, step

@@ -16,14 +16,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from jaxnets.checkpoint import (
-    AutosaveTimer,
-    Checkpointer,
-    CheckpointError,
-    PreemptionGuard,
-    check_resumable,
-    check_workdir_writable,
-)
+from jaxnets.checkpoint import Checkpointer, CheckpointError
+from jaxnets.preemption import PreemptionGuard
+from jaxnets.workdir import check_resumable, check_workdir_writable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -397,23 +392,6 @@ def test_preemption_guard_sets_flag_and_restores_handlers():
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still interrupts
             os.kill(os.getpid(), signal.SIGINT)
     assert {s: signal.getsignal(s) for s in before} == before
-
-
-def test_autosave_timer():
-    now = [0.0]
-    timer = AutosaveTimer(2, clock=lambda: now[0])
-    now[0] = 119.0
-    assert not timer.due()
-    now[0] = 120.0
-    assert timer.due()
-    assert not timer.due()  # restarted
-    now[0] = 200.0
-    timer.reset()
-    now[0] = 319.0
-    assert not timer.due()
-    assert not AutosaveTimer(None, clock=lambda: 1e9).due()
-    with pytest.raises(ValueError, match="positive number or None"):
-        AutosaveTimer(0)
 
 
 def test_check_workdir_writable(tmp_path):

@@ -70,6 +70,7 @@ def _run(
     loss=_loss,
     on_nonfinite="raise",
     actions=(),
+    workdir=None,
 ):
     images, labels = data if data is not None else _data()
     dp = parallel.make_data_parallel(backend=backend, devices=devices)
@@ -101,6 +102,7 @@ def _run(
         hooks=hooks,
         actions=actions,
         on_nonfinite=on_nonfinite,
+        workdir=workdir,
     )
     return jax.device_get(result.state), result
 
@@ -309,3 +311,60 @@ def test_arrays_of_different_length_are_a_clear_error():
     dp = parallel.make_data_parallel(devices=1)
     with pytest.raises(ValueError, match=r"evaluation data: .*\['image'\]: 50, \['label'\]: 3200"):
         loop.make_evaluation(None, dp, _batch(images[:50], np.zeros(3200, np.int32)), batch_size=10)
+
+
+def test_measured_steps_per_call_is_recorded_and_reused(tmp_path, monkeypatch):
+    """Two runs of the same command make the same choice (the cache), a resumed run the
+    choice of the run it continues (the work directory), whatever a new measurement says."""
+    import json
+
+    monkeypatch.setenv("JAXNETS_CACHE_DIR", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / loop.CHOICE_FILE
+    first, res = _run(k=None, epochs=1, evaluate=False, workdir=tmp_path / "a")
+    record = json.loads((tmp_path / "a" / loop.CHOICE_FILE).read_text())
+    assert record["how"] == "measured" and record["steps_per_call"] == res.steps_per_call
+    assert set(record["seconds_per_step"]) == {"1", "8"}  # 1 step vs min(10, 8 per epoch)
+    # Pretend this machine had measured the other way: the next run follows the cache.
+    other = 1 if res.steps_per_call == 8 else 8
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 1
+    cache.write_text(json.dumps({key: {"steps_per_call": other} for key in entries}))
+    second, res2 = _run(k=None, epochs=1, evaluate=False, workdir=tmp_path / "b")
+    assert res2.steps_per_call == other
+    assert json.loads((tmp_path / "b" / loop.CHOICE_FILE).read_text())["how"] == "cached"
+    forced, _ = _run(k=other, epochs=1, evaluate=False)
+    assert train.params_sha256(second.params) == train.params_sha256(forced.params)
+    # A resumed run keeps its own choice, even after the cache changed back.
+    cache.write_text(json.dumps({key: {"steps_per_call": res.steps_per_call} for key in entries}))
+    polls = []
+    stop = loop.Hooks(should_stop=lambda: polls.append(1) or len(polls) >= 1)
+    part, _ = _run(k=None, epochs=2, evaluate=False, hooks=stop, workdir=tmp_path / "b")
+    resumed, res3 = _run(k=None, epochs=2, state=part, evaluate=False, workdir=tmp_path / "b")
+    full, _ = _run(k=other, epochs=2, evaluate=False)
+    assert res3.steps_per_call == other
+    assert train.params_sha256(resumed.params) == train.params_sha256(full.params)
+
+
+def test_periodic_actions_every_seconds_and_at_epoch_end(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(loop, "_now", lambda: now[0])
+
+    def tick():
+        now[0] += 7.0  # seconds per chunk
+        return False
+
+    timed, ends = [], []
+    _run(
+        k=2,
+        epochs=2,
+        evaluate=False,
+        hooks=loop.Hooks(should_stop=tick),
+        actions=[
+            loop.Periodic(lambda step, state: timed.append(step), every_seconds=20.0),
+            loop.Periodic(lambda step, state: ends.append(int(state.step)), at_epoch_end=True),
+        ],
+    )
+    assert timed == [6, 12]  # due at 21 s and 42 s: after the 3rd and 6th chunk of 2 steps
+    assert ends == [8, 16]
+    with pytest.raises(ValueError, match=r"every_steps=-1; use an int >= 0"):
+        _run(actions=[loop.Periodic(lambda s, st: None, every_steps=-1)])

@@ -12,7 +12,7 @@ from jax import lax
 
 from experiments import two_layer_sigmoid as exp
 from jaxnets.config import parse_config
-from jaxnets.models import mlp
+from jaxnets.models import mlp, two_layer_many
 from jaxnets.models.mlp import (
     TwoLayerSigmoid,
     sum_squared_error,
@@ -20,8 +20,8 @@ from jaxnets.models.mlp import (
     two_layer_manual_grads,
     two_layer_params_from_flax,
     two_layer_params_to_flax,
-    two_layer_train_many,
 )
+from jaxnets.models.two_layer_many import two_layer_train_many
 
 # SEEDS.md section 1 / PERF-NOTES.md: np.random.seed(1), W1 = rand(3,4), W2 = rand(4,1), 1500 steps.
 GOLDEN_LOSS = 0.0033558
@@ -135,9 +135,7 @@ def test_seed_golden_monotone_and_checked(tmp_path):
     assert results["max_grad_error"] < exp.GRAD_TOLERANCE
     assert results["monotone"] is True
     params = _net(exp.init_params(exp.Config()), 0)
-    _, losses, _ = jax.jit(exp.train_one, static_argnames=("iterations", "check"))(
-        params, exp.X, exp.Y, 1.0, iterations=1500, check=False
-    )
+    _, losses, _ = exp.train_one(exp.Config(), params)
     assert np.all(np.diff(np.asarray(losses)) <= 0)
     assert losses[0] > 1.0 > 0.01 > losses[-1]
 
@@ -145,18 +143,17 @@ def test_seed_golden_monotone_and_checked(tmp_path):
 def test_check_names_the_first_wrong_iteration(tmp_path, monkeypatch):
     config = exp.Config(iterations=400, check=True, workdir=str(tmp_path))
     params = _net(exp.init_params(config), 0)
-    _, losses, _ = jax.jit(exp.train_one, static_argnames=("iterations", "check"))(
-        params, exp.X, exp.Y, 1.0, iterations=400, check=False
-    )
+    _, losses, _ = exp.train_one(dataclasses.replace(config, check=False), params)
     first = int(np.argmax(np.asarray(losses) < 0.5))
     assert 0 < first < 400
 
     def wrong_below_half(params, x, y):  # correct until the loss drops below 0.5
-        grads = mlp.two_layer_manual_grads(params, x, y)
+        grads = two_layer_manual_grads(params, x, y)
         bump = jnp.where(sum_squared_error(params, x, y) < 0.5, 1e-2, 0.0)
         return {k: g + bump for k, g in grads.items()}
 
-    monkeypatch.setattr(exp, "two_layer_manual_grads", wrong_below_half)
+    # The step's gradient is the custom VJP's, which calls the module's hand backprop.
+    monkeypatch.setattr(mlp, "two_layer_manual_grads", wrong_below_half)
     with pytest.raises(RuntimeError, match=f"^iteration {first}: the hand-written backprop"):
         exp.main(config)
 
@@ -198,7 +195,7 @@ def test_train_many_biases_padding_and_no_recompile():
         params = _random_params(3, 5, 3, 2, bias=True, nets=10, dtype=np.float64)
         rng = np.random.RandomState(4)
         x, y = rng.standard_normal((6, 5)), rng.rand(6, 2)
-        fast, loss = mlp._train_many(params, x, y, 0.5, iterations=20, nets_per_chunk=4)
+        fast, loss = two_layer_many._train_many(params, x, y, 0.5, iterations=20, nets_per_chunk=4)
         reference = jax.vmap(_reference_train, in_axes=(0, None, None, None, None))(
             params, x, y, 20, 0.5
         )
@@ -207,9 +204,9 @@ def test_train_many_biases_padding_and_no_recompile():
         np.testing.assert_allclose(loss, expected, atol=1e-10)
         public, public_loss = two_layer_train_many(params, x, y, iterations=20, learning_rate=0.5)
         chex.assert_trees_all_close(public, reference, atol=1e-10)
-        compiled = mlp._train_many._cache_size()
+        compiled = two_layer_many._train_many._cache_size()
         two_layer_train_many(params, x, y, iterations=20, learning_rate=0.25)
-        assert mlp._train_many._cache_size() == compiled
+        assert two_layer_many._train_many._cache_size() == compiled
 
 
 def test_train_many_rejects_bad_shapes():

@@ -1,4 +1,4 @@
-"""Data: MNIST-format sources as numpy arrays, epoch order, and on-device augmentation."""
+"""Data: MNIST-format sources as numpy arrays, the cache, epoch order, on-device augmentation."""
 
 from jaxnets.data import augment
 from jaxnets.data.augment import (
@@ -11,14 +11,10 @@ from jaxnets.data.augment import (
     standardize,
 )
 from jaxnets.data.batching import epoch_permutation, normalize, split_validation
+from jaxnets.data.cache import default_cache_dir
+from jaxnets.data.dataset import HOW_TO_GET_DATA, Dataset, DatasetInfo
 from jaxnets.data.idx import read_idx, write_idx
-from jaxnets.data.sources import (
-    HOW_TO_GET_DATA,
-    Dataset,
-    DatasetInfo,
-    default_cache_dir,
-    load,
-)
+from jaxnets.data.sources import load
 
 
 def __getattr__(name):

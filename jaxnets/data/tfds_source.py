@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jaxnets.data import idx, sources
+from jaxnets.data import cache, dataset, idx
 
 logger = logging.getLogger("jaxnets.data")
 
@@ -31,7 +31,7 @@ class DataUnavailableError(RuntimeError):
     """The data set is neither prepared nor downloadable; ``reason`` says why in one line."""
 
     def __init__(self, reason: str):
-        super().__init__(f"{reason}. {sources.HOW_TO_GET_DATA}")
+        super().__init__(f"{reason}. {dataset.HOW_TO_GET_DATA}")
         self.reason = reason
 
 
@@ -90,8 +90,8 @@ class _IdxBuilder:
             description=f"{self.SOURCE_NAME} from its IDX files, stored as uint8 arrays.",
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Tensor(shape=sources.IMAGE_SHAPE, dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(num_classes=sources.NUM_CLASSES),
+                    "image": tfds.features.Tensor(shape=dataset.IMAGE_SHAPE, dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=dataset.NUM_CLASSES),
                 }
             ),
             supervised_keys=("image", "label"),
@@ -119,7 +119,7 @@ class _IdxBuilder:
         images, labels = idx.read_idx(images_path), idx.read_idx(labels_path)
         if images.ndim == 3:
             images = images[..., None]
-        sources.check_arrays(images, labels, sources.NUM_CLASSES, f"{images_path}, {labels_path}")
+        dataset.check_arrays(images, labels, dataset.NUM_CLASSES, f"{images_path}, {labels_path}")
         for i in range(len(labels)):
             yield i, {"image": images[i], "label": int(labels[i])}
 
@@ -146,12 +146,12 @@ def read_data_source(source) -> tuple[np.ndarray, np.ndarray]:
       (images uint8 [N, 28, 28, 1], labels int32 [N]).
     """
     n = len(source)
-    images = np.empty((n, *sources.IMAGE_SHAPE), np.uint8)
+    images = np.empty((n, *dataset.IMAGE_SHAPE), np.uint8)
     labels = np.empty((n,), np.int32)
     for start in range(0, n, _READ_CHUNK):
         records = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
         for i, record in enumerate(records, start):
-            images[i] = np.asarray(record["image"]).reshape(sources.IMAGE_SHAPE)
+            images[i] = np.asarray(record["image"]).reshape(dataset.IMAGE_SHAPE)
             labels[i] = record["label"]
     return images, labels
 
@@ -169,9 +169,9 @@ def _read(builder, split: str, cache_dir: str | None) -> tuple[np.ndarray, np.nd
     if not files:  # nothing on disk to key a cache on (e.g. tfds.testing.mock_data)
         images, labels = read_data_source(source)
     else:
-        key = f"tfds-{builder.name}-{split}-{sources.fingerprint(files)}"
-        images, labels, _ = sources.cached(cache_dir, key, lambda: read_data_source(source))
-    sources.check_arrays(images, labels, sources.NUM_CLASSES, where)
+        key = f"tfds-{builder.name}-{split}-{cache.fingerprint(files)}"
+        images, labels, _ = cache.cached(cache_dir, key, lambda: read_data_source(source))
+    dataset.check_arrays(images, labels, dataset.NUM_CLASSES, where)
     return images, labels, where
 
 
@@ -189,7 +189,7 @@ def _quiet_absl():
 
 def load_tfds(
     name: str, split: str, data_dir: str | None, cache_dir: str | None
-) -> sources.Dataset:
+) -> dataset.Dataset:
     """``mnist`` or ``fashion_mnist`` from TFDS, preparing (or downloading) it when needed.
 
     Order: the official TFDS builder if it is prepared in a random-access format (array_record,
@@ -205,14 +205,14 @@ def load_tfds(
 
 def _load_tfds(
     name: str, split: str, data_dir: str | None, cache_dir: str | None
-) -> sources.Dataset:
+) -> dataset.Dataset:
     if split not in idx.IDX_FILES:
         raise ValueError(f"unknown split {split!r} for {name}; use 'train' or 'test'")
     data_dir = data_dir or tfds.core.constants.get_default_data_dir()
     official = tfds.builder(name, data_dir=data_dir)
     try:
         images, labels, where = _read(official, split, cache_dir)
-        return sources.Dataset(images, labels, sources.DatasetInfo(name, split, 10, where))
+        return dataset.Dataset(images, labels, dataset.DatasetInfo(name, split, 10, where))
     except (NotImplementedError, AssertionError, FileNotFoundError, ValueError) as e:
         if official.is_prepared():
             logger.info(
@@ -237,4 +237,4 @@ def _load_tfds(
         logger.warning("preparing TFDS jaxnets_%s in %s (once)", name, data_dir)
         builder.download_and_prepare(download_config=config)
     images, labels, where = _read(builder, split, cache_dir)
-    return sources.Dataset(images, labels, sources.DatasetInfo(name, split, 10, where))
+    return dataset.Dataset(images, labels, dataset.DatasetInfo(name, split, 10, where))

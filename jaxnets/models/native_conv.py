@@ -34,7 +34,7 @@ import jaxlib
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxnets.data.sources import default_cache_dir
+from jaxnets.data.cache import default_cache_dir
 from jaxnets.types import Array
 
 _SOURCE = pathlib.Path(__file__).with_name("native_conv.cc")
