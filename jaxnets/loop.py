@@ -11,7 +11,8 @@ What the loop decides, and why it cannot change the numbers:
   single steps, so the choice is recorded: in the work directory (a resumed run uses the
   choice of the run it continues) and in the jaxnets cache, keyed by the compiled program
   and the devices (the same command on the same machine makes the same choice).
-- Everything else (progress, logs, checkpoints) happens between device calls, on the host.
+- Everything else (progress, logs, checkpoints) happens between device calls, on the host;
+  the metrics of a chunk are read back while the next chunk runs.
 """
 
 from __future__ import annotations
@@ -385,17 +386,21 @@ def fit(
             pending.append(metrics)
             epoch_end = pos == steps_per_epoch
             stopping = bool(hooks.should_stop and hooks.should_stop())
-            # Read back only when a log window is complete (one sync, never a cut chunk);
-            # before the actions, so that a checkpoint never holds steps the logs lack.
-            if epoch_end or stopping or pos // log_every_steps != (pos - c) // log_every_steps:
-                logger.add(
-                    jax.device_get([dp.unreplicate(m) for m in pending]),
-                    flush=epoch_end or stopping,
-                )
-                pending = []
-            for j, action in enumerate(actions):
-                if timers.due(j, action, step, c, epoch_end) or (stopping and action.on_stop):
-                    action.fn(step, dp.to_checkpoint(state))
+            due = [
+                j
+                for j, action in enumerate(actions)
+                if timers.due(j, action, step, c, epoch_end) or (stopping and action.on_stop)
+            ]
+            # Metrics are read back one chunk late, while the next chunk runs (the host never
+            # stalls the device for a log); all of them at an epoch end, a stop, or before an
+            # action (a checkpoint never holds steps the logs lack).
+            flush = epoch_end or stopping
+            ready = pending if flush or due else pending[:-1]
+            if ready:
+                logger.add(jax.device_get([dp.unreplicate(m) for m in ready]), flush=flush)
+                pending = pending[len(ready) :]
+            for j in due:
+                actions[j].fn(step, dp.to_checkpoint(state))
             if stopping:
                 break
         if bar is not None:
