@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--steps-per-dispatch", type=int, default=None, help="default: measured by loop.fit"
     )
     parser.add_argument("--devices", type=int, default=1, help="CPU devices (pmap over them)")
-    parser.add_argument("--backend", default="shard_map", choices=("pmap", "shard_map"))
+    parser.add_argument("--parallel", default="shard_map", choices=("pmap", "shard_map"))
     parser.add_argument("--epochs", type=int, default=workload.EPOCHS)
     parser.add_argument("--num-train", type=int, default=workload.NUM_TRAIN)
     parser.add_argument("--num-val", type=int, default=workload.NUM_VAL)
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
         momentum=workload.MOMENTUM,
         nesterov=True,
     )
-    dp = parallel.make_data_parallel(backend=args.backend, devices=args.devices)
+    dp = parallel.make_data_parallel(backend=args.parallel, devices=args.devices)
 
     def make_objective(module, axis_name=dp.axis_name):
         return adapters.linen(

@@ -229,7 +229,10 @@ def nnx(
     """The `Objective` of a Flax NNX module (split/merge inside the pure functions).
 
     `params` are the module's `nnx.Param` variables, `model_state` everything else
-    (`BatchStat`, the rng streams' keys and counts). The module passed in is not changed:
+    (`BatchStat`, the rng streams' keys and counts). An NNX module is initialised when it is
+    built, so `init` ignores its key: the initial parameters are the module's own (a sweep
+    over seeds varies the data order and the randomness, not the initialisation; build one
+    module per seed for that). The module passed in is not changed:
     each call merges a fresh copy. In training every rng stream is reseeded from the step
     key, so dropout differs between steps and resumes exactly; `.train()` / `.eval()` set
     the mode (Dropout, BatchNorm).

@@ -17,20 +17,17 @@ What the loop decides, and why it cannot change the numbers:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
+from jaxnets import dispatch, parallel, train
 from jaxnets import metrics as jmetrics
-from jaxnets import parallel, train
 from jaxnets.types import Batch, PRNGKey
 
 log = logging.getLogger("jaxnets.loop")
@@ -38,17 +35,6 @@ log = logging.getLogger("jaxnets.loop")
 CHOICE_FILE = "steps_per_call.json"
 _now = time.monotonic  # the clock of `every_seconds` (replaceable in tests)
 NONFINITE = ("raise", "warn", "ignore")
-
-
-def scan_candidates(devices: Sequence[Any]) -> int:
-    """The scanned chunk length tried against single steps: 10 on CPU, 50 on GPU/TPU.
-
-    Taken from the devices the steps run on. On CPU a user's `lax.conv` model can be many
-    times slower inside `lax.scan` (PERF-NOTES), the seed CNN's native kernels faster: that
-    is why the choice is measured, not assumed. On accelerators scanning removes the
-    per-step launch and host round trip.
-    """
-    return 10 if devices[0].platform == "cpu" else 50
 
 
 class Periodic(NamedTuple):
@@ -172,92 +158,6 @@ class FitResult(NamedTuple):
     steps_per_call: int  # the chunk length used
 
 
-def _copy(tree):
-    return jax.tree.map(lambda x: x.copy(), tree)
-
-
-def _choice_key(compiled_text: str, dp: parallel.DataParallel, k: int) -> str:
-    devices = f"{dp.backend}:{dp.num_devices}x{dp.devices[0].platform}:{dp.devices[0].device_kind}"
-    digest = hashlib.sha256(f"{devices}|{k}|{jax.__version__}|".encode() + compiled_text.encode())
-    return digest.hexdigest()[:32]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _time_calls(program, state, data, idx_chunks) -> float:
-    """Seconds per step of running `idx_chunks` (after one warm-up call) on a copy of state."""
-    state = _copy(state)
-    state, m = program(state, data, idx_chunks[0])
-    jax.block_until_ready((state, m))
-    t0 = time.perf_counter()
-    steps = 0
-    for idx in idx_chunks[1:]:
-        state, m = program(state, data, idx)
-        steps += idx.shape[0]
-    jax.block_until_ready((state, m))
-    return (time.perf_counter() - t0) / max(steps, 1)
-
-
-def _cache_dir() -> Path:
-    from jaxnets.data.cache import default_cache_dir
-
-    return Path(default_cache_dir())
-
-
-def choose_steps_per_call(
-    programs: dict[int, Callable],
-    state: train.TrainState,
-    data: Batch,
-    idx: np.ndarray,
-    dp: parallel.DataParallel,
-    *,
-    key_text: str,
-    workdir: str | os.PathLike | None = None,
-) -> int:
-    """The faster of the chunk lengths in `programs` (1 and k), measured once and recorded.
-
-    Looks first in `workdir` (the choice of the run being resumed), then in the cache
-    (keyed by `key_text`, the compiled program, and the devices); measures otherwise, on
-    copies of `state` (nothing of the run changes), and writes both records.
-    """
-    k = max(programs)
-    cache_key = _choice_key(key_text, dp, k)
-    record = Path(workdir) / CHOICE_FILE if workdir is not None else None
-    if record is not None and (saved := _read_json(record)).get("steps_per_call") in programs:
-        return int(saved["steps_per_call"])
-    cache = _cache_dir() / CHOICE_FILE
-    cached = _read_json(cache)
-    if cached.get(cache_key, {}).get("steps_per_call") in programs:
-        choice, how = int(cached[cache_key]["steps_per_call"]), "cached"
-        times = cached[cache_key].get("seconds_per_step", {})
-    else:
-        rows = np.take(idx, np.arange(2 * k + 1) % len(idx), axis=0)  # wraps short epochs
-        times = {}
-        for c in sorted(programs):
-            chunks = [dp.shard_columns(rows[i : i + c]) for i in range(0, k + c, c)]
-            times[str(c)] = _time_calls(programs[c], state, data, chunks)
-        choice = min(programs, key=lambda c: times[str(c)])
-        how = "measured"
-        cached[cache_key] = {"steps_per_call": choice, "seconds_per_step": times}
-        _write_json(cache, cached)
-    log.info("steps per device call: %d (%s: %s s/step)", choice, how, times)
-    if record is not None:
-        _write_json(record, {"steps_per_call": choice, "seconds_per_step": times, "how": how})
-    return choice
-
-
 def _check_fit_args(epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite):
     for name, value, low in (
         ("epochs", epochs, 1),
@@ -310,7 +210,8 @@ def fit(
       batch_size: global batch.
       evaluation: evaluated after every epoch (`make_evaluation`); its metrics get `val_`.
       steps_per_dispatch: steps per device call; None: measured (module docstring), or
-        `scan_candidates` with several processes (which must all make the same calls).
+        `dispatch.scan_candidates` with several processes (they must all make the same
+        calls).
       log_every_steps: a "train" record (means over the window) every this many steps.
       actions: `Periodic` actions (checkpoints), run at chunk boundaries.
       hooks: host-side logging, progress and stop hooks.
@@ -347,7 +248,7 @@ def fit(
     # Every program the plan calls is compiled here, before the first step: none later.
     start_epoch, start_pos = divmod(step, steps_per_epoch)
     first = dp.process_columns(epoch_indices(start_epoch))
-    k = min(steps_per_dispatch or scan_candidates(dp.devices), steps_per_epoch)
+    k = min(steps_per_dispatch or dispatch.scan_candidates(dp.devices), steps_per_epoch)
 
     def compile_for(k):
         lengths = set(chunk_plan(start_pos, steps_per_epoch, k))
@@ -360,7 +261,7 @@ def fit(
     # With several processes every one must make the same calls: no measured (local) choice.
     if steps_per_dispatch is None and k > 1 and jax.process_count() == 1:
         single = programs.get(1) or run.lower(state, data, dp.shard_columns(first[:1])).compile()
-        k = choose_steps_per_call(
+        k = dispatch.choose_steps_per_call(
             {1: single, k: programs[k]},
             state,
             data,

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnets import adapters, loop, metrics, parallel, train
+from jaxnets import adapters, dispatch, loop, metrics, parallel, train
 
 
 class _TinyNet(nn.Module):
@@ -319,9 +319,9 @@ def test_measured_steps_per_call_is_recorded_and_reused(tmp_path, monkeypatch):
     import json
 
     monkeypatch.setenv("JAXNETS_CACHE_DIR", str(tmp_path / "cache"))
-    cache = tmp_path / "cache" / loop.CHOICE_FILE
+    cache = tmp_path / "cache" / dispatch.CHOICE_FILE
     first, res = _run(k=None, epochs=1, evaluate=False, workdir=tmp_path / "a")
-    record = json.loads((tmp_path / "a" / loop.CHOICE_FILE).read_text())
+    record = json.loads((tmp_path / "a" / dispatch.CHOICE_FILE).read_text())
     assert record["how"] == "measured" and record["steps_per_call"] == res.steps_per_call
     assert set(record["seconds_per_step"]) == {"1", "8"}  # 1 step vs min(10, 8 per epoch)
     # Pretend this machine had measured the other way: the next run follows the cache.
@@ -331,7 +331,7 @@ def test_measured_steps_per_call_is_recorded_and_reused(tmp_path, monkeypatch):
     cache.write_text(json.dumps({key: {"steps_per_call": other} for key in entries}))
     second, res2 = _run(k=None, epochs=1, evaluate=False, workdir=tmp_path / "b")
     assert res2.steps_per_call == other
-    assert json.loads((tmp_path / "b" / loop.CHOICE_FILE).read_text())["how"] == "cached"
+    assert json.loads((tmp_path / "b" / dispatch.CHOICE_FILE).read_text())["how"] == "cached"
     forced, _ = _run(k=other, epochs=1, evaluate=False)
     assert train.params_sha256(second.params) == train.params_sha256(forced.params)
     # A resumed run keeps its own choice, even after the cache changed back.

@@ -1,0 +1,127 @@
+"""Steps per device call: the candidates, and the measured choice with its records.
+
+Scanning k steps in one call removes k - 1 launches and host round trips, which is what an
+accelerator wants; on XLA:CPU some models (convolutions inside `lax.scan`) run many times
+slower scanned. So `loop.fit` times a chunk of 1 and of k steps on a copy of the state
+before training and keeps the faster. Scanning may round differently from single steps, so
+the choice is recorded: in the work directory (a resumed run uses the choice of the run it
+continues) and in the jaxnets cache, keyed by the compiled program and the devices (the same
+command on the same machine makes the same choice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxnets import parallel, train
+from jaxnets.data.cache import default_cache_dir
+from jaxnets.types import Batch
+
+log = logging.getLogger("jaxnets.loop")
+
+CHOICE_FILE = "steps_per_call.json"
+
+
+def scan_candidates(devices: Sequence[Any]) -> int:
+    """The scanned chunk length tried against single steps: 10 on CPU, 50 on GPU/TPU.
+
+    Taken from the devices the steps run on. On CPU a user's `lax.conv` model can be many
+    times slower inside `lax.scan` (PERF-NOTES), the seed CNN's native kernels faster: that
+    is why the choice is measured, not assumed. On accelerators scanning removes the
+    per-step launch and host round trip.
+    """
+    return 10 if devices[0].platform == "cpu" else 50
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: x.copy(), tree)
+
+
+def _choice_key(compiled_text: str, dp: parallel.DataParallel, k: int) -> str:
+    devices = f"{dp.backend}:{dp.num_devices}x{dp.devices[0].platform}:{dp.devices[0].device_kind}"
+    digest = hashlib.sha256(f"{devices}|{k}|{jax.__version__}|".encode() + compiled_text.encode())
+    return digest.hexdigest()[:32]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _time_calls(program, state, data, idx_chunks) -> float:
+    """Seconds per step of running `idx_chunks` (after one warm-up call) on a copy of state."""
+    state = _copy(state)
+    state, m = program(state, data, idx_chunks[0])
+    jax.block_until_ready((state, m))
+    t0 = time.perf_counter()
+    steps = 0
+    for idx in idx_chunks[1:]:
+        state, m = program(state, data, idx)
+        steps += idx.shape[0]
+    jax.block_until_ready((state, m))
+    return (time.perf_counter() - t0) / max(steps, 1)
+
+
+def _cache_dir() -> Path:
+    return Path(default_cache_dir())
+
+
+def choose_steps_per_call(
+    programs: dict[int, Callable],
+    state: train.TrainState,
+    data: Batch,
+    idx: np.ndarray,
+    dp: parallel.DataParallel,
+    *,
+    key_text: str,
+    workdir: str | os.PathLike | None = None,
+) -> int:
+    """The faster of the chunk lengths in `programs` (1 and k), measured once and recorded.
+
+    Looks first in `workdir` (the choice of the run being resumed), then in the cache
+    (keyed by `key_text`, the compiled program, and the devices); measures otherwise, on
+    copies of `state` (nothing of the run changes), and writes both records.
+    """
+    k = max(programs)
+    cache_key = _choice_key(key_text, dp, k)
+    record = Path(workdir) / CHOICE_FILE if workdir is not None else None
+    if record is not None and (saved := _read_json(record)).get("steps_per_call") in programs:
+        return int(saved["steps_per_call"])
+    cache = _cache_dir() / CHOICE_FILE
+    cached = _read_json(cache)
+    if cached.get(cache_key, {}).get("steps_per_call") in programs:
+        choice, how = int(cached[cache_key]["steps_per_call"]), "cached"
+        times = cached[cache_key].get("seconds_per_step", {})
+    else:
+        rows = np.take(idx, np.arange(2 * k + 1) % len(idx), axis=0)  # wraps short epochs
+        times = {}
+        for c in sorted(programs):
+            chunks = [dp.shard_columns(rows[i : i + c]) for i in range(0, k + c, c)]
+            times[str(c)] = _time_calls(programs[c], state, data, chunks)
+        choice = min(programs, key=lambda c: times[str(c)])
+        how = "measured"
+        cached[cache_key] = {"steps_per_call": choice, "seconds_per_step": times}
+        _write_json(cache, cached)
+    log.info("steps per device call: %d (%s: %s s/step)", choice, how, times)
+    if record is not None:
+        _write_json(record, {"steps_per_call": choice, "seconds_per_step": times, "how": how})
+    return choice
