@@ -2,7 +2,7 @@
 
 Every configuration of the grid (the product of the --sweep flags) is one model; all of them
 train together in one jitted step, `jax.vmap` over the train state, with the batch split over
-every device (`jaxnets.sweep`). Model k's run is the one `train.fit` would give for its seed
+every device (`jaxnets.sweep`). Model k's run is the one `loop.fit` would give for its seed
 and hyperparameters alone.
 
 Run:
