@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxnets import parallel, train
+from jaxnets import parallel, train, writers
 from jaxnets.data.cache import default_cache_dir
 from jaxnets.types import Batch
 
@@ -62,9 +62,7 @@ def _read_json(path: Path) -> dict:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    writers.write_json(path, obj)
 
 
 def _time_calls(program, state, data, idx_chunks) -> float:

@@ -8,4 +8,4 @@ Array = jax.Array
 PRNGKey = jax.Array
 PyTree = Any
 Params = PyTree
-Batch = tuple[jax.Array, jax.Array]
+Batch = PyTree  # any pytree of arrays with a leading example axis, e.g. {'image', 'label'}

@@ -12,9 +12,13 @@ from typing import Any
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON atomically (temp file + rename): a crash never leaves half a file."""
+    """Writes JSON atomically (temp file + rename): a crash never leaves half a file.
+
+    The temp file is named for the process, so processes writing the same file (test workers
+    sharing a cache) never rename each other's half-written file.
+    """
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
     os.replace(tmp, path)
 
