@@ -234,3 +234,4 @@ if __name__ == "__main__":
         f"plot: {wd / 'curves.png'}\nmetrics: {wd / 'metrics.jsonl'}\n"
         f"summary: {wd / 'summary.json'}\ntensorboard events: {wd / 'tb'}"
     )
+    raise SystemExit(run.exit_status(out))

@@ -30,8 +30,8 @@ from jaxnets import data as jdata
 from jaxnets import metrics as jmetrics
 from jaxnets.config import config_to_dict, parse_config
 from jaxnets.data import augment as aug
+from jaxnets.lock import claim_workdir
 from jaxnets.models.cnn import MnistCNN
-from jaxnets.workdir import check_workdir_writable
 
 log = logging.getLogger("jaxnets.mnist_cnn")
 
@@ -127,7 +127,7 @@ def make_preprocess(config: Config, train_images: np.ndarray):
 
 def main(config: Config) -> dict:
     """Trains, evaluates on the test split, writes the work directory; returns summary.json."""
-    check_workdir_writable(config.workdir)  # before loading any data
+    claim_workdir(config.workdir)  # before loading any data: one run per directory
 
     # Data: host arrays, validation = the last fraction of the training split (Keras).
     train_set = jdata.load(config.dataset, split="train", data_dir=config.data_dir)
@@ -241,3 +241,4 @@ if __name__ == "__main__":
         f"summary: {wd / 'summary.json'}\ntensorboard events: {wd / 'tb'} (to view them: "
         f"pip install tensorboard && tensorboard --logdir {wd / 'tb'})"
     )
+    raise SystemExit(run.exit_status(out))

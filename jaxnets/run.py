@@ -43,6 +43,7 @@ import numpy as np
 
 from jaxnets import checkpoint as ckpt
 from jaxnets import loop, parallel, train, writers
+from jaxnets.lock import WorkdirLock, claim_workdir
 from jaxnets.preemption import PreemptionGuard
 from jaxnets.workdir import check_resumable, check_workdir_writable
 
@@ -108,8 +109,12 @@ class Run:
         start_step: int,
         checkpointer: ckpt.Checkpointer | None,
         flags: RunConfig | None = None,
+        *,
+        total_steps: int | None = None,
+        lock: WorkdirLock | None = None,
     ):
         self.flags = flags or RunConfig(workdir=str(path))
+        self.lock = lock
         self.guard = PreemptionGuard()
         self.path = path
         self.config = config
@@ -119,11 +124,12 @@ class Run:
         self.is_main = parallel.is_main_process()
         self._started = time.perf_counter()
         self._sinks: list[Any] = []
-        if self.is_main:
+        # A finished run trains nothing, so it opens no writer (and purges no event).
+        if self.is_main and (total_steps is None or start_step < total_steps):
             resume = start_step or None
             self._sinks = [
                 writers.JsonlWriter(path / "metrics.jsonl", resume_step=resume),
-                writers.TensorBoardWriter(path / "tb", purge_step=resume),
+                writers.TensorBoardWriter(path / "tb", resume_step=resume),
             ]
 
     @property
@@ -196,6 +202,7 @@ class Run:
             "step": step,
             "epochs_completed": step // steps_per_epoch,
             "stopped_early": result.stopped_early,
+            "stop_signal": self.guard.received if result.stopped_early else None,
             "train": {
                 k: v for k, v in last.items() if k not in _NOT_METRICS and not k.startswith("val_")
             },
@@ -222,7 +229,7 @@ class Run:
             )
 
     def close(self) -> None:
-        """Waits for the last checkpoint to be committed and closes the log files."""
+        """Waits for the last checkpoint to be committed, closes the log files, unlocks."""
         try:
             if self.checkpointer is not None:
                 self.checkpointer.close()
@@ -230,6 +237,8 @@ class Run:
             for sink in self._sinks:
                 sink.close()
             self._sinks = []
+            if self.lock is not None:
+                self.lock.release()
 
     def fit_options(self, *, epochs: int) -> dict[str, Any]:
         """`loop.fit`'s keyword arguments for this run's flags: steps per call, log cadence,
@@ -291,6 +300,17 @@ def open_run(
     """
     path = Path(flags.workdir)
     check_workdir_writable(path)
+    # Process 0 owns the directory (the others may share its disk): a second run stops here.
+    lock = claim_workdir(path) if parallel.is_main_process() else None
+    try:
+        return _open(flags, config, state, dp, result_fields, total_steps, path, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> Run:
     config = dict(config)
     checkpoints = path / CHECKPOINTS
     if flags.restart:  # every process: each may have its own disk
@@ -319,7 +339,15 @@ def open_run(
                 )
     if parallel.is_main_process():
         writers.write_json(path / "config.json", config)
-    return Run(path, config, state, start_step, manager, flags)
+    return Run(path, config, state, start_step, manager, flags, total_steps=total_steps, lock=lock)
+
+
+def exit_status(summary: Mapping[str, Any]) -> int:
+    """The process exit status of a run: 0 when it finished; 128 + the signal's number
+    (130 for SIGINT, 143 for SIGTERM) when a signal stopped it after saving, as a shell
+    reports a process the signal killed, so schedulers and `&&` know it did not finish."""
+    signum = summary.get("stop_signal")
+    return 128 + int(signum) if summary.get("stopped_early") and signum else 0
 
 
 def _restore(manager, state, dp, config, result_fields, path):
