@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -28,6 +29,7 @@ import numpy as np
 from jaxnets import adapters, loop, losses, optim, parallel, regularizers, run, train
 from jaxnets import data as jdata
 from jaxnets import metrics as jmetrics
+from jaxnets.checks import NONNEGATIVE, TRAINING_CHECKS, Rule
 from jaxnets.config import config_to_dict, parse_config
 from jaxnets.data import augment as aug
 from jaxnets.lock import claim_workdir
@@ -94,6 +96,14 @@ class Config(run.RunConfig):
         default=None, metadata={"help": "use only the first N training examples (smoke tests)"}
     )
     workdir: str = "runs/mnist_cnn"
+
+    CHECKS: ClassVar[dict] = {
+        **TRAINING_CHECKS,
+        "rotation_range": NONNEGATIVE,
+        "width_shift_range": NONNEGATIVE,
+        "height_shift_range": NONNEGATIVE,
+        "limit_train": Rule(int, low=1, optional=True),
+    }
 
 
 def get_config() -> Config:

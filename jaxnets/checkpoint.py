@@ -6,9 +6,12 @@ The on-disk layout (readable with plain Orbax) is in the README, "Checkpoints on
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import time
+import traceback
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -20,11 +23,13 @@ from orbax.checkpoint import checkpoint_managers
 
 from jaxnets import fingerprint
 from jaxnets.types import PyTree
-from jaxnets.workdir import START_FRESH, check_workdir_writable
+from jaxnets.workdir import check_workdir_writable
 
 FORMAT = "jaxnets.checkpoint/1"
 _STATE, _META = "state", "meta"
 _QUARANTINE = "corrupted"
+# The library's words (a run's `open_run` adds the experiments' flags).
+START_FRESH = "To start fresh, train from a new state and save to an empty directory."
 
 
 class CheckpointError(RuntimeError):
@@ -343,6 +348,7 @@ class Checkpointer:
                 + "\n".join(mismatch)
                 + f"\nRestore into a state built like the saved one. {START_FRESH}"
             )
+        _silence_abandoned_reads()  # before the read: they can report before it returns
         try:
             tree = self._manager.restore(
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
@@ -394,6 +400,43 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _is_abandoned_read(exc_type, exc, tb) -> bool:
+    """An Orbax read cancelled by a failed restore, finishing into its closed event loop."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+        return False
+    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
+    return "call_soon_threadsafe" in frames or "_check_closed" in frames
+
+
+def _silence_abandoned_reads() -> None:
+    """Keeps a failed restore's message readable.
+
+    When one array of a checkpoint is unreadable, Orbax's restore stops and closes its
+    event loop while TensorStore still reads the others; each of those reads then reports
+    `RuntimeError: Event loop is closed` as an unraisable exception (hundreds of lines over
+    the CheckpointError that says what is wrong), and asyncio logs each abandoned read's
+    own error ("Task exception was never retrieved"). Only those are dropped.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxnets_filter", False):
+        return
+    logging.getLogger("asyncio").addFilter(
+        lambda record: (
+            not (
+                str(record.msg).startswith("Task exception was never retrieved")
+                and "async_deserialize" in record.getMessage()
+            )
+        )
+    )
+
+    def hook(args):
+        if not _is_abandoned_read(args.exc_type, args.exc_value, args.exc_traceback):
+            previous(args)
+
+    hook._jaxnets_filter = True
+    sys.unraisablehook = hook
 
 
 def _short(e: BaseException) -> str:

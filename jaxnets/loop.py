@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxnets import dispatch, parallel, train
 from jaxnets import metrics as jmetrics
+from jaxnets.checks import POSITIVE_INT, Rule, check_argument
 from jaxnets.types import Batch, PRNGKey
 
 log = logging.getLogger("jaxnets.loop")
@@ -158,24 +159,15 @@ class FitResult(NamedTuple):
     steps_per_call: int  # the chunk length used
 
 
-def _check_fit_args(epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite):
-    for name, value, low in (
-        ("epochs", epochs, 1),
-        ("batch_size", batch_size, 1),
-        ("log_every_steps", log_every_steps, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(
-                f"{name}={value!r}: must be an int >= {low} (--{name.replace('_', '-')})"
-            )
-    if steps_per_dispatch is not None and (
-        not isinstance(steps_per_dispatch, int) or steps_per_dispatch < 1
-    ):
-        raise ValueError(
-            f"steps_per_dispatch={steps_per_dispatch!r}: an int >= 1, or None to measure"
-        )
-    if on_nonfinite not in NONFINITE:
-        raise ValueError(f"on_nonfinite={on_nonfinite!r}; use one of {NONFINITE}")
+def _check_fit_args(
+    data_key, epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite
+):
+    train.check_key(data_key, "data_key")
+    check_argument("epochs", epochs, POSITIVE_INT)
+    check_argument("batch_size", batch_size, POSITIVE_INT)
+    check_argument("log_every_steps", log_every_steps, POSITIVE_INT)
+    check_argument("steps_per_dispatch", steps_per_dispatch, Rule(int, low=1, optional=True))
+    check_argument("on_nonfinite", on_nonfinite, Rule(str, choices=NONFINITE))
 
 
 def fit(
@@ -228,7 +220,7 @@ def fit(
     Returns:
       FitResult(state, history, stopped_early, steps_per_call).
     """
-    _check_fit_args(epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite)
+    _check_fit_args(data_key, epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite)
     for action in actions:
         _check_periodic(action)
     n = train.num_examples(train_data, "training data")

@@ -36,16 +36,18 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
 from jaxnets import checkpoint as ckpt
 from jaxnets import loop, parallel, train, writers
+from jaxnets.checks import RUN_CHECKS, Rule
+from jaxnets.config import check_config
 from jaxnets.lock import WorkdirLock, claim_workdir
 from jaxnets.preemption import PreemptionGuard
-from jaxnets.workdir import check_resumable, check_workdir_writable
+from jaxnets.workdir import START_FRESH, check_resumable, check_workdir_writable
 
 log = logging.getLogger("jaxnets.run")
 
@@ -83,6 +85,12 @@ class RunConfig:
     )
     progress: bool = True
     workdir: str = "runs/run"
+
+    # Checked on construction (`config.check_config`); an experiment adds its own CHECKS.
+    CHECKS: ClassVar[dict[str, Rule]] = RUN_CHECKS
+
+    def __post_init__(self):
+        check_config(self)
 
 
 # Fields of an epoch record that are bookkeeping, not metrics.
@@ -353,7 +361,7 @@ def exit_status(summary: Mapping[str, Any]) -> int:
 def _restore(manager, state, dp, config, result_fields, path):
     try:
         state, meta, step = manager.restore(dp.checkpoint_target(state))
-    except ValueError:
+    except ValueError as e:
         # A changed model size fails the layout check first: name the changed field instead.
         try:
             saved = json.loads((path / "config.json").read_text())
@@ -361,6 +369,13 @@ def _restore(manager, state, dp, config, result_fields, path):
             saved = None
         if isinstance(saved, dict):
             check_resumable(saved, config, keys=result_fields)
-        raise
+        raise ValueError(_with_flags(e)) from None
+    except ckpt.CheckpointError as e:
+        raise ckpt.CheckpointError(_with_flags(e)) from None
     check_resumable(meta["config"], config, keys=result_fields)
     return state, meta, step
+
+
+def _with_flags(error: Exception) -> str:
+    """A checkpoint error's message with the fix in the experiments' flags."""
+    return str(error).replace(ckpt.START_FRESH, START_FRESH)

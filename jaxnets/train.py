@@ -287,7 +287,7 @@ def epoch_indices(data_key: PRNGKey, epoch: int, num_examples: int, batch_size: 
     if steps == 0:
         raise ValueError(
             f"batch size {batch_size} is larger than the {num_examples} training examples; "
-            f"use --batch-size {num_examples} or less"
+            f"use a batch size of {num_examples} or less"
         )
     perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
     return np.asarray(perm[: steps * batch_size], np.int32).reshape(steps, batch_size)

@@ -174,3 +174,19 @@ def test_augment_and_l1_flags(tmp_path):
     kernels = {k: v for k, v in sparse["sparsity"].items() if k.endswith("kernel")}
     assert max(kernels.values()) > 0.2, kernels  # proximal L1: many weights exactly 0.0
     assert all(v == 0.0 for k, v in sparse["sparsity"].items() if k.endswith("bias"))
+
+
+@pytest.mark.slow
+def test_no_readable_checkpoint_is_one_message_not_asyncio_noise(tmp_path):
+    """Every array file truncated: the CheckpointError is the last thing printed, alone."""
+    _run(tmp_path, "x", epochs=1, checkpoint_every_steps=2)
+    for data_file in (tmp_path / "x" / "checkpoints").glob("[0-9]*/state/**/d/*"):
+        os.truncate(data_file, 100)
+    proc = _subprocess_run(tmp_path / "x", "--epochs", "1")
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1
+    assert "Event loop is closed" not in out and "never retrieved" not in out, out[:3000]
+    assert out.rstrip().endswith(
+        "pass --restart (discards this run's checkpoints) or use a new --workdir."
+    )
+    assert "no readable checkpoint in" in out and "step 8: cannot read its arrays" in out

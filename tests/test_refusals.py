@@ -169,3 +169,127 @@ class TestResumeInTensorBoard:
         acc.Reload()
         loss = {e.step: e.value for e in acc.Scalars("train/loss")}
         assert sorted(loss) == [3, 6, 9, 12] and loss[9] != 123.0
+
+
+class TestFlagsAndArguments:
+    """Every config field and API argument checked before work, naming the flag / argument."""
+
+    @pytest.mark.parametrize(
+        ("field", "value", "message"),
+        [
+            ("batch_size", 0, "--batch-size 0: must be an int >= 1"),
+            ("batch_size", -100, "--batch-size -100: must be an int >= 1"),
+            ("batch_size", 2.5, "--batch-size 2.5: must be an int"),
+            ("log_every_steps", 0, "--log-every-steps 0: must be an int >= 1"),
+            ("epochs", 0, "--epochs 0: must be an int >= 1"),
+            ("epochs", -3, "--epochs -3: must be an int >= 1"),
+            ("checkpoint_every_steps", -1, "--checkpoint-every-steps -1: must be an int >= 0"),
+            ("checkpoint_every_minutes", -1.0, "--checkpoint-every-minutes -1.0: must be a finite"),
+            ("learning_rate", 0.0, "--learning-rate 0.0: must be a finite number > 0"),
+            ("learning_rate", float("nan"), "--learning-rate nan: must be a finite number > 0"),
+            ("momentum", 1.0, "--momentum 1.0: must be a finite number in [0, 1)"),
+            ("validation_split", 1.5, "--validation-split 1.5: must be a finite number in [0, 1)"),
+            ("keep_checkpoints", 0, "--keep-checkpoints 0: must be an int >= 1"),
+            ("devices", 0, "--devices 0: must be an int >= 1 (or none)"),
+            ("parallel", "vmap", "--parallel vmap: must be one of 'pmap', 'shard_map'"),
+            ("limit_train", 0, "--limit-train 0: must be an int >= 1 (or none)"),
+            ("nesterov", 1, "--nesterov 1: must be a bool"),
+        ],
+    )
+    def test_mnist_cnn_config(self, field, value, message):
+        import dataclasses
+
+        from experiments import mnist_cnn
+
+        with pytest.raises(ValueError) as e:
+            dataclasses.replace(mnist_cnn.get_config(), **{field: value})
+        assert str(e.value).startswith(message)
+
+    def test_every_experiments_defaults_pass_and_a_bad_field_is_named(self):
+        import dataclasses
+
+        from experiments import diabetes, digits, l1_sparsity, sweep, two_layer_sigmoid
+
+        cases = [
+            (diabetes, {"hidden_sizes": (32, 0)}, "--hidden-sizes 32,0: must be an int >= 1"),
+            (digits, {"dropout_rate": 1.0}, "--dropout-rate 1.0: must be a finite number in"),
+            (l1_sparsity, {"steps": 0}, "--steps 0: must be an int >= 1"),
+            (sweep, {"vectorize": "pmap"}, "--vectorize pmap: must be one of 'auto', 'vmap'"),
+            (sweep, {"model": "resnet"}, "--model resnet: must be one of 'two_layer'"),
+            (two_layer_sigmoid, {"threshold": 0.0}, "--threshold 0.0: must be a finite number"),
+        ]
+        for module, change, message in cases:
+            config = module.get_config()  # the defaults are valid
+            with pytest.raises(
+                ValueError, match="^" + message.replace("(", r"\(").replace("[", r"\[")
+            ):
+                dataclasses.replace(config, **change)
+
+    def test_several_bad_flags_are_named_together_and_the_cli_exits_2(self, capsys):
+        from experiments import mnist_cnn
+        from jaxnets.config import parse_config
+
+        with pytest.raises(SystemExit) as e:
+            parse_config(mnist_cnn.get_config(), ["--batch-size", "0", "--epochs", "-1"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--epochs -1: must be an int >= 1; --batch-size 0: must be an int >= 1" in err
+
+    @pytest.mark.parametrize(
+        ("change", "error", "message"),
+        [
+            ({"batch_size": 0}, ValueError, "batch_size=0: must be an int >= 1"),
+            ({"batch_size": 8.0}, ValueError, "batch_size=8.0: must be an int >= 1"),
+            ({"epochs": 0}, ValueError, "epochs=0: must be an int >= 1"),
+            ({"log_every_steps": 0}, ValueError, "log_every_steps=0: must be an int >= 1"),
+            ({"steps_per_dispatch": 0}, ValueError, "steps_per_dispatch=0: must be an int >= 1"),
+            ({"on_nonfinite": "skip"}, ValueError, "on_nonfinite='skip': must be one of"),
+            ({"data_key": 1}, TypeError, "data_key must be a PRNG key, e.g. data_key=jax.random"),
+        ],
+    )
+    def test_fit_arguments_are_named_without_flags(self, change, error, message):
+        data = _tiny()
+        objective = adapters.linen(
+            nn.Dense(3),
+            loss=lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none"),
+        )
+        tx = optax.sgd(0.1)
+        state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
+        args = {"data_key": jax.random.key(1), "epochs": 1, "batch_size": 8, **change}
+        with pytest.raises(error) as e:
+            loop.fit(
+                state,
+                train.make_train_step(objective.loss_fn, tx),
+                parallel.make_data_parallel(devices=1),
+                data,
+                **args,
+            )
+        assert str(e.value).startswith(message)
+        assert "--" not in str(e.value)  # a library user has no flags
+
+    def test_make_data_parallel_and_sweep_arguments(self):
+        from jaxnets import sweep
+
+        for devices, error, message in [
+            (0, ValueError, "devices=0 asked for, but 8 cpu device(s) are available; use 1..8"),
+            (2.0, TypeError, "devices=2.0: must be an int"),
+            (True, TypeError, "devices=True: must be an int"),
+            ("all", TypeError, "devices='all': must be an int"),
+            ([0, 1], TypeError, "devices=[0, 1]: a non-empty sequence of jax devices"),
+        ]:
+            with pytest.raises(error) as e:
+                parallel.make_data_parallel(devices=devices)
+            assert str(e.value).startswith(message) and "--" not in str(e.value)
+        objective = adapters.linen(
+            nn.Dense(3),
+            loss=lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none"),
+        )
+        tx = sweep.make_sweep_tx(sweep.DEFAULTS)
+        for change, message in [
+            ({"epochs": 0}, "epochs=0: must be an int >= 1"),
+            ({"batch_size": -8}, "batch_size=-8: must be an int >= 1"),
+            ({"log_every_steps": 0}, "log_every_steps=0: must be an int >= 1"),
+        ]:
+            args = {"epochs": 1, "batch_size": 8, **change}
+            with pytest.raises(ValueError, match="^" + message):
+                sweep.run_sweep(objective, tx, [{"seed": 0}], _tiny(), **args)
