@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxnets import dispatch, parallel, train
@@ -210,7 +211,8 @@ def fit(
       on_nonfinite: "raise": a non-finite training loss stops training with
         FloatingPointError naming the step range (checked at log points, no extra sync);
         "warn": log a warning and go on (the optimiser must skip such updates:
-        `optax.apply_if_finite`); "ignore": go on silently (a sweep, where one diverged
+        `optax.apply_if_finite`; if the parameters have become non-finite, it did not,
+        and FloatingPointError says so); "ignore": go on silently (a sweep, where one diverged
         model must not stop the others).
       workdir: where the measured steps-per-call choice is recorded (for resume).
       epoch_indices: `epoch -> [steps, batch, ...]` example indices (default:
@@ -292,6 +294,9 @@ def fit(
             if ready:
                 logger.add(jax.device_get([dp.unreplicate(m) for m in ready]), flush=flush)
                 pending = pending[len(ready) :]
+                if logger.warned is not None:  # "warn": were those updates really skipped?
+                    _check_skipped(dp.unreplicate(state.params), logger.warned)
+                    logger.warned = None
             for j in due:
                 actions[j].fn(step, dp.to_checkpoint(state))
             if stopping:
@@ -323,6 +328,7 @@ class _WindowLogger:
         self.pos = pos  # epoch position of the first step in `self.window`
         self.window = None  # stacked per-step host metrics, leading [steps]
         self.epoch_sums = None
+        self.warned = None  # (first, last) step of a non-finite loss let through by "warn"
 
     def add(self, chunks: list, *, flush: bool) -> None:
         chunks = ([self.window] if self.window is not None else []) + list(chunks)
@@ -341,7 +347,8 @@ class _WindowLogger:
         self.pos += used
 
     def _log(self, sums: dict, lo: int, hi: int) -> None:
-        _check_finite(sums, self.step0 + lo, self.step0 + hi, self.on_nonfinite)
+        if _check_finite(sums, self.step0 + lo, self.step0 + hi, self.on_nonfinite):
+            self.warned = (self.step0 + lo, self.step0 + hi)
         self.epoch_sums = sums if self.epoch_sums is None else jmetrics.merge(self.epoch_sums, sums)
         record = {"kind": "train", "step": self.step0 + hi, "epoch": self.epoch}
         record.update(jmetrics.compute(sums))
@@ -355,15 +362,32 @@ def _scalars(values: dict) -> dict:
     return {k: v for k, v in values.items() if isinstance(v, float)}
 
 
-def _check_finite(sums: dict, first_step: int, last_step: int, on_nonfinite: str) -> None:
+def _check_finite(sums: dict, first_step: int, last_step: int, on_nonfinite: str) -> bool:
+    """Raises on a non-finite loss ("raise"); returns True when "warn" let one through."""
     loss = sums.get("loss")
     if on_nonfinite == "ignore" or loss is None or np.all(np.isfinite(loss.compute())):
-        return
+        return False
     where = f"non-finite training loss between steps {first_step + 1} and {last_step}"
     if on_nonfinite == "warn":
         log.warning("%s", where)
-        return
+        return True
     raise FloatingPointError(
-        f"{where}: lower the learning rate, check the inputs, or pass --skip-nonfinite; the "
-        "last checkpoint saved before this is intact"
+        f"{where}: lower the learning rate or check the inputs; to skip such updates instead, "
+        "wrap the optimiser in optax.apply_if_finite and pass on_nonfinite='warn'. The last "
+        "checkpoint saved before this is intact"
     )
+
+
+NOT_SKIPPED = (
+    "on_nonfinite='warn' goes on past a non-finite loss (between steps {first} and {last}) "
+    "only when the optimiser skips such updates, but the parameters are now non-finite: "
+    "wrap it in optax.apply_if_finite(tx, max_consecutive_errors=...), or use "
+    "on_nonfinite='raise'"
+)
+
+
+def _check_skipped(params: Any, steps: tuple[int, int]) -> None:
+    """After "warn" let a non-finite loss through: the parameters must still be finite."""
+    leaves = jax.device_get(jax.tree.leaves(params))
+    if not all(np.all(np.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)):
+        raise FloatingPointError(NOT_SKIPPED.format(first=steps[0] + 1, last=steps[1]))

@@ -293,3 +293,70 @@ class TestFlagsAndArguments:
             args = {"epochs": 1, "batch_size": 8, **change}
             with pytest.raises(ValueError, match="^" + message):
                 sweep.run_sweep(objective, tx, [{"seed": 0}], _tiny(), **args)
+
+
+class TestModesDoWhatTheySay:
+    def _fit(self, tx, on_nonfinite):
+        data = _tiny()
+        data["image"][:, 0] = np.nan  # every step's loss and gradient are NaN
+        objective = adapters.linen(
+            nn.Dense(3),
+            loss=lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none"),
+        )
+        state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
+        return loop.fit(
+            state,
+            train.make_train_step(objective.loss_fn, tx),
+            parallel.make_data_parallel(devices=1),
+            data,
+            data_key=jax.random.key(1),
+            epochs=1,
+            batch_size=8,
+            steps_per_dispatch=1,
+            log_every_steps=2,
+            on_nonfinite=on_nonfinite,
+        )
+
+    def test_warn_without_skipping_updates_raises(self, caplog):
+        with pytest.raises(FloatingPointError) as e:
+            self._fit(optax.sgd(0.1), "warn")
+        assert str(e.value).startswith("on_nonfinite='warn' goes on past a non-finite loss")
+        assert "optax.apply_if_finite" in str(e.value)
+
+    def test_warn_with_apply_if_finite_keeps_finite_params(self, caplog):
+        result = self._fit(optax.apply_if_finite(optax.sgd(0.1), 100), "warn")
+        leaves = jax.tree.leaves(result.state.params)
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+        assert "non-finite training loss between steps 1 and 2" in caplog.text
+
+    def test_raise_names_the_api_fix_not_a_flag(self):
+        with pytest.raises(FloatingPointError) as e:
+            self._fit(optax.sgd(0.1), "raise")
+        assert "non-finite training loss between steps 1 and 2" in str(e.value)
+        assert "--" not in str(e.value) and "optax.apply_if_finite" in str(e.value)
+
+    def test_l1_proximal_not_last_is_refused(self):
+        from jaxnets import optim, regularizers
+
+        params = {"Dense_0": {"kernel": np.ones((2, 2), np.float32)}}
+        bad = [
+            (optax.chain(regularizers.l1_proximal(0.1, 0.1), optax.sgd(0.1, momentum=0.9)), 2),
+            (optax.chain(regularizers.l1_proximal(0.1, 0.1), optax.scale(-0.1)), 1),
+            (
+                optax.apply_if_finite(
+                    optax.chain(regularizers.l1_proximal(0.1, 0.1), optax.sgd(0.1)), 3
+                ),
+                2,
+            ),
+        ]
+        for tx, n in bad:
+            with pytest.raises(ValueError) as e:
+                train.create_train_state(params, tx, key=jax.random.key(0))
+            assert str(e.value).startswith(f"l1_proximal is followed by {n} transform(s)")
+        good = [
+            optax.chain(optax.sgd(0.1), regularizers.l1_proximal(0.1, 0.1)),
+            optim.sgd(optim.inverse_time_decay(0.1, 1e-6), momentum=0.9, l1=0.1, weight_decay=0.1),
+            optax.apply_if_finite(optim.sgd(0.1, l1=0.1), 10),
+        ]
+        for tx in good:
+            train.create_train_state(params, tx, key=jax.random.key(0))
