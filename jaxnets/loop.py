@@ -226,6 +226,7 @@ def fit(
     for action in actions:
         _check_periodic(action)
     n = train.num_examples(train_data, "training data")
+    _check_data_finite(train_data, "training data")
     dp.check_batch(batch_size)
     steps_per_epoch = n // batch_size
     train.epoch_indices(data_key, 0, n, batch_size)  # validates the batch size
@@ -372,10 +373,24 @@ def _check_finite(sums: dict, first_step: int, last_step: int, on_nonfinite: str
         log.warning("%s", where)
         return True
     raise FloatingPointError(
-        f"{where}: lower the learning rate or check the inputs; to skip such updates instead, "
+        f"{where}: lower the learning rate, or check the labels (class ids outside the "
+        "model's classes give NaN: jaxnets.data.check_labels); to skip such updates instead, "
         "wrap the optimiser in optax.apply_if_finite and pass on_nonfinite='warn'. The last "
         "checkpoint saved before this is intact"
     )
+
+
+def _check_data_finite(data: Batch, what: str) -> None:
+    """Once, on the host: NaN or Inf in float inputs would show up as a non-finite loss."""
+    for path, x in jax.tree_util.tree_flatten_with_path(data)[0]:
+        x = np.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.inexact) and not np.all(np.isfinite(x)):
+            bad = ~np.isfinite(x.reshape(len(x), -1)).all(-1)
+            raise ValueError(
+                f"{what}{jax.tree_util.keystr(path)}: {int(bad.sum())} of {len(x)} examples "
+                f"hold NaN or Inf (the first is example {int(np.argmax(bad))}); fix or drop "
+                "them before training"
+            )
 
 
 NOT_SKIPPED = (

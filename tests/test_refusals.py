@@ -11,6 +11,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -298,10 +299,8 @@ class TestFlagsAndArguments:
 class TestModesDoWhatTheySay:
     def _fit(self, tx, on_nonfinite):
         data = _tiny()
-        data["image"][:, 0] = np.nan  # every step's loss and gradient are NaN
-        objective = adapters.linen(
-            nn.Dense(3),
-            loss=lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none"),
+        objective = adapters.linen(  # every step's loss and gradient are NaN: sqrt(< 0)
+            nn.Dense(3), loss=lambda logits, y: jnp.sqrt(logits[:, 0] - 1e6)
         )
         state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
         return loop.fit(
@@ -360,3 +359,52 @@ class TestModesDoWhatTheySay:
         ]
         for tx in good:
             train.create_train_state(params, tx, key=jax.random.key(0))
+
+
+class TestLabelsAndInputs:
+    def test_labels_outside_the_classes(self):
+        from jaxnets.data import check_labels
+
+        with pytest.raises(ValueError) as e:
+            check_labels(np.array([0, 1, 10, 3]), 10, what="training labels")
+        assert str(e.value).startswith(
+            "training labels: label 10 outside [0, 10) (1 of 4 labels; they span [0, 10])"
+        )
+        with pytest.raises(ValueError, match=r"label -1 outside \[0, 3\)"):
+            check_labels(np.array([-1, 0, 2]), 3)
+        check_labels(np.array([0, 2, 1]), 3)
+
+    def test_float_labels(self):
+        from jaxnets.data import check_labels
+
+        check_labels(np.eye(3, dtype=np.float32)[[0, 2, 1]], 3)  # one-hot is fine
+        with pytest.raises(ValueError, match=r"class ids stored as floats: use labels.astype"):
+            check_labels(np.array([0.0, 2.0, 1.0]), 3)
+        with pytest.raises(ValueError, match=r"float labels of shape \(3, 4\) for 3 classes"):
+            check_labels(np.ones((3, 4), np.float32) / 4, 3)
+        with pytest.raises(ValueError, match="row 1 sums to 2"):
+            check_labels(np.array([[1.0, 0, 0], [1.0, 1.0, 0]]), 3)
+
+    def test_inputs_of_the_wrong_dtype_or_non_finite(self, tmp_path):
+        from jaxnets import data as jdata
+
+        with pytest.raises(
+            TypeError, match="normalize expects uint8 images in 0..255, got float32"
+        ):
+            jdata.normalize(np.zeros((2, 28, 28, 1), np.float32))
+        bad = _tiny()
+        bad["image"][5, 2] = np.nan
+        with pytest.raises(ValueError) as e:
+            _tiny_run(tmp_path / "nan", data=bad, checkpoint=False)
+        assert str(e.value).startswith(
+            "training data['image']: 1 of 48 examples hold NaN or Inf (the first is example 5)"
+        )
+
+    def test_float_one_hot_labels_train_and_float_ids_say_so(self, tmp_path):
+        data = _tiny()
+        data["label"] = np.eye(3, dtype=np.float32)[data["label"]]
+        result = _tiny_run(tmp_path / "oh", data=data, checkpoint=False, epochs=1)
+        assert int(result.state.step) == 6
+        data["label"] = _tiny()["label"].astype(np.float32)
+        with pytest.raises(ValueError, match="class indices must be integers"):
+            _tiny_run(tmp_path / "ids", data=data, checkpoint=False, epochs=1)
