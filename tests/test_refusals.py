@@ -408,3 +408,42 @@ class TestLabelsAndInputs:
         data["label"] = _tiny()["label"].astype(np.float32)
         with pytest.raises(ValueError, match="class indices must be integers"):
             _tiny_run(tmp_path / "ids", data=data, checkpoint=False, epochs=1)
+
+
+class TestCaches:
+    @staticmethod
+    def _entry(tmp_path):
+        from jaxnets.data import cache
+
+        calls = []
+
+        def build():
+            calls.append(1)
+            return np.arange(4000, dtype=np.uint8).reshape(10, 400), np.arange(10, dtype=np.int32)
+
+        def load():
+            return cache.cached(str(tmp_path), "idx-train-abc", build)
+
+        return load, calls, tmp_path / "idx-train-abc.npz"
+
+    @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "other_source"])
+    def test_a_damaged_entry_is_rebuilt_with_a_warning_naming_it(self, tmp_path, damage, caplog):
+        load, calls, path = self._entry(tmp_path)
+        images, labels, hit = load()
+        assert not hit and calls == [1]
+        raw = bytearray(path.read_bytes())
+        if damage == "truncate":
+            path.write_bytes(raw[: len(raw) // 2])
+        elif damage == "flip":
+            raw[len(raw) // 3] ^= 1  # inside the images' bytes: only the CRC-32 sees it
+            path.write_bytes(raw)
+        elif damage == "garbage":
+            path.write_bytes(b"not a zip file")
+        else:  # a valid entry of another source, copied over this one's name
+            np.savez(path, images=images, labels=labels, source=np.array("idx-train-xyz"))
+        again, again_labels, hit = load()
+        assert not hit and calls == [1, 1]  # rebuilt, not trusted and not fatal
+        np.testing.assert_array_equal(again, images)
+        assert f"the cache entry {path} is unusable" in caplog.text
+        assert load()[2]  # the rebuilt entry is used from then on
+        assert calls == [1, 1]
