@@ -5,6 +5,8 @@ The on-disk layout (readable with plain Orbax) is in the README, "Checkpoints on
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -23,7 +25,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from jaxnets import fingerprint
 from jaxnets.types import PyTree
-from jaxnets.workdir import check_workdir_writable
+from jaxnets.workdir import check_free_space, check_workdir_writable
 
 FORMAT = "jaxnets.checkpoint/1"
 _STATE, _META = "state", "meta"
@@ -255,19 +257,57 @@ class Checkpointer:
             "leaves": specs,
             "fingerprint": prints,
         }
+        self.check_space(tree, step=step)
         ranked = None
         if self._best_metric is not None and metrics is not None:
             value = metrics.get(self._best_metric)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 ranked = {self._best_metric: float(value)}
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(tree), _META: ocp.args.JsonSave(meta)}
-            ),
-            metrics=ranked,
-            force=True,
-        )
+        with self._disk_errors():
+            return self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardSave(tree), _META: ocp.args.JsonSave(meta)}
+                ),
+                metrics=ranked,
+                force=True,
+            )
+
+    def check_space(self, state: PyTree, *, step: int | None = None) -> None:
+        """Raises OSError(ENOSPC) now if the directory cannot hold another checkpoint of `state`.
+
+        `save` checks before it writes anything, so a full disk stops a run with one message
+        naming the directory and the space needed, the previous checkpoint untouched. The
+        need is the larger of the latest checkpoint's size on disk and 1.25x this process's
+        share of the state's bytes plus 64 KiB (metadata files, file-system blocks).
+        """
+        leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype")]
+        data = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+        need = int(1.25 * data / jax.process_count()) + 64 * 1024
+        latest = self.latest_step()
+        if latest is not None:
+            need = max(need, _disk_bytes(os.path.join(self.directory, str(latest))))
+        what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        intact = f"; the previous checkpoint (step {latest}) is intact" if latest else ""
+        check_free_space(self.directory, need, what=what, previous=intact)
+
+    @contextlib.contextmanager
+    def _disk_errors(self):
+        """A full disk met mid-save (another writer took the space) as one clear OSError."""
+        try:
+            yield
+        except Exception as e:
+            text = str(e)
+            if getattr(e, "errno", None) == errno.ENOSPC or any(
+                s in text for s in ("No space left", "RESOURCE_EXHAUSTED")
+            ):
+                raise OSError(
+                    errno.ENOSPC,
+                    f"{self.directory}: the disk filled up while a checkpoint was written "
+                    f"({_short(e)}); free space there or use another directory. The previous "
+                    "checkpoint is intact (a save is renamed into place only once complete)",
+                ) from None
+            raise
 
     def restore(
         self, target: PyTree, *, step: int | None = None
@@ -388,7 +428,8 @@ class Checkpointer:
         Safe inside a running asyncio event loop (a notebook cell): it joins Orbax's
         finalize thread and runs no event loop of its own.
         """
-        self._manager.wait_until_finished()
+        with self._disk_errors():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Flushes the pending save and releases Orbax's threads."""
@@ -437,6 +478,18 @@ def _silence_abandoned_reads() -> None:
 
     hook._jaxnets_filter = True
     sys.unraisablehook = hook
+
+
+def _disk_bytes(path: str) -> int:
+    """Space a directory's files take on disk (allocated blocks, not their lengths)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
 
 
 def _short(e: BaseException) -> str:

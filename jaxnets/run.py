@@ -345,6 +345,12 @@ def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> R
                 log.warning(
                     "resuming from step %d of %d (%s)", start_step, total_steps, checkpoints
                 )
+    if manager is not None and start_step < total_steps:
+        try:  # a full disk is refused now, not after an epoch of training
+            manager.check_space(state)
+        except BaseException:
+            manager.close()
+            raise
     if parallel.is_main_process():
         writers.write_json(path / "config.json", config)
     return Run(path, config, state, start_step, manager, flags, total_steps=total_steps, lock=lock)

@@ -400,7 +400,7 @@ def test_check_workdir_writable(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(PermissionError, match=r"work directory .*file/run is not writable"):
         check_workdir_writable(tmp_path / "file" / "run")
-    with pytest.raises(OSError, match=r"MiB free but checkpoints need"):
+    with pytest.raises(OSError, match=r"MiB free but a checkpoint of this run needs"):
         check_workdir_writable(tmp_path, required_bytes=1 << 62)
 
 

@@ -447,3 +447,75 @@ class TestCaches:
         assert f"the cache entry {path} is unusable" in caplog.text
         assert load()[2]  # the rebuilt entry is used from then on
         assert calls == [1, 1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB tmpfs (needs root; skipped where mounting is not allowed)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def _fill(disk, leave=0):
+    st = os.statvfs(disk)
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+
+
+class TestDiskFull:
+    def test_a_save_on_a_full_disk_is_refused_and_the_previous_checkpoint_kept(self, small_disk):
+        from jaxnets.checkpoint import Checkpointer
+
+        state = {"w": np.arange(4096, dtype=np.float32)}  # 16 KiB
+        with Checkpointer(small_disk / "ck") as ckpt:
+            ckpt.save(1, state, metadata={})
+        _fill(small_disk, leave=8192)
+        with Checkpointer(small_disk / "ck") as ckpt:
+            with pytest.raises(OSError) as e:
+                ckpt.save(2, {"w": state["w"] + 1}, metadata={})
+            assert e.value.errno == 28
+            message = str(e.value)
+            assert f"{small_disk / 'ck'} has 0.0 MiB free but checkpoint step 2 needs" in message
+            assert "the previous checkpoint (step 1) is intact" in message
+            assert ckpt.all_steps() == [1]
+            restored, _, step = ckpt.restore(state)
+        assert step == 1
+        np.testing.assert_array_equal(restored["w"], state["w"])
+        assert sorted(os.listdir(small_disk / "ck")) == ["1"]  # no half-written step
+
+    def test_a_run_on_a_full_disk_stops_before_training(self, small_disk):
+        _tiny_run(small_disk / "wd", epochs=1)
+        _fill(small_disk, leave=4096)
+        t0 = time.monotonic()
+        with pytest.raises(OSError, match=r"MiB free but a checkpoint needs about") as e:
+            _tiny_run(small_disk / "wd", epochs=2)
+        assert "the previous checkpoint (step 6) is intact" in str(e.value)
+        assert time.monotonic() - t0 < 30
+        os.remove(small_disk / "filler")  # space freed: the run resumes from step 6
+        assert int(_tiny_run(small_disk / "wd", epochs=2).state.step) == 12
+
+    def test_a_disk_that_fills_during_the_write_gives_one_message(self, tmp_path, monkeypatch):
+        """Simulated ENOSPC inside Orbax (another writer took the space after the check)."""
+        from jaxnets import checkpoint
+
+        state = {"w": np.arange(16, dtype=np.float32)}
+        with checkpoint.Checkpointer(tmp_path / "ck", async_save=False) as ckpt:
+            ckpt.save(1, state, metadata={})
+            real = ckpt._manager.save
+
+            def full(*args, **kwargs):
+                raise ValueError('RESOURCE_EXHAUSTED: Error writing "step/.zarray" in OCDBT')
+
+            monkeypatch.setattr(ckpt._manager, "save", full)
+            with pytest.raises(OSError) as e:
+                ckpt.save(2, state, metadata={})
+            assert e.value.errno == 28 and "the disk filled up while a checkpoint" in str(e.value)
+            monkeypatch.setattr(ckpt._manager, "save", real)
+            assert ckpt.all_steps() == [1]
