@@ -519,3 +519,41 @@ class TestDiskFull:
             assert e.value.errno == 28 and "the disk filled up while a checkpoint" in str(e.value)
             monkeypatch.setattr(ckpt._manager, "save", real)
             assert ckpt.all_steps() == [1]
+
+
+class TestHints:
+    def test_an_unwritable_kernel_cache_is_named_not_a_missing_compiler(
+        self, tmp_path, monkeypatch
+    ):
+        from jaxnets.models import cnn, native_conv
+
+        (tmp_path / "file").write_text("a file where the cache directory should be")
+        monkeypatch.setenv("JAXNETS_CACHE_DIR", str(tmp_path / "file" / "cache"))
+        with pytest.raises(native_conv._Unavailable) as e:
+            native_conv._build()
+        reason, fix = e.value.args
+        assert reason.startswith(f"the kernel cache {tmp_path / 'file' / 'cache' / 'native'} is")
+        assert "not writable" in reason
+        assert fix.startswith("set $JAXNETS_CACHE_DIR to a writable directory")
+        monkeypatch.setattr(native_conv, "available", lambda: False)
+        monkeypatch.setattr(native_conv, "unavailable_reason", lambda: reason)
+        monkeypatch.setattr(native_conv, "unavailable_fix", lambda: fix)
+        monkeypatch.setattr(cnn.jax, "default_backend", lambda: "cpu")
+        cnn._warn_native_unavailable.cache_clear()
+        with pytest.warns(RuntimeWarning) as warned:
+            cnn.resolve_conv_impl("auto")
+        text = str(warned[0].message)
+        assert "not writable" in text and "Fix: set $JAXNETS_CACHE_DIR" in text
+        assert "g++" not in text
+        with pytest.raises(RuntimeError, match=r"Fix: set \$JAXNETS_CACHE_DIR.*conv_impl='im2col'"):
+            cnn.resolve_conv_impl("native")
+        cnn._warn_native_unavailable.cache_clear()
+
+    def test_library_errors_name_no_experiment_flag(self, tmp_path):
+        from jaxnets import checkpoint, workdir
+
+        assert "--" not in checkpoint.START_FRESH and "--" not in workdir.DISK_FULL
+        (tmp_path / "file").write_text("x")
+        with pytest.raises(PermissionError) as e:
+            workdir.check_workdir_writable(tmp_path / "file" / "run")
+        assert "--" not in str(e.value) and "use another directory" in str(e.value)
