@@ -557,3 +557,49 @@ class TestHints:
         with pytest.raises(PermissionError) as e:
             workdir.check_workdir_writable(tmp_path / "file" / "run")
         assert "--" not in str(e.value) and "use another directory" in str(e.value)
+
+
+class TestExitStatus:
+    @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+    def test_a_run_stopped_by_a_signal_reports_128_plus_its_number(self, tmp_path, signum):
+        data = _tiny()
+        objective = adapters.linen(
+            nn.Dense(3),
+            loss=lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none"),
+        )
+        tx = optax.sgd(0.1)
+        dp = parallel.make_data_parallel(devices=1)
+        state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
+        flags = run.RunConfig(
+            workdir=str(tmp_path), progress=False, steps_per_dispatch=1, log_every_steps=1
+        )
+        with run.open_run(flags, {}, state, dp, result_fields=(), total_steps=18) as work:
+            options = work.fit_options(epochs=3)
+            log = options["hooks"].on_log
+            sent = []
+
+            def on_log(record):  # the signal arrives while training
+                log(record)
+                if not sent:
+                    sent.append(os.kill(os.getpid(), signum))
+
+            options["hooks"] = options["hooks"]._replace(on_log=on_log)
+            result = loop.fit(
+                work.state,
+                train.make_train_step(objective.loss_fn, tx),
+                dp,
+                data,
+                data_key=jax.random.key(1),
+                epochs=3,
+                batch_size=8,
+                **options,
+            )
+            summary = work.summarise(result, dp, steps_per_epoch=6, batch_size=8)
+        assert summary["stopped_early"] and summary["step"] < 18
+        assert summary["stop_signal"] == signum
+        assert run.exit_status(summary) == 128 + signum  # 130 for SIGINT, 143 for SIGTERM
+        saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+        assert saved[-1] == summary["step"]  # saved before it stopped
+
+    def test_a_finished_run_exits_0(self):
+        assert run.exit_status({"stopped_early": False, "stop_signal": None}) == 0
