@@ -41,11 +41,14 @@ class _Examples:
         return {"image": self.images[i], "label": self.labels[i], "name": f"example {i}"}
 
 
+def _drop_name(example):
+    return {"image": example["image"], "label": example["label"]}
+
+
 def test_a_users_source_class_with_a_host_transform_streams():
     images, labels = test_train._data()
     source = _Examples(images, labels)
-    drop_name = lambda e: {"image": e["image"], "label": e["label"]}
-    stream = inputs.Stream(source, transform=drop_name, num_threads=2, prefetch=3)
+    stream = inputs.Stream(source, transform=_drop_name, num_threads=2, prefetch=3)
     streamed, _ = test_train._run(devices=1, k=2, train_data=stream)
     resident, _ = test_train._run(devices=1, k=2, train_input="resident")
     _assert_equal(resident, streamed)
