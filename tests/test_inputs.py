@@ -60,11 +60,22 @@ def test_memory_mapped_npy_files_stream(tmp_path):
     images, labels = test_train._data()
     np.save(tmp_path / "x.npy", images)
     np.save(tmp_path / "y.npy", labels)
-    source = inputs.open_npy({"image": tmp_path / "x.npy", "label": tmp_path / "y.npy"})
-    assert isinstance(source.tree["image"], np.memmap) and len(source) == len(labels)
+    paths = {"image": tmp_path / "x.npy", "label": tmp_path / "y.npy"}
+    source, mapped = inputs.open_npy(paths), inputs.open_npy(paths, mmap=True)
+    assert isinstance(mapped.tree["image"], np.memmap) and len(source) == len(labels)
+    rows = np.array([[5, 0, 255], [7, 7, 1]])
+    _assert_equal(source.read_batch(rows), {"image": images[rows], "label": labels[rows]})
+    _assert_equal(mapped.read_batch(rows), source.read_batch(rows))
+    assert source.nbytes == images.nbytes + labels.nbytes
     streamed, _ = test_train._run(devices=2, k=3, train_data=inputs.Stream(source))
     resident, _ = test_train._run(devices=2, k=3, train_input="resident")
     _assert_equal(resident, streamed)
+    with pytest.raises(IndexError, match=r"row 256 of .*x.npy \(256 rows\)"):
+        source.read_batch(np.array([256]))
+    with open(tmp_path / "x.npy", "r+b") as f:  # a file cut short after it was opened
+        f.truncate(1000)
+    with pytest.raises(OSError, match=r"x.npy is truncated: row 200 is incomplete"):
+        source.read_batch(np.array([200]))
 
 
 def test_resident_memory_check_points_at_streaming(monkeypatch, caplog):
