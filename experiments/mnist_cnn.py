@@ -26,7 +26,7 @@ from typing import ClassVar
 import jax
 import numpy as np
 
-from jaxnets import adapters, loop, losses, optim, parallel, regularizers, run, train
+from jaxnets import adapters, inputs, loop, losses, optim, parallel, regularizers, run, train
 from jaxnets import data as jdata
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import NONNEGATIVE, TRAINING_CHECKS, Rule
@@ -189,6 +189,10 @@ def main(config: Config) -> dict:
         else None
     )
 
+    train_data = inputs.resolve({"image": x_train, "label": y_train}, dp, config.input)
+    streamed = isinstance(train_data, inputs.Stream)
+    log.warning("input: %s", "streamed (Grain)" if streamed else "resident on the devices")
+
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     state = train.create_train_state(
         objective.init, tx, {"image": x_train[:1], "label": y_train[:1]}, key=init_key
@@ -209,13 +213,13 @@ def main(config: Config) -> dict:
             work.state,
             train_step,
             dp,
-            {"image": x_train, "label": y_train},
+            train_data,
             data_key=data_key,
             epochs=config.epochs,
             batch_size=config.batch_size,
             evaluation=evaluation,
             on_nonfinite="warn" if config.skip_nonfinite else "raise",
-            **work.fit_options(epochs=config.epochs),
+            **work.fit_options(epochs=config.epochs, data=train_data),
         )
         test_data = {"image": test_set.images, "label": test_set.labels}
         test_eval = loop.make_evaluation(eval_step, dp, test_data, batch_size=config.batch_size)

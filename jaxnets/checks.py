@@ -98,6 +98,7 @@ RUN_CHECKS = {
     "devices": Rule(int, low=1, optional=True),
     "parallel": Rule(str, choices=("pmap", "shard_map")),
     "steps_per_dispatch": Rule(int, low=1, optional=True),
+    "input": Rule(str, choices=("auto", "resident", "stream")),
     "log_every_steps": POSITIVE_INT,
     "checkpoint_every_steps": NONNEGATIVE_INT,
     "checkpoint_every_minutes": NONNEGATIVE,

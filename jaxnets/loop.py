@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import dispatch, parallel, train
+from jaxnets import dispatch, inputs, parallel, train
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import POSITIVE_INT, Rule, check_argument
 from jaxnets.types import Batch, PRNGKey
@@ -175,11 +175,12 @@ def fit(
     state: train.TrainState,
     train_step: Callable,
     dp: parallel.DataParallel,
-    train_data: Batch,
+    train_data: Batch | inputs.Stream | Any,
     *,
     data_key: PRNGKey,
     epochs: int,
     batch_size: int,
+    input: str = "auto",
     evaluation: Evaluation | None = None,
     steps_per_dispatch: int | None = None,
     log_every_steps: int = 10,
@@ -196,11 +197,14 @@ def fit(
         replicates it over `dp`); its step says where to start.
       train_step: `train.make_train_step(loss_fn, tx, axis_name=dp.axis_name)`.
       dp: the data-parallel plan.
-      train_data: the training set as a host batch pytree (`{"image": x, "label": y}`),
-        put on the devices once.
+      train_data: the training set: a host batch pytree (`{"image": x, "label": y}`),
+        put on the devices once or streamed (`input`); an `inputs.Stream`; or any
+        random-access source (`__len__`, `__getitem__`: streamed).
       data_key: key of the data order (epoch e uses `fold_in(data_key, e)`).
       epochs: total epochs (a finished run given more epochs continues).
       batch_size: global batch.
+      input: "auto" (resident when the data fits with a margin, else streamed; logged),
+        "resident", or "stream" (`jaxnets.inputs`). Both give the same numbers.
       evaluation: evaluated after every epoch (`make_evaluation`); its metrics get `val_`.
       steps_per_dispatch: steps per device call; None: measured (module docstring), or
         `dispatch.scan_candidates` with several processes (they must all make the same
@@ -225,20 +229,27 @@ def fit(
     _check_fit_args(data_key, epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite)
     for action in actions:
         _check_periodic(action)
-    n = train.num_examples(train_data, "training data")
-    _check_data_finite(train_data, "training data")
+    data = inputs.resolve(train_data, dp, input)
+    if isinstance(data, inputs.Stream):
+        n = len(data)
+    else:
+        n = train.num_examples(data, "training data")
+        _check_data_finite(data, "training data")
     dp.check_batch(batch_size)
     steps_per_epoch = n // batch_size
     train.epoch_indices(data_key, 0, n, batch_size)  # validates the batch size
     if epoch_indices is None:
         epoch_indices = lambda epoch: train.epoch_indices(data_key, epoch, n, batch_size)
-    run = train.make_epoch_runner(train_step, dp)
     step = int(np.max(jax.device_get(state.step)))  # a sweep holds one step per model
     total_steps = epochs * steps_per_epoch
     history: list[dict] = []
     if step >= total_steps:
         return FitResult(state, history, False, steps_per_dispatch or 1)
-    state, data = dp.replicate(state), dp.replicate(train_data)
+    feed = inputs.make_feed(data, dp, data_key=data_key, batch_size=batch_size)
+    run = feed.runner(train_step)
+    state = dp.replicate(state)
+    if isinstance(feed, inputs._StreamFeed):
+        feed.check_position(step)
 
     # Every program the plan calls is compiled here, before the first step: none later.
     start_epoch, start_pos = divmod(step, steps_per_epoch)
@@ -249,17 +260,17 @@ def fit(
         lengths = set(chunk_plan(start_pos, steps_per_epoch, k))
         if start_epoch + 1 < epochs:
             lengths |= set(chunk_plan(0, steps_per_epoch, k))
-        return {c: run.lower(state, data, dp.shard_columns(first[:c])) for c in lengths}
+        return {c: run.lower(state, *feed.args(first[:c])) for c in lengths}
 
     lowered = compile_for(k)
     programs = {c: lo.compile() for c, lo in lowered.items()}
     # With several processes every one must make the same calls: no measured (local) choice.
     if steps_per_dispatch is None and k > 1 and jax.process_count() == 1:
-        single = programs.get(1) or run.lower(state, data, dp.shard_columns(first[:1])).compile()
+        single = programs.get(1) or run.lower(state, *feed.args(first[:1])).compile()
         k = dispatch.choose_steps_per_call(
             {1: single, k: programs[k]},
             state,
-            data,
+            feed.args,
             first,
             dp,
             key_text=lowered[k].as_text(),
@@ -276,9 +287,15 @@ def fit(
         logger = _WindowLogger(epoch, step, pos, log_every_steps, hooks, bar, on_nonfinite)
         pending: list[Any] = []  # per-step metrics of chunks not yet read back
         t0 = time.perf_counter()
-        for c in chunk_plan(pos, steps_per_epoch, k):
-            state, metrics = programs[c](state, data, dp.shard_columns(idx[pos : pos + c]))
+        plan = chunk_plan(pos, steps_per_epoch, k)
+        chunks = feed.chunks(idx, pos, plan)
+        ahead = next(chunks)
+        for c in plan:
+            state, metrics = programs[c](state, *ahead)
+            # The host reads and places the next chunk while this one runs.
+            ahead = next(chunks, None)
             pos, step = pos + c, step + c
+            feed.consumed(step, epoch)
             pending.append(metrics)
             epoch_end = pos == steps_per_epoch
             stopping = bool(hooks.should_stop and hooks.should_stop())
@@ -302,6 +319,7 @@ def fit(
                 actions[j].fn(step, dp.to_checkpoint(state))
             if stopping:
                 break
+        chunks.close()
         if bar is not None:
             bar.close()
         if stopping and pos != steps_per_epoch:
