@@ -366,7 +366,8 @@ class _WindowLogger:
         self.pos += used
 
     def _log(self, sums: dict, lo: int, hi: int) -> None:
-        if _check_finite(sums, self.step0 + lo, self.step0 + hi, self.on_nonfinite):
+        warned = _check_finite(sums, self.step0 + lo, self.step0 + hi, self.on_nonfinite)
+        if warned and self.warned is None:  # the first window let through, for the message
             self.warned = (self.step0 + lo, self.step0 + hi)
         self.epoch_sums = sums if self.epoch_sums is None else jmetrics.merge(self.epoch_sums, sums)
         record = {"kind": "train", "step": self.step0 + hi, "epoch": self.epoch}

@@ -319,7 +319,9 @@ class TestModesDoWhatTheySay:
     def test_warn_without_skipping_updates_raises(self, caplog):
         with pytest.raises(FloatingPointError) as e:
             self._fit(optax.sgd(0.1), "warn")
-        assert str(e.value).startswith("on_nonfinite='warn' goes on past a non-finite loss")
+        assert str(e.value).startswith(
+            "on_nonfinite='warn' goes on past a non-finite loss (between steps 1 and 2)"
+        )
         assert "optax.apply_if_finite" in str(e.value)
 
     def test_warn_with_apply_if_finite_keeps_finite_params(self, caplog):
@@ -603,3 +605,12 @@ class TestExitStatus:
 
     def test_a_finished_run_exits_0(self):
         assert run.exit_status({"stopped_early": False, "stop_signal": None}) == 0
+
+
+def test_normalize_checks_the_dtype_of_traced_images_too():
+    from jaxnets import data as jdata
+
+    out = jax.jit(jdata.normalize)(np.array([[0, 255]], np.uint8))
+    np.testing.assert_array_equal(np.asarray(out), [[0.0, 1.0]])
+    with pytest.raises(TypeError, match="got float32"):
+        jax.jit(jdata.normalize)(np.zeros((1, 2), np.float32))

@@ -62,7 +62,7 @@ def normalize(images: jax.Array | np.ndarray) -> jax.Array:
       TypeError: the images are not uint8 (float images are most often already scaled:
         dividing them by 255 again would silently train on near-zero inputs).
     """
-    dtype = np.dtype(getattr(images, "dtype", np.asarray(images).dtype))
+    dtype = np.dtype(images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype)
     if dtype != np.uint8:
         raise TypeError(NOT_UINT8.format(dtype=dtype))
     return jnp.asarray(images).astype(jnp.float32) / 255.0
