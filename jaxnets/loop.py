@@ -403,7 +403,9 @@ def _check_data_finite(data: Batch, what: str) -> None:
     """Once, on the host: NaN or Inf in float inputs would show up as a non-finite loss."""
     for path, x in jax.tree_util.tree_flatten_with_path(data)[0]:
         x = np.asarray(x)
-        if jnp.issubdtype(x.dtype, jnp.inexact) and not np.all(np.isfinite(x)):
+        if not jnp.issubdtype(x.dtype, jnp.inexact) or np.isfinite(x.sum()):
+            continue  # the sum is finite only if every value is (2x faster than isfinite)
+        if not np.all(np.isfinite(x)):  # else the sum merely overflowed
             bad = ~np.isfinite(x.reshape(len(x), -1)).all(-1)
             raise ValueError(
                 f"{what}{jax.tree_util.keystr(path)}: {int(bad.sum())} of {len(x)} examples "
