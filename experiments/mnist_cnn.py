@@ -32,7 +32,6 @@ from jaxnets import metrics as jmetrics
 from jaxnets.checks import NONNEGATIVE, TRAINING_CHECKS, Rule
 from jaxnets.config import config_to_dict, parse_config
 from jaxnets.data import augment as aug
-from jaxnets.lock import claim_workdir
 from jaxnets.models.cnn import MnistCNN
 
 log = logging.getLogger("jaxnets.mnist_cnn")
@@ -137,7 +136,7 @@ def make_preprocess(config: Config, train_images: np.ndarray):
 
 def main(config: Config) -> dict:
     """Trains, evaluates on the test split, writes the work directory; returns summary.json."""
-    claim_workdir(config.workdir)  # before loading any data: one run per directory
+    run.claim(config.workdir)  # before loading any data: one run per directory
 
     # Data: host arrays, validation = the last fraction of the training split (Keras).
     train_set = jdata.load(config.dataset, split="train", data_dir=config.data_dir)

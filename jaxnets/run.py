@@ -330,15 +330,24 @@ def open_run(
       The open `Run`; `run.state` is what to train from.
     """
     path = Path(flags.workdir)
-    check_workdir_writable(path)
-    # Process 0 owns the directory (the others may share its disk): a second run stops here.
-    lock = claim_workdir(path) if parallel.is_main_process() else None
+    lock = claim(path)
     try:
         return _open(flags, config, state, dp, result_fields, total_steps, path, lock)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+
+
+def claim(workdir: str | Path) -> WorkdirLock | None:
+    """Checks that `workdir` can hold a run and takes its lock (`lock.WorkdirLock`).
+
+    Process 0 owns the directory (the others may share its disk), so only it locks; a
+    second run on the directory stops here with the other run's pid. An experiment calls it
+    before loading data; `open_run` calls it again (the same lock) and releases it at close.
+    """
+    check_workdir_writable(workdir)
+    return claim_workdir(workdir) if parallel.is_main_process() else None
 
 
 def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> Run:
