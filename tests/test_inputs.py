@@ -138,3 +138,25 @@ def test_streamed_resume_mid_epoch_from_the_saved_position_is_bit_exact():
     wrong.set_state({**saved["data"], "step": 4})
     with pytest.raises(ValueError, match=r"saved position \(step 4.*train state at step 6"):
         test_train._run(devices=1, k=2, train_data=wrong, state=saved["state"])
+
+
+@pytest.mark.parametrize("backend,devices,chunk", [("shard_map", 4, 50), ("pmap", 2, 1)])
+def test_streamed_evaluation_equals_resident(backend, devices, chunk, monkeypatch):
+    """A padded last batch (50 examples, batch 32), in one call or one step per call."""
+    monkeypatch.setattr(loop, "EVAL_STEPS_PER_CALL", chunk)
+    state, _ = test_train._run(backend, devices, epochs=1, evaluate=False)
+    dp = test_train.parallel.make_data_parallel(backend=backend, devices=devices)
+    eval_step = test_train.train.make_eval_step(
+        test_train._objective().eval_fn, axis_name=dp.axis_name
+    )
+    images, labels = test_train._data(50, seed=3)
+    data = test_train._batch(images, labels)
+    got = {
+        how: loop.evaluate(
+            loop.make_evaluation(eval_step, dp, data, batch_size=32, input=how), state
+        )
+        for how in ("resident", "stream")
+    }
+    assert got["stream"].keys() == got["resident"].keys() == {"loss", "accuracy"}
+    for name, value in got["resident"].items():
+        assert got["stream"][name] == pytest.approx(value, rel=1e-6)
