@@ -78,6 +78,24 @@ def test_memory_mapped_npy_files_stream(tmp_path):
         source.read_batch(np.array([200]))
 
 
+def test_plain_idx_files_stream(tmp_path):
+    from jaxnets.data import idx
+
+    images, labels = test_train._data()
+    idx.write_idx(tmp_path / "images", images[..., 0])  # [N, 6, 6]: a channel axis is added
+    idx.write_idx(tmp_path / "labels", labels)
+    source = inputs.open_idx(tmp_path / "images", tmp_path / "labels")
+    rows = np.array([3, 255, 3])
+    _assert_equal(source.read_batch(rows), {"image": images[rows], "label": labels[rows]})
+    assert source.tree["label"].dtype == np.int32  # stored big-endian, served native
+    idx.write_idx(tmp_path / "labels.gz", labels)
+    with pytest.raises(ValueError, match=r"labels.gz is gzip-compressed.*gunzip it"):
+        inputs.open_idx(tmp_path / "images", tmp_path / "labels.gz")
+    idx.write_idx(tmp_path / "few", labels[:9])
+    with pytest.raises(ValueError, match=r"has 256 images but .*few has 9 labels"):
+        inputs.open_idx(tmp_path / "images", tmp_path / "few")
+
+
 def test_resident_memory_check_points_at_streaming(monkeypatch, caplog):
     monkeypatch.setattr(inputs, "free_bytes", lambda devices: 10_000)  # 12,032 bytes of data
     with pytest.raises(MemoryError, match=r"takes 0.00 GiB per device.*input='stream'"):
