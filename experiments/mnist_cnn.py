@@ -182,7 +182,11 @@ def main(config: Config) -> dict:
     eval_step = train.make_eval_step(objective.eval_fn, axis_name=dp.axis_name)
     evaluation = (
         loop.make_evaluation(
-            eval_step, dp, {"image": x_val, "label": y_val}, batch_size=config.batch_size
+            eval_step,
+            dp,
+            {"image": x_val, "label": y_val},
+            batch_size=config.batch_size,
+            input=config.input,
         )
         if len(y_val)
         else None
@@ -221,7 +225,9 @@ def main(config: Config) -> dict:
             **work.fit_options(epochs=config.epochs, data=train_data),
         )
         test_data = {"image": test_set.images, "label": test_set.labels}
-        test_eval = loop.make_evaluation(eval_step, dp, test_data, batch_size=config.batch_size)
+        test_eval = loop.make_evaluation(
+            eval_step, dp, test_data, batch_size=config.batch_size, input=config.input
+        )
         summary = work.summarise(
             result, dp, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size
         )

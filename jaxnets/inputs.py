@@ -27,7 +27,10 @@ import jax
 import numpy as np
 
 from jaxnets import parallel, train
+from jaxnets.data.records import ArraySource, RowFile, open_idx, open_npy
 from jaxnets.types import Batch, PRNGKey
+
+__all__ = ["ArraySource", "RowFile", "Stream", "open_idx", "open_npy", "resolve"]
 
 log = logging.getLogger("jaxnets.inputs")
 
@@ -38,99 +41,6 @@ STREAM_HINT = (
     "stream it instead: loop.fit(..., input='stream') or the experiments' --input stream "
     "(the data is then read from the host while training, in bounded memory)"
 )
-
-
-class ArraySource:
-    """Random access to a batch pytree of host arrays (numpy or memory-mapped `.npy`).
-
-    A batch of examples is read with one fancy index per leaf, not one Python call per
-    example; memory-mapped leaves are read from the file only where indexed.
-
-    Args:
-      tree: a pytree of arrays with the same leading example axis, e.g.
-        `{"image": uint8 [N, 28, 28, 1], "label": int32 [N]}`.
-    """
-
-    def __init__(self, tree: Batch):
-        self.tree = tree
-        self._len = train.num_examples(tree, "the streamed source")
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, i: int) -> Batch:
-        return jax.tree.map(lambda x: np.asarray(x[i]), self.tree)
-
-    def read_batch(self, indices: np.ndarray) -> Batch:
-        """The examples `indices` as one batch (leading axis `len(indices)`)."""
-        return jax.tree.map(lambda x: np.asarray(x[indices]), self.tree)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(x.nbytes for x in jax.tree.leaves(self.tree))
-
-
-class NpyFile:
-    """Rows of a `.npy` file read on demand with `os.pread`: an array-like for `ArraySource`.
-
-    Unlike a memory map, reading does not map the file into the process: pages the kernel
-    reads ahead stay in its page cache, and the process's memory holds only what was asked
-    for, however large the file and however long the run.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
-                version, np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = header(f)
-            self._offset = f.tell()
-        if fortran or dtype.hasobject or not shape:
-            raise ValueError(
-                f"{self.path}: a streamed .npy needs a C-ordered array of numbers with an "
-                f"example axis, got shape {shape}, dtype {dtype}, fortran_order={fortran}"
-            )
-        self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
-        self._row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        self._fd = os.open(self.path, os.O_RDONLY)
-        self.nbytes = self._row * shape[0]
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index) -> np.ndarray:
-        rows = np.asarray(index)
-        out = np.empty((rows.size, *self.shape[1:]), self.dtype)
-        flat = out.reshape(rows.size, -1).view(np.uint8)
-        for j, i in enumerate(rows.reshape(-1).tolist()):
-            if not 0 <= i < self.shape[0]:
-                raise IndexError(f"row {i} of {self.path} ({self.shape[0]} rows)")
-            if os.preadv(self._fd, [flat[j]], self._offset + i * self._row) != self._row:
-                raise OSError(f"{self.path} is truncated: row {i} is incomplete")
-        return out.reshape(*rows.shape, *self.shape[1:])
-
-    def __del__(self):
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            os.close(fd)
-
-
-def open_npy(paths: Mapping[str, str | os.PathLike], *, mmap: bool = False) -> ArraySource:
-    """A source over `.npy` files (one per field, same length), read without loading them.
-
-    Args:
-      paths: field name -> `.npy` path.
-      mmap: memory-map the files (`np.load(mmap_mode="r")`) instead of reading rows with
-        `os.pread` (`NpyFile`): the same values, but pages touched stay mapped, so the
-        process's resident memory grows towards the file's size over an epoch.
-
-    Example:
-      >>> source = open_npy({"image": "train_images.npy", "label": "train_labels.npy"})
-    """
-    read = (lambda p: np.load(p, mmap_mode="r")) if mmap else NpyFile
-    return ArraySource({name: read(path) for name, path in paths.items()})
 
 
 def _check_source(source: Any) -> None:

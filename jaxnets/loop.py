@@ -30,7 +30,10 @@ import numpy as np
 from jaxnets import dispatch, inputs, parallel, train
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import POSITIVE_INT, Rule, check_argument
+from jaxnets.evaluation import Evaluation, _evaluate_replicated, evaluate, make_evaluation
 from jaxnets.types import Batch, PRNGKey
+
+__all__ = ["Evaluation", "FitResult", "Hooks", "Periodic", "evaluate", "fit", "make_evaluation"]
 
 log = logging.getLogger("jaxnets.loop")
 
@@ -102,39 +105,6 @@ def chunk_plan(start: int, stop: int, k: int) -> list[int]:
     if (stop - pos) % k:
         plan.append((stop - pos) % k)
     return plan
-
-
-class Evaluation(NamedTuple):
-    """What `fit` needs to evaluate: a compiled runner and device-resident data."""
-
-    dp: parallel.DataParallel
-    run: Callable  # (state, data, idx) -> metrics
-    data: Batch  # replicated
-    idx: Any  # sharded eval_indices
-
-
-def make_evaluation(
-    eval_step: Callable, dp: parallel.DataParallel, data: Batch, *, batch_size: int
-) -> Evaluation:
-    """Puts an evaluation set on the devices once, padded to whole global batches."""
-    n = train.num_examples(data, "evaluation data")
-    dp.check_batch(batch_size)
-    idx = dp.shard_columns(dp.process_columns(train.eval_indices(n, batch_size)))
-    on_device = dp.replicate(data)
-    return Evaluation(dp, train.make_eval_runner(eval_step, dp), on_device, idx)
-
-
-def evaluate(evaluation: Evaluation, state: train.TrainState) -> dict[str, float]:
-    """Every metric of `state` (a plain train state) on an `Evaluation`'s data, on the host."""
-    return _evaluate_replicated(evaluation, evaluation.dp.replicate(state))
-
-
-def _evaluate_replicated(evaluation: Evaluation, state: train.TrainState) -> dict[str, float]:
-    sums = evaluation.run(state, evaluation.data, evaluation.idx)
-    host = jax.tree.map(
-        lambda x: np.asarray(x, np.float64), jax.device_get(evaluation.dp.unreplicate(sums))
-    )
-    return jmetrics.compute(host)
 
 
 class Hooks(NamedTuple):

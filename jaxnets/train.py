@@ -288,6 +288,32 @@ def make_eval_runner(eval_step: Callable, dp: parallel.DataParallel) -> Callable
     )
 
 
+def make_stream_eval_runner(eval_step: Callable, dp: parallel.DataParallel) -> Callable:
+    """`run(state, batches, mask) -> metrics` summed over streamed `[steps, batch, ...]`.
+
+    The batches come from the host (`dp.shard_columns`); `mask` ([steps, batch] bool) is
+    False on the padding of the last batch. The streamed twin of `make_eval_runner`.
+    """
+    check_axis(eval_step, dp)
+
+    def run_fn(state, batches, mask):
+        def body(total, xs):
+            return jax.tree.map(jnp.add, total, eval_step(state, *xs)), None
+
+        first = (jax.tree.map(lambda x: x[0], batches), mask[0])
+        zero = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(eval_step, state, *first)
+        )
+        total, _ = jax.lax.scan(body, zero, (batches, mask))
+        return total
+
+    return dp.map(
+        run_fn,
+        in_specs=(parallel.REPLICATED, parallel.COLUMNS, parallel.COLUMNS),
+        out_specs=parallel.REPLICATED,
+    )
+
+
 def num_examples(data: Batch, what: str = "data") -> int:
     """The common leading size of a batch pytree; a clear error when the leaves disagree."""
     leaves = jax.tree_util.tree_leaves_with_path(data)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import test_train
 
-from jaxnets import inputs, loop
+from jaxnets import evaluation, inputs, loop
 
 
 def _assert_equal(a, b):
@@ -78,6 +78,24 @@ def test_memory_mapped_npy_files_stream(tmp_path):
         source.read_batch(np.array([200]))
 
 
+def test_plain_idx_files_stream(tmp_path):
+    from jaxnets.data import idx
+
+    images, labels = test_train._data()
+    idx.write_idx(tmp_path / "images", images[..., 0])  # [N, 6, 6]: a channel axis is added
+    idx.write_idx(tmp_path / "labels", labels)
+    source = inputs.open_idx(tmp_path / "images", tmp_path / "labels")
+    rows = np.array([3, 255, 3])
+    _assert_equal(source.read_batch(rows), {"image": images[rows], "label": labels[rows]})
+    assert source.tree["label"].dtype == np.int32  # stored big-endian, served native
+    idx.write_idx(tmp_path / "labels.gz", labels)
+    with pytest.raises(ValueError, match=r"labels.gz is gzip-compressed.*gunzip it"):
+        inputs.open_idx(tmp_path / "images", tmp_path / "labels.gz")
+    idx.write_idx(tmp_path / "few", labels[:9])
+    with pytest.raises(ValueError, match=r"has 256 images but .*few has 9 labels"):
+        inputs.open_idx(tmp_path / "images", tmp_path / "few")
+
+
 def test_resident_memory_check_points_at_streaming(monkeypatch, caplog):
     monkeypatch.setattr(inputs, "free_bytes", lambda devices: 10_000)  # 12,032 bytes of data
     with pytest.raises(MemoryError, match=r"takes 0.00 GiB per device.*input='stream'"):
@@ -138,3 +156,25 @@ def test_streamed_resume_mid_epoch_from_the_saved_position_is_bit_exact():
     wrong.set_state({**saved["data"], "step": 4})
     with pytest.raises(ValueError, match=r"saved position \(step 4.*train state at step 6"):
         test_train._run(devices=1, k=2, train_data=wrong, state=saved["state"])
+
+
+@pytest.mark.parametrize("backend,devices,chunk", [("shard_map", 4, 50), ("pmap", 2, 1)])
+def test_streamed_evaluation_equals_resident(backend, devices, chunk, monkeypatch):
+    """A padded last batch (50 examples, batch 32), in one call or one step per call."""
+    monkeypatch.setattr(evaluation, "EVAL_STEPS_PER_CALL", chunk)
+    state, _ = test_train._run(backend, devices, epochs=1, evaluate=False)
+    dp = test_train.parallel.make_data_parallel(backend=backend, devices=devices)
+    eval_step = test_train.train.make_eval_step(
+        test_train._objective().eval_fn, axis_name=dp.axis_name
+    )
+    images, labels = test_train._data(50, seed=3)
+    data = test_train._batch(images, labels)
+    got = {
+        how: loop.evaluate(
+            loop.make_evaluation(eval_step, dp, data, batch_size=32, input=how), state
+        )
+        for how in ("resident", "stream")
+    }
+    assert got["stream"].keys() == got["resident"].keys() == {"loss", "accuracy"}
+    for name, value in got["resident"].items():
+        assert got["stream"][name] == pytest.approx(value, rel=1e-6)
