@@ -5,15 +5,10 @@ The on-disk layout (readable with plain Orbax) is in the README, "Checkpoints on
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
-import logging
 import math
 import os
-import sys
 import time
-import traceback
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +19,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from jaxnets import fingerprint
+from jaxnets.orbax_faults import disk_bytes, disk_errors, silence_abandoned_reads
 from jaxnets.types import PyTree
 from jaxnets.workdir import check_free_space, check_workdir_writable
 
@@ -263,7 +259,7 @@ class Checkpointer:
             value = metrics.get(self._best_metric)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 ranked = {self._best_metric: float(value)}
-        with self._disk_errors():
+        with disk_errors(self.directory):
             return self._manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -286,28 +282,10 @@ class Checkpointer:
         need = int(1.25 * data / jax.process_count()) + 64 * 1024
         latest = self.latest_step()
         if latest is not None:
-            need = max(need, _disk_bytes(os.path.join(self.directory, str(latest))))
+            need = max(need, disk_bytes(os.path.join(self.directory, str(latest))))
         what = "a checkpoint" if step is None else f"checkpoint step {step}"
         intact = f"; the previous checkpoint (step {latest}) is intact" if latest else ""
         check_free_space(self.directory, need, what=what, previous=intact)
-
-    @contextlib.contextmanager
-    def _disk_errors(self):
-        """A full disk met mid-save (another writer took the space) as one clear OSError."""
-        try:
-            yield
-        except Exception as e:
-            text = str(e)
-            if getattr(e, "errno", None) == errno.ENOSPC or any(
-                s in text for s in ("No space left", "RESOURCE_EXHAUSTED")
-            ):
-                raise OSError(
-                    errno.ENOSPC,
-                    f"{self.directory}: the disk filled up while a checkpoint was written "
-                    f"({_short(e)}); free space there or use another directory. The previous "
-                    "checkpoint is intact (a save is renamed into place only once complete)",
-                ) from None
-            raise
 
     def restore(
         self, target: PyTree, *, step: int | None = None
@@ -388,7 +366,7 @@ class Checkpointer:
                 + "\n".join(mismatch)
                 + f"\nRestore into a state built like the saved one. {START_FRESH}"
             )
-        _silence_abandoned_reads()  # before the read: they can report before it returns
+        silence_abandoned_reads()  # before the read: they can report before it returns
         try:
             tree = self._manager.restore(
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
@@ -428,7 +406,7 @@ class Checkpointer:
         Safe inside a running asyncio event loop (a notebook cell): it joins Orbax's
         finalize thread and runs no event loop of its own.
         """
-        with self._disk_errors():
+        with disk_errors(self.directory):
             self._manager.wait_until_finished()
 
     def close(self) -> None:
@@ -441,55 +419,6 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _is_abandoned_read(exc_type, exc, tb) -> bool:
-    """An Orbax read cancelled by a failed restore, finishing into its closed event loop."""
-    if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
-        return False
-    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
-    return "call_soon_threadsafe" in frames or "_check_closed" in frames
-
-
-def _silence_abandoned_reads() -> None:
-    """Keeps a failed restore's message readable.
-
-    When one array of a checkpoint is unreadable, Orbax's restore stops and closes its
-    event loop while TensorStore still reads the others; each of those reads then reports
-    `RuntimeError: Event loop is closed` as an unraisable exception (hundreds of lines over
-    the CheckpointError that says what is wrong), and asyncio logs each abandoned read's
-    own error ("Task exception was never retrieved"). Only those are dropped.
-    """
-    previous = sys.unraisablehook
-    if getattr(previous, "_jaxnets_filter", False):
-        return
-    logging.getLogger("asyncio").addFilter(
-        lambda record: (
-            not (
-                str(record.msg).startswith("Task exception was never retrieved")
-                and "async_deserialize" in record.getMessage()
-            )
-        )
-    )
-
-    def hook(args):
-        if not _is_abandoned_read(args.exc_type, args.exc_value, args.exc_traceback):
-            previous(args)
-
-    hook._jaxnets_filter = True
-    sys.unraisablehook = hook
-
-
-def _disk_bytes(path: str) -> int:
-    """Space a directory's files take on disk (allocated blocks, not their lengths)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 def _short(e: BaseException) -> str:
