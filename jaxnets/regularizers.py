@@ -270,7 +270,9 @@ def l1_proximal(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError(_NO_PARAMS.format(name="l1_proximal"))
-        lr, state = _learning_rate_at(learning_rate, state)
+        lr, count = _learning_rate_at(learning_rate, state)
+        if callable(learning_rate):  # the same state type out as in (its marker)
+            state = L1ProximalScheduleState(count.count)
 
         def prox_update(u, p):
             # The same sum as optax.apply_updates, so x is the point the step would reach.

@@ -360,7 +360,11 @@ class TestModesDoWhatTheySay:
             optax.apply_if_finite(optim.sgd(0.1, l1=0.1), 10),
         ]
         for tx in good:
-            train.create_train_state(params, tx, key=jax.random.key(0))
+            state = train.create_train_state(params, tx, key=jax.random.key(0))
+            grads = jax.tree.map(np.ones_like, params)
+            _, after = jax.jit(tx.update)(grads, state.opt_state, params)
+            # The marker state keeps its type through an update (a scan carry must).
+            assert jax.tree.structure(after) == jax.tree.structure(state.opt_state)
 
 
 class TestLabelsAndInputs:
