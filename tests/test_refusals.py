@@ -37,8 +37,12 @@ def _tiny(n=48, classes=3):
     return {"image": x, "label": y}
 
 
-def _tiny_run(workdir, *, epochs=2, data=None, **flags):
-    """A 3-class Dense model trained through `run.open_run` + `loop.fit` (6 steps per epoch)."""
+def _tiny_run(workdir, *, epochs=2, data=None, signum=None, summaries=None, **flags):
+    """A 3-class Dense model trained through `run.open_run` + `loop.fit` (6 steps per epoch).
+
+    `signum`: sent to this process at the first log point (a real signal while training);
+    `summaries`: a list that gets the run's summary.
+    """
     data = _tiny() if data is None else data
     objective = adapters.linen(
         nn.Dense(3),
@@ -64,6 +68,16 @@ def _tiny_run(workdir, *, epochs=2, data=None, **flags):
         result_fields=(),
         total_steps=epochs * steps_per_epoch,
     ) as work:
+        options = work.fit_options(epochs=epochs)
+        if signum is not None:
+            log, sent = options["hooks"].on_log, []
+
+            def on_log(record):
+                log(record)
+                if not sent:
+                    sent.append(os.kill(os.getpid(), signum))
+
+            options["hooks"] = options["hooks"]._replace(on_log=on_log)
         result = loop.fit(
             work.state,
             train.make_train_step(objective.loss_fn, tx),
@@ -72,8 +86,10 @@ def _tiny_run(workdir, *, epochs=2, data=None, **flags):
             data_key=jax.random.key(1),
             epochs=epochs,
             batch_size=8,
-            **work.fit_options(epochs=epochs),
+            **options,
         )
+        if summaries is not None:
+            summaries.append(work.summarise(result, dp, steps_per_epoch=6, batch_size=8))
     return result
 
 
@@ -568,39 +584,9 @@ class TestHints:
 class TestExitStatus:
     @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
     def test_a_run_stopped_by_a_signal_reports_128_plus_its_number(self, tmp_path, signum):
-        data = _tiny()
-        objective = adapters.linen(
-            nn.Dense(3),
-            loss=lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none"),
-        )
-        tx = optax.sgd(0.1)
-        dp = parallel.make_data_parallel(devices=1)
-        state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
-        flags = run.RunConfig(
-            workdir=str(tmp_path), progress=False, steps_per_dispatch=1, log_every_steps=1
-        )
-        with run.open_run(flags, {}, state, dp, result_fields=(), total_steps=18) as work:
-            options = work.fit_options(epochs=3)
-            log = options["hooks"].on_log
-            sent = []
-
-            def on_log(record):  # the signal arrives while training
-                log(record)
-                if not sent:
-                    sent.append(os.kill(os.getpid(), signum))
-
-            options["hooks"] = options["hooks"]._replace(on_log=on_log)
-            result = loop.fit(
-                work.state,
-                train.make_train_step(objective.loss_fn, tx),
-                dp,
-                data,
-                data_key=jax.random.key(1),
-                epochs=3,
-                batch_size=8,
-                **options,
-            )
-            summary = work.summarise(result, dp, steps_per_epoch=6, batch_size=8)
+        summaries = []
+        _tiny_run(tmp_path, epochs=3, log_every_steps=1, signum=signum, summaries=summaries)
+        (summary,) = summaries
         assert summary["stopped_early"] and summary["step"] < 18
         assert summary["stop_signal"] == signum
         assert run.exit_status(summary) == 128 + signum  # 130 for SIGINT, 143 for SIGTERM
