@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -28,10 +29,10 @@ import numpy as np
 from jaxnets import adapters, inputs, loop, losses, optim, parallel, regularizers, run, train
 from jaxnets import data as jdata
 from jaxnets import metrics as jmetrics
+from jaxnets.checks import NONNEGATIVE, TRAINING_CHECKS, Rule
 from jaxnets.config import config_to_dict, parse_config
 from jaxnets.data import augment as aug
 from jaxnets.models.cnn import MnistCNN
-from jaxnets.workdir import check_workdir_writable
 
 log = logging.getLogger("jaxnets.mnist_cnn")
 
@@ -95,6 +96,14 @@ class Config(run.RunConfig):
     )
     workdir: str = "runs/mnist_cnn"
 
+    CHECKS: ClassVar[dict] = {
+        **TRAINING_CHECKS,
+        "rotation_range": NONNEGATIVE,
+        "width_shift_range": NONNEGATIVE,
+        "height_shift_range": NONNEGATIVE,
+        "limit_train": Rule(int, low=1, optional=True),
+    }
+
 
 def get_config() -> Config:
     return Config()
@@ -127,7 +136,7 @@ def make_preprocess(config: Config, train_images: np.ndarray):
 
 def main(config: Config) -> dict:
     """Trains, evaluates on the test split, writes the work directory; returns summary.json."""
-    check_workdir_writable(config.workdir)  # before loading any data
+    run.claim(config.workdir)  # before loading any data: one run per directory
 
     # Data: host arrays, validation = the last fraction of the training split (Keras).
     train_set = jdata.load(config.dataset, split="train", data_dir=config.data_dir)
@@ -251,3 +260,4 @@ if __name__ == "__main__":
         f"summary: {wd / 'summary.json'}\ntensorboard events: {wd / 'tb'} (to view them: "
         f"pip install tensorboard && tensorboard --logdir {wd / 'tb'})"
     )
+    raise SystemExit(run.exit_status(out))

@@ -121,7 +121,11 @@ def _native_conv_report() -> dict[str, Any]:
     from jaxnets.models import native_conv
 
     available = native_conv.available()  # builds the kernels if this machine has none yet
-    return {"available": available, "reason": native_conv.unavailable_reason()}
+    return {
+        "available": available,
+        "reason": native_conv.unavailable_reason(),
+        "fix": native_conv.unavailable_fix(),
+    }
 
 
 def _warnings(
@@ -161,7 +165,7 @@ def _warnings(
     if native is not None and devices["backend"] == "cpu" and not native["available"]:
         warnings.append(
             f"the C++ convolution kernels are unavailable ({native['reason']}), so MnistCNN "
-            "uses im2col on CPU, 1.3-1.8x slower; install g++ or point $CXX at a C++17 compiler"
+            f"uses im2col on CPU, 1.3-1.8x slower; {native['fix']}"
         )
     return warnings
 

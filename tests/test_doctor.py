@@ -82,12 +82,17 @@ def test_native_conv_kernels_are_reported_and_their_absence_warns_with_the_fix(m
 
     report = doctor.doctor(print_report=False)
     if native_conv.available():
-        assert report["native_conv"] == {"available": True, "reason": ""}
+        assert report["native_conv"] == {"available": True, "reason": "", "fix": ""}
         assert "native conv kernels (CPU): built" in doctor.format_report(report)
     monkeypatch.setattr(native_conv, "available", lambda: False)
     monkeypatch.setattr(native_conv, "unavailable_reason", lambda: "no C++ compiler 'g++'")
+    monkeypatch.setattr(native_conv, "unavailable_fix", lambda: native_conv.FIX_COMPILER)
     report = doctor.doctor(print_report=False)
-    assert report["native_conv"] == {"available": False, "reason": "no C++ compiler 'g++'"}
+    assert report["native_conv"] == {
+        "available": False,
+        "reason": "no C++ compiler 'g++'",
+        "fix": native_conv.FIX_COMPILER,
+    }
     assert (
         "the C++ convolution kernels are unavailable (no C++ compiler 'g++'), so MnistCNN uses "
         "im2col on CPU, 1.3-1.8x slower; install g++" in report["warnings"][0]

@@ -301,6 +301,7 @@ def test_cnn_auto_conv_impl_is_native_on_cpu_where_it_builds_else_im2col(monkeyp
         assert "jaxnets_conv_forward" in program()
     monkeypatch.setattr(native_conv, "available", lambda: False)
     monkeypatch.setattr(native_conv, "unavailable_reason", lambda: "no C++ compiler 'g++'")
+    monkeypatch.setattr(native_conv, "unavailable_fix", lambda: native_conv.FIX_COMPILER)
     cnn._warn_native_unavailable.cache_clear()
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler 'g\+\+'.*install g\+\+"):
         fallback = program()

@@ -61,7 +61,7 @@ def _warn_native_unavailable(reason: str) -> None:
     if "JAXNETS_NATIVE_CONV=0" not in reason:
         warnings.warn(
             f"jaxnets: the C++ convolution kernels are unavailable ({reason}); MnistCNN uses "
-            "conv_impl='im2col' on CPU, 1.3-1.8x slower. Fix: install g++ or set $CXX "
+            f"conv_impl='im2col' on CPU, 1.3-1.8x slower. Fix: {native_conv.unavailable_fix()} "
             "(`python -m jaxnets doctor` checks), or JAXNETS_NATIVE_CONV=0 to silence this",
             RuntimeWarning,
             stacklevel=3,
@@ -87,8 +87,8 @@ def resolve_conv_impl(impl: ConvImpl) -> ConvImpl:
     if impl == "native" and not native_conv.available():
         raise RuntimeError(
             f"conv_impl='native': the C++ kernels are unavailable "
-            f"({native_conv.unavailable_reason()}). Fix: install g++ (or set $CXX), or use "
-            "conv_impl='im2col'"
+            f"({native_conv.unavailable_reason()}). Fix: {native_conv.unavailable_fix()}, or "
+            "use conv_impl='im2col'"
         )
     return impl
 

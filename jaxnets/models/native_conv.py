@@ -56,11 +56,20 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep))) or platform.machine()
 
 
+class _Unavailable(RuntimeError):
+    """Why the kernels cannot be built, and the fix (`args`: reason, fix)."""
+
+
+FIX_COMPILER = "install g++ or set $CXX to a C++17 compiler"
+FIX_CACHE = "set $JAXNETS_CACHE_DIR to a writable directory (or make {path} writable)"
+FIX_BUILD = "check the compiler output above, or set $CXX to another C++17 compiler"
+
+
 def _build() -> pathlib.Path:
     """The compiled library, built now if this source/jaxlib/CPU has none cached."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX or install g++)")
+        raise _Unavailable(f"no C++ compiler {compiler!r} on PATH", FIX_COMPILER)
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
     key = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), jaxlib.__version__, compiler, " ".join(flags)):
@@ -69,16 +78,22 @@ def _build() -> pathlib.Path:
     target = pathlib.Path(default_cache_dir()) / "native" / f"native_conv-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed into place: concurrent builds (test workers) never
     # see a half-written library.
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as e:
+        raise _Unavailable(
+            f"the kernel cache {target.parent} is not writable ({e.strerror or e})",
+            FIX_CACHE.format(path=target.parent),
+        ) from None
     os.close(fd)
     command = [compiler, *flags, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", partial]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+            raise _Unavailable(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}", FIX_BUILD)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -87,19 +102,21 @@ def _build() -> pathlib.Path:
 
 
 @functools.cache
-def _load() -> tuple[bool, str]:
+def _load() -> tuple[bool, str, str]:
     if os.environ.get("JAXNETS_NATIVE_CONV", "1") == "0":
-        return False, "turned off by JAXNETS_NATIVE_CONV=0"
+        return False, "turned off by JAXNETS_NATIVE_CONV=0", "unset JAXNETS_NATIVE_CONV"
     if platform.system() == "Windows":
-        return False, "not built on Windows"
+        return False, "not built on Windows", "use conv_impl='im2col' (the same parameters)"
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
+    except _Unavailable as error:
+        return False, *error.args
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        return False, str(error)
+        return False, str(error), FIX_BUILD
     for symbol in _TARGETS.values():
         capsule = jax.ffi.pycapsule(getattr(library, symbol))
         jax.ffi.register_ffi_target(f"jaxnets_{symbol}", capsule, platform="cpu")
-    return True, ""
+    return True, "", ""
 
 
 def available() -> bool:
@@ -110,6 +127,11 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why `available()` is False ('' when it is True)."""
     return _load()[1]
+
+
+def unavailable_fix() -> str:
+    """What makes `available()` True: the fix for `unavailable_reason()` ('' when it is)."""
+    return _load()[2]
 
 
 def _check_stacks(*shapes: tuple[int, ...]) -> tuple[int, ...]:
