@@ -114,6 +114,7 @@ def test_cpu_lowering_without_the_kernels_runs_their_im2col_twin(monkeypatch):
     want = jax.jit(MnistCNN(conv_impl="im2col").apply)({"params": params}, images)
     monkeypatch.setattr(native_conv, "available", lambda: False)
     monkeypatch.setattr(native_conv, "unavailable_reason", lambda: "no C++ compiler 'g++'")
+    monkeypatch.setattr(native_conv, "unavailable_fix", lambda: native_conv.FIX_COMPILER)
     native_conv._warn_fallback.cache_clear()
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler 'g\+\+'.*install g\+\+"):
         text = _lowered(model.apply, {"params": params}, images, platform="cpu")

@@ -560,16 +560,15 @@ class TestHints:
         monkeypatch.setattr(native_conv, "available", lambda: False)
         monkeypatch.setattr(native_conv, "unavailable_reason", lambda: reason)
         monkeypatch.setattr(native_conv, "unavailable_fix", lambda: fix)
-        monkeypatch.setattr(cnn.jax, "default_backend", lambda: "cpu")
-        cnn._warn_native_unavailable.cache_clear()
-        with pytest.warns(RuntimeWarning) as warned:
-            cnn.resolve_conv_impl("auto")
+        native_conv._warn_fallback.cache_clear()
+        with pytest.warns(RuntimeWarning) as warned:  # what a CPU lowering of 'auto' says
+            native_conv._warn_fallback(reason)
         text = str(warned[0].message)
         assert "not writable" in text and "Fix: set $JAXNETS_CACHE_DIR" in text
         assert "g++" not in text
         with pytest.raises(RuntimeError, match=r"Fix: set \$JAXNETS_CACHE_DIR.*conv_impl='im2col'"):
-            cnn.resolve_conv_impl("native")
-        cnn._warn_native_unavailable.cache_clear()
+            cnn.resolve_conv_impl("native", platform="cpu")
+        native_conv._warn_fallback.cache_clear()
 
     def test_library_errors_name_no_experiment_flag(self, tmp_path):
         from jaxnets import checkpoint, workdir

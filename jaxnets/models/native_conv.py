@@ -240,7 +240,11 @@ def _primitive(name: str, shape_rule) -> Primitive:
             return twin_lowering(ctx, *args)  # no custom call in a serialized program
         if not available():  # registers the FFI targets
             if not fallback:
-                raise RuntimeError(f"native conv kernels unavailable: {unavailable_reason()}")
+                raise RuntimeError(
+                    f"conv_impl='native': the C++ kernels are unavailable "
+                    f"({unavailable_reason()}). Fix: {unavailable_fix()}, or use "
+                    "conv_impl='im2col'"
+                )
             _warn_fallback(unavailable_reason())
             return twin_lowering(ctx, *args)
         return ffi_lowering(ctx, *args)
