@@ -141,15 +141,23 @@ def two_layer_table(runs: list[dict]) -> str:
     runs = [r for r in runs if "error" not in r]
     if not runs:
         return "two-layer: failed"
+    nets = f"{runs[0]['nets']:,} nets"
+    threads = runs[0].get("torch_threads", 1)
     keys = [
         ("jaxnets_one_s", "jaxnets, one net (two_layer_train_many)"),
         ("numpy_one_f64_s", "numpy tutorial loop, one net, float64"),
-        ("jaxnets_many_s", f"jaxnets, {runs[0]['nets']:,} nets"),
-        ("numpy_einsum_many_f32_s", f"numpy einsum, {runs[0]['nets']:,} nets, float32"),
-        ("torch_bmm_many_f32_s", f"PyTorch bmm, {runs[0]['nets']:,} nets, float32"),
+        ("jaxnets_many_s", f"jaxnets, {nets} (two_layer_train_many)"),
+        ("numpy_nets_last_many_f32_s", f"numpy nets-last, one GEMM for X, in place, {nets}, f32"),
+        ("torch_nets_last_many_f32_s", f"PyTorch nets-last eager, {nets}, f32, {threads} thread"),
+        (
+            "torch_compile_nets_last_many_f32_s",
+            f"PyTorch nets-last torch.compile, {nets}, f32, {threads} thread",
+        ),
+        ("numpy_einsum_many_f32_s", f"for reference: numpy einsum, nets first, {nets}, f32"),
+        ("torch_bmm_many_f32_s", f"for reference: PyTorch bmm, nets first, {nets}, f32"),
     ]
     rows = [
-        "| two-layer net, 1500 iterations | s min | s median | vs jaxnets (median) |",
+        "| two-layer net, 1500 iterations | s min | s median | slower than jaxnets (median) |",
         "|---|---|---|---|",
     ]
     for key, label in keys:
@@ -162,6 +170,14 @@ def two_layer_table(runs: list[dict]) -> str:
         rows.append(f"| {label} | {s['min']:.4f} | {s['median']:.4f} | {ratio:.1f}x |")
     compile_s = statistics.median(r["jaxnets_many_compile_s"] for r in runs)
     rows.append(f"| (jaxnets many nets: compile + first run) | {compile_s:.2f} | | |")
+    if "roofline_s" in runs[0]:
+        r = runs[0]
+        rows.append(
+            f"\nRoofline of the many-nets run: {r['flops_per_net_iteration']} FLOPs and "
+            f"{r['exps_per_net_iteration']} exp per net-iteration; {r['roofline_s']:.3f} s at "
+            f"this machine's float32 AVX-512 FMA peak (jaxnets at "
+            f"{100 * r['roofline_s'] / min(x['jaxnets_many_s'] for x in runs):.0f}% of it)."
+        )
     return "\n".join(rows)
 
 
