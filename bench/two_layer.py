@@ -155,6 +155,7 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
 
+    jax.config.update("jax_num_cpu_devices", 2)  # before JAX starts: one device per core
     from jaxnets.models import two_layer_train_many
 
     x, y = np.array(X, np.float32), np.array(Y, np.float32)
@@ -174,6 +175,29 @@ def main(argv=None) -> dict:
     res["numpy_one_loss"] = numpy_tutorial(np, ITERATIONS)
     res["jaxnets_many_compile_s"] = _seconds(lambda: train(many))
     res["jaxnets_many_s"] = min(_seconds(lambda: train(many)) for _ in range(2))
+    devices = jax.devices()[:2]
+    if len(devices) == 2 and args.nets % 2 == 0:  # the nets sharded over both cores
+        mesh = jax.sharding.Mesh(np.array(devices), ("nets",))
+        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("nets"))
+        split = jax.device_put(many, spec)
+        res["jaxnets_many_2dev_compile_s"] = _seconds(lambda: train(split))
+        res["jaxnets_many_2dev_s"] = min(_seconds(lambda: train(split)) for _ in range(2))
+        got, want = train(split)[0]["w1"], train(many)[0]["w1"]
+        res["jaxnets_many_2dev_median_abs_diff_w1"] = float(np.median(np.abs(got - want)))
+    # FLOPs of one net-iteration (S samples, D inputs, H hidden, O outputs), multiply-adds as 2:
+    # forward and the two gradients 2S(DH + HO) each, the hidden error 2SHO, the update
+    # 2(DH + HO); elementwise: a sigmoid 3 (negate, add, divide) plus one exp, the output error
+    # 5 per output, the hidden error 3 per hidden unit.
+    (s_, d_), h_, o_ = x.shape, w1.shape[2], w2.shape[2]
+    res["flops_per_net_iteration"] = (
+        4 * s_ * (d_ * h_ + h_ * o_)
+        + 2 * s_ * h_ * o_
+        + 2 * (d_ * h_ + h_ * o_)
+        + 3 * s_ * (h_ + o_)
+        + 5 * s_ * o_
+        + 3 * s_ * h_
+    )
+    res["exps_per_net_iteration"] = s_ * (h_ + o_)
     scale = ITERATIONS / args.scaled_iterations
     k = args.scaled_iterations
     last1, last2 = _nets_last(w1, w2)

@@ -6,9 +6,13 @@ The params of a batch of nets are the `jaxnets.models.mlp` dict with a leading n
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxnets.types import Array, Params
 
@@ -129,6 +133,30 @@ _train_many = jax.jit(
 _train_many_any = jax.jit(_train_many_impl, static_argnames=_STATIC)
 
 
+@functools.cache
+def _train_many_sharded(mesh, axis, iterations: int, on_cpu: bool):
+    """`_train_many_impl` on each device's share of the nets (nets sharded over `axis`)."""
+    mapped = jax.shard_map(
+        lambda p, x, y, lr: _train_many_impl(p, x, y, lr, iterations=iterations),
+        mesh=mesh,
+        in_specs=(P(axis), P(), P(), P()),
+        out_specs=(P(axis), P(axis)),
+    )
+    return jax.jit(mapped, compiler_options=_CPU_COMPILER_OPTIONS if on_cpu else None)
+
+
+def _nets_axis(params):
+    """The mesh and mesh axis the nets are sharded over, or None (one device, or replicated)."""
+    w1 = params["w1"]
+    sharding = getattr(w1, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or len(w1.devices()) == 1:
+        return None
+    axis = sharding.spec[0] if len(sharding.spec) else None
+    if axis is None or any(a is not None for a in sharding.spec[1:]):
+        return None
+    return sharding.mesh, axis
+
+
 def _runs_on_cpu(params) -> bool:
     """Whether the computation runs on CPU: the committed params' devices, else the default."""
     for leaf in jax.tree.leaves(params):
@@ -156,6 +184,11 @@ def two_layer_train_many(
       iterations: number of gradient steps.
       learning_rate: step size (the seed uses 1.0).
 
+    Params sharded over several devices along the nets axis (``jax.device_put(params,
+    NamedSharding(mesh, PartitionSpec("nets")))``) train on all of them at once, each device its
+    share of the nets (on CPU, ``jax.config.update("jax_num_cpu_devices", 2)`` before JAX starts
+    gives one device per core); the result of a net does not depend on the device count.
+
     Returns:
       ``(params, final_loss)``: the trained params (same layout as the input) and the
       [nets] `sum_squared_error` of each net after the last step.
@@ -177,5 +210,12 @@ def two_layer_train_many(
     x, y = jnp.asarray(x), jnp.asarray(y)
     if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves((params, x, y))):
         return _train_many_impl(params, x, y, learning_rate, iterations=iterations)
-    train = _train_many if _runs_on_cpu(params) else _train_many_any
+    on_cpu = _runs_on_cpu(params)
+    sharded = _nets_axis(params)
+    if sharded is not None:
+        mesh, axis = sharded  # JAX itself refuses a nets count that does not divide
+        params = jax.device_put(params, NamedSharding(mesh, P(axis)))  # biases like w1
+        train = _train_many_sharded(mesh, axis, iterations, on_cpu)
+        return train(params, x, y, jnp.asarray(learning_rate, params["w1"].dtype))
+    train = _train_many if on_cpu else _train_many_any
     return train(params, x, y, learning_rate, iterations=iterations)
