@@ -47,6 +47,21 @@ CNN_MORE = {
     "PyTorch torch.compile, 1 thread": ("torch_cnn.py", ["--compile", "--threads", "1"]),
 }
 
+# Users' models (not the seed CNN): jaxnets' ways come from one fit_vs_loop.py process per repeat.
+USERS_PEERS = {
+    "Keras 3 fit, JAX backend": ("users_peers.py", ["--framework", "keras"]),
+    "PyTorch eager, 2 threads": ("users_peers.py", ["--framework", "torch"]),
+    "PyTorch torch.compile, 2 threads": ("users_peers.py", ["--framework", "torch", "--compile"]),
+}
+USERS_PEERS_MORE = {
+    "PyTorch eager, 1 thread": ("users_peers.py", ["--framework", "torch", "--threads", "1"]),
+    "PyTorch torch.compile, 1 thread": (
+        "users_peers.py",
+        ["--framework", "torch", "--compile", "--threads", "1"],
+    ),
+}
+USERS_REF = "jaxnets fit (measured steps/call)"
+
 
 def machine() -> dict:
     """CPU model, cores, clock, SIMD, and the float32 FMA peak of all cores."""
@@ -188,26 +203,74 @@ def two_layer_table(runs: list[dict], peak_gflops: float | None) -> str:
     return "\n".join(rows)
 
 
+def users_tables(users: dict, num_train: int) -> list[str]:
+    """One table per users' model: every way and peer, s/epoch, images/s, ratio, accuracy."""
+    per_model: dict = {}
+    for contender, runs in users.items():
+        for run in runs:
+            if "error" in run:
+                per_model.setdefault("failed", {})[contender] = run["error"][-300:]
+                continue
+            for model, value in run.items():
+                if not isinstance(value, dict):
+                    continue
+                ways = value if contender == "jaxnets" else {"": value}
+                for way, r in ways.items():
+                    label = f"jaxnets {way}" if contender == "jaxnets" else contender
+                    rs = r if isinstance(r, list) else [r]
+                    per_model.setdefault(model, {}).setdefault(label, []).extend(rs)
+    lines = []
+    for model, contenders in per_model.items():
+        if model == "failed":
+            lines += [f"Users' models: {name} failed: {err!r}" for name, err in contenders.items()]
+            continue
+        ref = contenders.get(USERS_REF)
+        ref_median = statistics.median(r["steady_epoch_s"] for r in ref) if ref else None
+        lines += [
+            "",
+            f"| users' model {model} ({num_train:,} images, batch 100) | s/epoch min | "
+            "s/epoch median | images/s (best) | train acc (last epoch) | "
+            "slower than jaxnets fit (median) | steps/call |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, rs in contenders.items():
+            s = stats([r["steady_epoch_s"] for r in rs])
+            ratio = f"{s['median'] / ref_median:.2f}x" if ref_median else ""
+            lines.append(
+                f"| {label} | {s['min']:.3f} | {s['median']:.3f} | "
+                f"{num_train // 100 * 100 / s['min']:,.0f} | {rs[-1]['train_accuracy']:.3f} | "
+                f"{ratio} | {rs[-1]['steps_per_call']} |"
+            )
+    return lines
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 epochs, 6,000 images")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--all", action="store_true", help="also lax.conv and 2-thread torch")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="also lax.conv seed CNN, 1-thread PyTorch, users' models at 10 forced steps/call",
+    )
     parser.add_argument("--only", default="", help="comma list of: cnn,two_layer,data,ckpt,users")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     parts = (
         set(args.only.split(",")) if args.only else {"cnn", "two_layer", "data", "ckpt", "users"}
     )
-    users_args = ["--repeats", str(repeats)]
+    users_args = ["--num-train", "6400", "--epochs", "3"]
     if args.quick:
         size = ["--epochs", "2", "--num-train", "6000", "--num-val", "1000"]
         tl_args, ck_args = ["--nets", "1000", "--scaled-iterations", "30"], ["--num-train", "6000"]
-        users_args += ["--num-train", "1600", "--epochs", "2"]
+        users_args = ["--num-train", "1600", "--epochs", "2"]
     else:
         size, tl_args, ck_args = [], [], []
     epochs = 2 if args.quick else workload.EPOCHS
     contenders = {**CNN, **CNN_MORE} if args.all else CNN
+    users_peers = {**USERS_PEERS, **USERS_PEERS_MORE} if args.all else USERS_PEERS
+    if args.all:
+        users_args += ["--forced-steps", "10"]
 
     info = machine()
     peak = info.get("peak_gflops_avx2_fma")
@@ -215,6 +278,7 @@ def main(argv=None) -> dict:
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": info,
+        "load_average_start": list(os.getloadavg()),  # 1, 5, 15 min: the neighbours' load
         "versions": versions(),
         "workload": {
             "batch": workload.BATCH,
@@ -245,10 +309,16 @@ def main(argv=None) -> dict:
             print(f"[{r + 1}/{repeats}] two-layer done", flush=True)
         if "data" in parts:
             results["data_load"].append(run_one("data_load.py", []))
+        if "users" in parts:  # jaxnets' ways (one process), then each peer, every repeat
+            users = results["users"]
+            users.setdefault("jaxnets", []).append(
+                run_one("fit_vs_loop.py", [*users_args, "--repeats", "1"])
+            )
+            for name, (script, extra) in users_peers.items():
+                users.setdefault(name, []).append(run_one(script, [*extra, *users_args]))
+            print(f"[{r + 1}/{repeats}] users' models done", flush=True)
     if "ckpt" in parts:
         results["checkpoint"].append(run_one("checkpoint_overhead.py", ck_args))
-    if "users" in parts:  # interleaved inside the script itself
-        results["users"] = run_one("fit_vs_loop.py", users_args)
 
     lines = [
         f"Machine: {info['cpu_model']}, {info['cores']} cores, {info['mhz']} MHz, "
@@ -288,20 +358,13 @@ def main(argv=None) -> dict:
             "(as if none of it overlapped training; differences between interleaved epoch "
             "times smaller than the machine's noise are not an overhead)."
         )
-    users = {k: v for k, v in results["users"].items() if k not in ("process_s",)}
-    if "error" in users:
-        lines.append(f"Users' models: failed: {users['error'][-300:]}")
-    for model, rows in users.items() if "error" not in users else ():
-        lines += ["", f"Users' model {model} (fit vs a plain loop of jitted steps, s/epoch):"]
-        lines += [
-            "| way | s/epoch min | median | / plain loop | steps/call |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {way} | {r['s_per_epoch_min']:.3f} | {r['s_per_epoch_median']:.3f} | "
-            f"{r['vs_plain_loop']:.2f} | {r['steps_per_call']} |"
-            for way, r in rows.items()
-        ]
+    if results["users"]:
+        lines += users_tables(results["users"], int(users_args[1]))
+    results["load_average_end"] = list(os.getloadavg())
+    lines.append(
+        f"\nLoad average (1/5/15 min) at start {results['load_average_start']}, "
+        f"at end {results['load_average_end']}."
+    )
     table = "\n".join(lines)
     results["table"] = table
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
