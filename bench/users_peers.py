@@ -9,6 +9,7 @@ training accuracy per model.
 
 Run: KERAS_BACKEND=jax .venv-bench/bin/python bench/users_peers.py --framework keras
      .venv-bench/bin/python bench/users_peers.py --framework torch [--compile] [--threads 2]
+(PyTorch default: the faster of 1 and 2 threads, measured per model on a copy before training)
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def torch_model(nn, name: str, shape):
     )
 
 
-def run_torch(name: str, data: dict, epochs: int, compile_: bool) -> dict:
+def run_torch(name: str, data: dict, epochs: int, compile_: bool, threads: int) -> dict:
     import torch
     from torch import nn
 
@@ -120,6 +121,11 @@ def run_torch(name: str, data: dict, epochs: int, compile_: bool) -> dict:
         model.parameters(), lr=workload.USERS_LEARNING_RATE, momentum=workload.USERS_MOMENTUM
     )
     loss_fn = nn.CrossEntropyLoss()
+    if threads:
+        torch.set_num_threads(threads)
+    else:
+        batch = slice(0, workload.USERS_BATCH)
+        threads = workload.choose_torch_threads(torch, model, loss_fn, x[batch], y[batch])
     forward = torch.compile(model) if compile_ else model
     steps = len(y) // workload.USERS_BATCH
     seconds, accuracy = [], 0.0
@@ -138,14 +144,16 @@ def run_torch(name: str, data: dict, epochs: int, compile_: bool) -> dict:
             correct += (logits.detach().argmax(1) == y[ix]).sum()
         seconds.append(time.perf_counter() - start)
         accuracy = float(correct) / (steps * workload.USERS_BATCH)
-    return workload.users_result(seconds, accuracy)
+    return {**workload.users_result(seconds, accuracy), "threads": threads}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--framework", choices=("keras", "torch"), required=True)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="PyTorch threads; 0: the faster of 1 and 2"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--num-train", type=int, default=6400)
     args = parser.parse_args(argv)
@@ -153,7 +161,6 @@ def main(argv=None) -> dict:
     if args.framework == "torch":
         import torch
 
-        torch.set_num_threads(args.threads)
         out["torch_version"] = torch.__version__
     else:
         import keras
@@ -165,7 +172,7 @@ def main(argv=None) -> dict:
         if args.framework == "keras":
             out[name] = run_keras(name, data, args.epochs)
         else:
-            out[name] = run_torch(name, data, args.epochs, args.compile)
+            out[name] = run_torch(name, data, args.epochs, args.compile, args.threads)
     workload.emit(out)
     return out
 
