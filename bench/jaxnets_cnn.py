@@ -1,6 +1,7 @@
 """jaxnets on the seed CNN workload (bench/workload.py), with the library's functional API.
 
 Run: python bench/jaxnets_cnn.py [--conv-impl auto] [--steps-per-dispatch K] [--devices 1]
+         [--input auto|resident|stream]
 Trains through `jaxnets.loop.fit` (the public engine); epoch times are fit's `epoch_seconds`.
 Prints per-epoch seconds, images/s, validation accuracy after the last epoch, the convolution
 implementation that ran and, with --flops, XLA's FLOP count of one train step (forward +
@@ -33,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-val", type=int, default=workload.NUM_VAL)
     parser.add_argument("--flops", action="store_true", help="report XLA's FLOPs of one step")
     parser.add_argument("--save-every", type=int, default=0, help="async checkpoint every N steps")
+    parser.add_argument(
+        "--input", default="auto", choices=("auto", "resident", "stream"), help="loop.fit's input"
+    )
     return parser.parse_args(argv)
 
 
@@ -107,6 +111,7 @@ def main(argv=None) -> dict:
         data_key=jax.random.key(workload.SEED + 1),
         epochs=args.epochs,
         batch_size=workload.BATCH,
+        input=args.input,
         steps_per_dispatch=args.steps_per_dispatch,
         log_every_steps=10,
         actions=actions,

@@ -251,6 +251,39 @@ def users_tables(users: dict, num_train: int) -> list[str]:
     return lines
 
 
+def stream_lines(stream: dict) -> list[str]:
+    """The streamed-input section: the seed CNN resident vs streamed, and the large set."""
+    out = []
+    ok = {h: [r for r in stream[h] if "error" not in r] for h in ("resident", "stream")}
+    if ok["resident"] and ok["stream"]:
+        res, st = (stats([r["steady_epoch_s"] for r in ok[h]]) for h in ("resident", "stream"))
+        first = ok["resident"][0]
+        images = round(first["images_per_s"] * first["steady_epoch_s"])
+        out += [
+            f"Input (seed CNN, {images:,} training images, steady s/epoch):",
+            "| input | s/epoch min | median | throughput vs resident (median) |",
+            "|---|---|---|---|",
+            f"| resident (gathered on the device) | {res['min']:.3f} | {res['median']:.3f} "
+            "| 1.00 |",
+            f"| streamed (Grain, read ahead on the host) | {st['min']:.3f} | {st['median']:.3f} "
+            f"| {res['median'] / st['median']:.2f} |",
+        ]
+    for key in ("large", "small"):
+        r = stream.get(key)
+        if not r:
+            continue
+        if "error" in r:
+            out.append(f"Streamed {key} set: failed: {r['error'][-300:]}")
+            continue
+        out.append(
+            f"Streamed .npy of {r['num_images']:,} images ({r['data_bytes'] / 1e6:,.0f} MB), "
+            f"{r['steps']} steps: {r['images_per_s']:,.0f} images/s; peak memory "
+            f"{r['peak_rss_bytes'] / 2**20:,.0f} MiB RSS ({r['peak_anon_bytes'] / 2**20:,.0f} "
+            f"MiB anonymous, {r['peak_file_bytes'] / 2**20:,.0f} MiB file-backed: libraries)."
+        )
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 epochs, 6,000 images")
@@ -258,14 +291,25 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--all",
         action="store_true",
-        help="also lax.conv seed CNN, 1-thread PyTorch, users' models at 10 forced steps/call",
+        help="also lax.conv seed CNN, 2-thread PyTorch, users' models at 10 forced steps/call",
     )
-    parser.add_argument("--only", default="", help="comma list of: cnn,two_layer,data,ckpt,users")
+    parser.add_argument(
+        "--only", default="", help="comma list of: cnn,two_layer,data,ckpt,users,stream"
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     parts = (
-        set(args.only.split(",")) if args.only else {"cnn", "two_layer", "data", "ckpt", "users"}
+        set(args.only.split(","))
+        if args.only
+        else {"cnn", "two_layer", "data", "ckpt", "users", "stream"}
     )
+    big = ["--num-images", "200000", "--steps", "100"] if args.quick else []
+    small = [
+        "--num-images",
+        "20000" if args.quick else "50000",
+        "--steps",
+        "100" if args.quick else "300",
+    ]
     users_args = ["--num-train", "6400", "--epochs", "3"]
     if args.quick:
         size = ["--epochs", "2", "--num-train", "6000", "--num-val", "1000"]
@@ -302,6 +346,7 @@ def main(argv=None) -> dict:
         "data_load": [],
         "checkpoint": [],
         "users": {},
+        "stream": {"resident": [], "stream": [], "large": None, "small": None},
     }
     for r in range(repeats):
         for name, (script, extra) in contenders.items():
@@ -324,8 +369,16 @@ def main(argv=None) -> dict:
             for name, (script, extra) in users_peers.items():
                 users.setdefault(name, []).append(run_one(script, [*extra, *users_args]))
             print(f"[{r + 1}/{repeats}] users' models done", flush=True)
+        if "stream" in parts:  # the seed CNN resident vs streamed, interleaved
+            for how in ("resident", "stream"):
+                res = run_one("jaxnets_cnn.py", ["--input", how, *size])
+                results["stream"][how].append(res)
+                print(f"[{r + 1}/{repeats}] {how}: {res.get('epoch_s', res.get('error'))}")
     if "ckpt" in parts:
         results["checkpoint"].append(run_one("checkpoint_overhead.py", ck_args))
+    if "stream" in parts:
+        results["stream"]["large"] = run_one("stream_1m.py", big)
+        results["stream"]["small"] = run_one("stream_1m.py", small)
 
     lines = [
         f"Machine: {info['cpu_model']}, {info['cores']} cores, {info['mhz']} MHz, "
@@ -367,6 +420,8 @@ def main(argv=None) -> dict:
         )
     if results["users"]:
         lines += users_tables(results["users"], int(users_args[1]))
+    if "stream" in parts:
+        lines += ["", *stream_lines(results["stream"])]
     results["load_average_end"] = list(os.getloadavg())
     lines.append(
         f"\nLoad average (1/5/15 min) at start {results['load_average_start']}, "

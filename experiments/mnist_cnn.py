@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxnets import adapters, loop, losses, optim, parallel, regularizers, run, train
+from jaxnets import adapters, inputs, loop, losses, optim, parallel, regularizers, run, train
 from jaxnets import data as jdata
 from jaxnets import metrics as jmetrics
 from jaxnets.config import config_to_dict, parse_config
@@ -173,11 +173,19 @@ def main(config: Config) -> dict:
     eval_step = train.make_eval_step(objective.eval_fn, axis_name=dp.axis_name)
     evaluation = (
         loop.make_evaluation(
-            eval_step, dp, {"image": x_val, "label": y_val}, batch_size=config.batch_size
+            eval_step,
+            dp,
+            {"image": x_val, "label": y_val},
+            batch_size=config.batch_size,
+            input=config.input,
         )
         if len(y_val)
         else None
     )
+
+    train_data = inputs.resolve({"image": x_train, "label": y_train}, dp, config.input)
+    streamed = isinstance(train_data, inputs.Stream)
+    log.warning("input: %s", "streamed (Grain)" if streamed else "resident on the devices")
 
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     state = train.create_train_state(
@@ -199,16 +207,18 @@ def main(config: Config) -> dict:
             work.state,
             train_step,
             dp,
-            {"image": x_train, "label": y_train},
+            train_data,
             data_key=data_key,
             epochs=config.epochs,
             batch_size=config.batch_size,
             evaluation=evaluation,
             on_nonfinite="warn" if config.skip_nonfinite else "raise",
-            **work.fit_options(epochs=config.epochs),
+            **work.fit_options(epochs=config.epochs, data=train_data),
         )
         test_data = {"image": test_set.images, "label": test_set.labels}
-        test_eval = loop.make_evaluation(eval_step, dp, test_data, batch_size=config.batch_size)
+        test_eval = loop.make_evaluation(
+            eval_step, dp, test_data, batch_size=config.batch_size, input=config.input
+        )
         summary = work.summarise(
             result, dp, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size
         )

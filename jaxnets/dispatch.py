@@ -25,7 +25,6 @@ import numpy as np
 
 from jaxnets import parallel, train, writers
 from jaxnets.data.cache import default_cache_dir
-from jaxnets.types import Batch
 
 log = logging.getLogger("jaxnets.loop")
 
@@ -65,16 +64,16 @@ def _write_json(path: Path, obj: dict) -> None:
     writers.write_json(path, obj)
 
 
-def _time_calls(program, state, data, idx_chunks) -> float:
-    """Seconds per step of running `idx_chunks` (after one warm-up call) on a copy of state."""
+def _time_calls(program, state, chunks) -> float:
+    """Seconds per step of running `chunks` (argument tuples; after one warm-up call)."""
     state = _copy(state)
-    state, m = program(state, data, idx_chunks[0])
+    state, m = program(state, *chunks[0])
     jax.block_until_ready((state, m))
     t0 = time.perf_counter()
     steps = 0
-    for idx in idx_chunks[1:]:
-        state, m = program(state, data, idx)
-        steps += idx.shape[0]
+    for args in chunks[1:]:
+        state, m = program(state, *args)
+        steps += jax.tree.leaves(args[-1])[0].shape[0]
     jax.block_until_ready((state, m))
     return (time.perf_counter() - t0) / max(steps, 1)
 
@@ -86,7 +85,7 @@ def _cache_dir() -> Path:
 def choose_steps_per_call(
     programs: dict[int, Callable],
     state: train.TrainState,
-    data: Batch,
+    chunk_args: Callable[[np.ndarray], tuple],
     idx: np.ndarray,
     dp: parallel.DataParallel,
     *,
@@ -98,6 +97,8 @@ def choose_steps_per_call(
     Looks first in `workdir` (the choice of the run being resumed), then in the cache
     (keyed by `key_text`, the compiled program, and the devices); measures otherwise, on
     copies of `state` (nothing of the run changes), and writes both records.
+    `chunk_args(rows)` gives a program's arguments after the state for the steps `rows`
+    (`[steps, batch]` example indices of this process).
     """
     k = max(programs)
     cache_key = _choice_key(key_text, dp, k)
@@ -113,8 +114,8 @@ def choose_steps_per_call(
         rows = np.take(idx, np.arange(2 * k + 1) % len(idx), axis=0)  # wraps short epochs
         times = {}
         for c in sorted(programs):
-            chunks = [dp.shard_columns(rows[i : i + c]) for i in range(0, k + c, c)]
-            times[str(c)] = _time_calls(programs[c], state, data, chunks)
+            chunks = [chunk_args(rows[i : i + c]) for i in range(0, k + c, c)]
+            times[str(c)] = _time_calls(programs[c], state, chunks)
         choice = min(programs, key=lambda c: times[str(c)])
         how = "measured"
         cached[cache_key] = {"steps_per_call": choice, "seconds_per_step": times}

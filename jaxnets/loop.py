@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxnets import dispatch, parallel, train
+from jaxnets import dispatch, inputs, parallel, train
 from jaxnets import metrics as jmetrics
 from jaxnets.types import Batch, PRNGKey
 
@@ -103,23 +103,59 @@ def chunk_plan(start: int, stop: int, k: int) -> list[int]:
 
 
 class Evaluation(NamedTuple):
-    """What `fit` needs to evaluate: a compiled runner and device-resident data."""
+    """What `fit` needs to evaluate: a runner and the data (device-resident or a stream)."""
 
     dp: parallel.DataParallel
     run: Callable  # (state, data, idx) -> metrics
-    data: Batch  # replicated
-    idx: Any  # sharded eval_indices
+    data: Any  # replicated batch pytree, or an `inputs.Stream`
+    idx: Any  # sharded eval_indices (resident) or this process's host eval_indices (stream)
+
+
+EVAL_STEPS_PER_CALL = 50  # streamed evaluation: batches per device call
 
 
 def make_evaluation(
-    eval_step: Callable, dp: parallel.DataParallel, data: Batch, *, batch_size: int
+    eval_step: Callable,
+    dp: parallel.DataParallel,
+    data: Any,
+    *,
+    batch_size: int,
+    input: str = "auto",
 ) -> Evaluation:
-    """Puts an evaluation set on the devices once, padded to whole global batches."""
-    n = train.num_examples(data, "evaluation data")
+    """An evaluation set, padded to whole global batches: put on the devices, or streamed.
+
+    Args:
+      data: a batch pytree, an `inputs.Stream` or a random-access source (as `fit`'s).
+      input: "auto", "resident" or "stream" (`inputs.resolve`); the metrics agree (sums
+        are only added in another order).
+    """
     dp.check_batch(batch_size)
+    data = inputs.resolve(data, dp, input)
+    if isinstance(data, inputs.Stream):
+        idx = dp.process_columns(train.eval_indices(len(data), batch_size))
+        return Evaluation(dp, _streamed_eval(eval_step, dp), data, idx)
+    n = train.num_examples(data, "evaluation data")
     idx = dp.shard_columns(dp.process_columns(train.eval_indices(n, batch_size)))
     on_device = dp.replicate(data)
     return Evaluation(dp, train.make_eval_runner(eval_step, dp), on_device, idx)
+
+
+def _streamed_eval(eval_step: Callable, dp: parallel.DataParallel) -> Callable:
+    runner = train.make_stream_eval_runner(eval_step, dp)
+
+    def run_fn(state, stream: inputs.Stream, idx: np.ndarray):
+        batches = stream.batches(np.maximum(idx, 0), 0)
+        total = None
+        for lo in range(0, len(idx), EVAL_STEPS_PER_CALL):
+            rows = idx[lo : lo + EVAL_STEPS_PER_CALL]
+            chunk = [next(batches)[0] for _ in range(len(rows))]
+            batch, mask = dp.shard_columns(inputs._stack(chunk)), dp.shard_columns(rows >= 0)
+            sums = _host_sums(dp, runner(state, batch, mask))
+            total = sums if total is None else jax.tree.map(np.add, total, sums)
+        batches.close()
+        return total
+
+    return run_fn
 
 
 def evaluate(evaluation: Evaluation, state: train.TrainState) -> dict[str, float]:
@@ -129,10 +165,13 @@ def evaluate(evaluation: Evaluation, state: train.TrainState) -> dict[str, float
 
 def _evaluate_replicated(evaluation: Evaluation, state: train.TrainState) -> dict[str, float]:
     sums = evaluation.run(state, evaluation.data, evaluation.idx)
-    host = jax.tree.map(
-        lambda x: np.asarray(x, np.float64), jax.device_get(evaluation.dp.unreplicate(sums))
-    )
-    return jmetrics.compute(host)
+    if not isinstance(evaluation.data, inputs.Stream):  # the streamed run sums on the host
+        sums = _host_sums(evaluation.dp, sums)
+    return jmetrics.compute(sums)
+
+
+def _host_sums(dp: parallel.DataParallel, sums: Any) -> Any:
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(dp.unreplicate(sums)))
 
 
 class Hooks(NamedTuple):
@@ -182,11 +221,12 @@ def fit(
     state: train.TrainState,
     train_step: Callable,
     dp: parallel.DataParallel,
-    train_data: Batch,
+    train_data: Batch | inputs.Stream | Any,
     *,
     data_key: PRNGKey,
     epochs: int,
     batch_size: int,
+    input: str = "auto",
     evaluation: Evaluation | None = None,
     steps_per_dispatch: int | None = None,
     log_every_steps: int = 10,
@@ -203,11 +243,14 @@ def fit(
         replicates it over `dp`); its step says where to start.
       train_step: `train.make_train_step(loss_fn, tx, axis_name=dp.axis_name)`.
       dp: the data-parallel plan.
-      train_data: the training set as a host batch pytree (`{"image": x, "label": y}`),
-        put on the devices once.
+      train_data: the training set: a host batch pytree (`{"image": x, "label": y}`),
+        put on the devices once or streamed (`input`); an `inputs.Stream`; or any
+        random-access source (`__len__`, `__getitem__`: streamed).
       data_key: key of the data order (epoch e uses `fold_in(data_key, e)`).
       epochs: total epochs (a finished run given more epochs continues).
       batch_size: global batch.
+      input: "auto" (resident when the data fits with a margin, else streamed; logged),
+        "resident", or "stream" (`jaxnets.inputs`). Both give the same numbers.
       evaluation: evaluated after every epoch (`make_evaluation`); its metrics get `val_`.
       steps_per_dispatch: steps per device call; None: measured (module docstring), or
         `dispatch.scan_candidates` with several processes (they must all make the same
@@ -231,19 +274,23 @@ def fit(
     _check_fit_args(epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite)
     for action in actions:
         _check_periodic(action)
-    n = train.num_examples(train_data, "training data")
+    data = inputs.resolve(train_data, dp, input)
+    n = len(data) if isinstance(data, inputs.Stream) else train.num_examples(data, "training data")
     dp.check_batch(batch_size)
     steps_per_epoch = n // batch_size
     train.epoch_indices(data_key, 0, n, batch_size)  # validates the batch size
     if epoch_indices is None:
         epoch_indices = lambda epoch: train.epoch_indices(data_key, epoch, n, batch_size)
-    run = train.make_epoch_runner(train_step, dp)
     step = int(np.max(jax.device_get(state.step)))  # a sweep holds one step per model
     total_steps = epochs * steps_per_epoch
     history: list[dict] = []
     if step >= total_steps:
         return FitResult(state, history, False, steps_per_dispatch or 1)
-    state, data = dp.replicate(state), dp.replicate(train_data)
+    feed = inputs.make_feed(data, dp, data_key=data_key, batch_size=batch_size)
+    run = feed.runner(train_step)
+    state = dp.replicate(state)
+    if isinstance(feed, inputs._StreamFeed):
+        feed.check_position(step)
 
     # Every program the plan calls is compiled here, before the first step: none later.
     start_epoch, start_pos = divmod(step, steps_per_epoch)
@@ -254,17 +301,17 @@ def fit(
         lengths = set(chunk_plan(start_pos, steps_per_epoch, k))
         if start_epoch + 1 < epochs:
             lengths |= set(chunk_plan(0, steps_per_epoch, k))
-        return {c: run.lower(state, data, dp.shard_columns(first[:c])) for c in lengths}
+        return {c: run.lower(state, *feed.args(first[:c])) for c in lengths}
 
     lowered = compile_for(k)
     programs = {c: lo.compile() for c, lo in lowered.items()}
     # With several processes every one must make the same calls: no measured (local) choice.
     if steps_per_dispatch is None and k > 1 and jax.process_count() == 1:
-        single = programs.get(1) or run.lower(state, data, dp.shard_columns(first[:1])).compile()
+        single = programs.get(1) or run.lower(state, *feed.args(first[:1])).compile()
         k = dispatch.choose_steps_per_call(
             {1: single, k: programs[k]},
             state,
-            data,
+            feed.args,
             first,
             dp,
             key_text=lowered[k].as_text(),
@@ -281,9 +328,15 @@ def fit(
         logger = _WindowLogger(epoch, step, pos, log_every_steps, hooks, bar, on_nonfinite)
         pending: list[Any] = []  # per-step metrics of chunks not yet read back
         t0 = time.perf_counter()
-        for c in chunk_plan(pos, steps_per_epoch, k):
-            state, metrics = programs[c](state, data, dp.shard_columns(idx[pos : pos + c]))
+        plan = chunk_plan(pos, steps_per_epoch, k)
+        chunks = feed.chunks(idx, pos, plan)
+        ahead = next(chunks)
+        for c in plan:
+            state, metrics = programs[c](state, *ahead)
+            # The host reads and places the next chunk while this one runs.
+            ahead = next(chunks, None)
             pos, step = pos + c, step + c
+            feed.consumed(step, epoch)
             pending.append(metrics)
             epoch_end = pos == steps_per_epoch
             stopping = bool(hooks.should_stop and hooks.should_stop())
@@ -304,6 +357,7 @@ def fit(
                 actions[j].fn(step, dp.to_checkpoint(state))
             if stopping:
                 break
+        chunks.close()
         if bar is not None:
             bar.close()
         if stopping and pos != steps_per_epoch:

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from jaxnets import checkpoint as ckpt
-from jaxnets import loop, parallel, train, writers
+from jaxnets import inputs, loop, parallel, train, writers
 from jaxnets.preemption import PreemptionGuard
 from jaxnets.workdir import check_resumable, check_workdir_writable
 
@@ -67,6 +67,10 @@ class RunConfig:
     )
     steps_per_dispatch: int | None = dataclasses.field(
         default=None, metadata={"help": "steps per device call (default: measured)"}
+    )
+    input: str = dataclasses.field(
+        default="auto",
+        metadata={"help": "resident | stream | auto (resident when the data fits with a margin)"},
     )
     log_every_steps: int = 10
     checkpoint_every_steps: int = dataclasses.field(
@@ -108,6 +112,7 @@ class Run:
         start_step: int,
         checkpointer: ckpt.Checkpointer | None,
         flags: RunConfig | None = None,
+        metadata: dict | None = None,
     ):
         self.flags = flags or RunConfig(workdir=str(path))
         self.guard = PreemptionGuard()
@@ -116,6 +121,8 @@ class Run:
         self.state = state
         self.start_step = start_step
         self.checkpointer = checkpointer
+        self.metadata = metadata or {}  # the restored checkpoint's
+        self._stream: inputs.Stream | None = None
         self.is_main = parallel.is_main_process()
         self._started = time.perf_counter()
         self._sinks: list[Any] = []
@@ -139,7 +146,10 @@ class Run:
     def save(self, step: int, state: train.TrainState) -> None:
         """Checkpoints `state` at `step` with the config as metadata (no-op when off)."""
         if self.checkpointer is not None:
-            self.checkpointer.save(step, state, metadata={"config": self.config}, force=True)
+            metadata = {"config": self.config}
+            if self._stream is not None:
+                metadata["data"] = self._stream.get_state()
+            self.checkpointer.save(step, state, metadata=metadata, force=True)
 
     def save_action(self, *, every_steps: int = 0, every_minutes: float = 0.0) -> loop.Periodic:
         """The checkpoint action of `loop.fit`: epoch ends, stop signals, and the cadences.
@@ -231,12 +241,25 @@ class Run:
                 sink.close()
             self._sinks = []
 
-    def fit_options(self, *, epochs: int) -> dict[str, Any]:
+    def fit_options(self, *, epochs: int, data: Any = None) -> dict[str, Any]:
         """`loop.fit`'s keyword arguments for this run's flags: steps per call, log cadence,
         the checkpoint action, the hooks (logs, progress bar, SIGTERM/SIGINT), the record of
-        the measured steps per call. Use inside `with open_run(...)` (the signal guard)."""
+        the measured steps per call. Use inside `with open_run(...)` (the signal guard).
+
+        Args:
+          epochs: the run's epochs (the progress bar).
+          data: the training input given to `fit`; a `inputs.Stream` is positioned where
+            the restored checkpoint left it, and its position is saved in every checkpoint.
+        """
         flags = self.flags
+        choice = flags.input
+        if isinstance(data, inputs.Stream):
+            self._stream, choice = data, "stream"
+            data.set_state(self.metadata.get("data"))
+        elif data is not None:
+            choice = "resident"  # as `inputs.resolve` decided for it
         return {
+            "input": choice,
             "steps_per_dispatch": flags.steps_per_dispatch,
             "log_every_steps": flags.log_every_steps,
             "actions": [
@@ -296,7 +319,7 @@ def open_run(
     if flags.restart:  # every process: each may have its own disk
         for old in (checkpoints, path / "tb"):
             shutil.rmtree(old, ignore_errors=True)
-    manager, start_step = None, 0
+    manager, start_step, meta = None, 0, None
     if flags.checkpoint:
         manager = ckpt.Checkpointer(checkpoints, max_to_keep=flags.keep_checkpoints)
         if manager.latest_step() is not None:
@@ -319,7 +342,7 @@ def open_run(
                 )
     if parallel.is_main_process():
         writers.write_json(path / "config.json", config)
-    return Run(path, config, state, start_step, manager, flags)
+    return Run(path, config, state, start_step, manager, flags, meta)
 
 
 def _restore(manager, state, dp, config, result_fields, path):

@@ -236,6 +236,33 @@ def make_epoch_runner(train_step: Callable, dp: parallel.DataParallel) -> Callab
     )
 
 
+def make_stream_runner(train_step: Callable, dp: parallel.DataParallel) -> Callable:
+    """Runs many train steps per device call on batches streamed from the host.
+
+    Returns `run(state, batches) -> (state, metrics)` where `batches` is a batch pytree with
+    a leading `[steps, global_batch, ...]` (from `dp.shard_columns`, split over devices along
+    axis 1): the same steps as `make_epoch_runner` on the batches it would gather. The state
+    buffer is donated.
+
+    Raises:
+      ValueError: on several devices, for a step built without `axis_name=dp.axis_name`.
+    """
+    check_axis(train_step, dp)
+
+    def run_fn(state, batches):
+        if jax.tree.leaves(batches)[0].shape[0] == 1:
+            state, metrics = train_step(state, jax.tree.map(lambda x: x[0], batches))
+            return state, jax.tree.map(lambda m: m[None], metrics)
+        return jax.lax.scan(train_step, state, batches)
+
+    return dp.map(
+        run_fn,
+        in_specs=(parallel.REPLICATED, parallel.COLUMNS),
+        out_specs=(parallel.REPLICATED, parallel.REPLICATED),
+        donate_argnums=(0,),
+    )
+
+
 def make_eval_runner(eval_step: Callable, dp: parallel.DataParallel) -> Callable:
     """`run(state, data, idx) -> metrics` summed over all of `idx` ([steps, batch]; -1 = pad)."""
     check_axis(eval_step, dp)
@@ -256,6 +283,32 @@ def make_eval_runner(eval_step: Callable, dp: parallel.DataParallel) -> Callable
     return dp.map(
         run_fn,
         in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.COLUMNS),
+        out_specs=parallel.REPLICATED,
+    )
+
+
+def make_stream_eval_runner(eval_step: Callable, dp: parallel.DataParallel) -> Callable:
+    """`run(state, batches, mask) -> metrics` summed over streamed `[steps, batch, ...]`.
+
+    The batches come from the host (`dp.shard_columns`); `mask` ([steps, batch] bool) is
+    False on the padding of the last batch. The streamed twin of `make_eval_runner`.
+    """
+    check_axis(eval_step, dp)
+
+    def run_fn(state, batches, mask):
+        def body(total, xs):
+            return jax.tree.map(jnp.add, total, eval_step(state, *xs)), None
+
+        first = (jax.tree.map(lambda x: x[0], batches), mask[0])
+        zero = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(eval_step, state, *first)
+        )
+        total, _ = jax.lax.scan(body, zero, (batches, mask))
+        return total
+
+    return dp.map(
+        run_fn,
+        in_specs=(parallel.REPLICATED, parallel.COLUMNS, parallel.COLUMNS),
         out_specs=parallel.REPLICATED,
     )
 

@@ -23,9 +23,17 @@ if __name__ == "__main__":
         import test_train  # the same problem as the single-process tests
 
         state, result = test_train._run(devices=None, epochs=2)
+        # Streamed: each process reads only its columns of every global batch.
+        import test_inputs
+
+        source = test_inputs._Examples(*test_train._data())
+        stream = test_inputs.inputs.Stream(source, transform=test_inputs._drop_name)
+        streamed, _ = test_train._run(devices=None, epochs=2, train_data=stream)
+        np.save(f"{out}.reads{process_id}.npy", np.asarray(source.reads))
         if parallel.is_main_process():
             leaves = jax.tree.leaves(state.params)
             np.savez(out, *leaves, val_loss=result.history[-1]["val_loss"])
+            np.savez(f"{out}.streamed.npz", *jax.tree.leaves(streamed.params))
     else:  # the seed CNN experiment with checkpoints: one epoch, then resume for the second
         import dataclasses
         import json

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import test_train
 
+from jaxnets import train
+
 HERE = Path(__file__).parent
 
 
@@ -52,6 +54,18 @@ def test_two_processes_equal_one_process_four_devices(tmp_path):
     for i, leaf in enumerate(ref_leaves):
         np.testing.assert_allclose(got[f"arr_{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-6)
     assert float(got["val_loss"]) == pytest.approx(ref_result.history[-1]["val_loss"], rel=1e-5)
+    # Streamed over the two processes: the same numbers, and each process read exactly its
+    # columns of every global batch (within an epoch, disjoint shards that cover it).
+    streamed = np.load(f"{out}.streamed.npz")
+    for i, leaf in enumerate(ref_leaves):
+        np.testing.assert_allclose(streamed[f"arr_{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-6)
+    n, batch = len(test_train._data()[1]), 32
+    orders = [train.epoch_indices(jax.random.key(1), e, n, batch) for e in (0, 1)]
+    reads = [set(np.load(f"{out}.reads{p}.npy").tolist()) for p in (0, 1)]
+    for p in (0, 1):  # 2 devices of 16 examples each per process
+        mine = set(np.concatenate([o[:, 16 * p : 16 * p + 16].ravel() for o in orders]).tolist())
+        assert reads[p] == mine
+    assert reads[0] | reads[1] == set(np.concatenate([o.ravel() for o in orders]).tolist())
 
 
 @pytest.mark.slow

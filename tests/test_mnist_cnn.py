@@ -108,11 +108,20 @@ def _subprocess_run(workdir: Path, *args: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["after_first_checkpoint", "mid_run"])
-def test_kill_9_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
-    """kill -9 a run that checkpoints every 2 steps (async), rerun: same parameters."""
+@pytest.mark.parametrize(
+    "kill_at,train_input",
+    [("after_first_checkpoint", "auto"), ("mid_run", "auto"), ("after_first_checkpoint", "stream")],
+)
+def test_kill_9_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at, train_input):
+    """kill -9 a run that checkpoints every 2 steps (async), rerun: same parameters.
+
+    Streamed, the Grain iterator's position is restored from the checkpoint, and the
+    parameters equal the uninterrupted resident run's bit for bit.
+    """
     wd = tmp_path / "k"
-    proc = _subprocess_run(wd, "--epochs", "2", "--checkpoint-every-steps", "2")
+    proc = _subprocess_run(
+        wd, "--epochs", "2", "--checkpoint-every-steps", "2", "--input", train_input
+    )
     ckdir = wd / "checkpoints"
     want = 1 if kill_at == "after_first_checkpoint" else 4
     deadline = time.monotonic() + 240
@@ -122,8 +131,9 @@ def test_kill_9_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read()
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    resumed = _run(tmp_path, "k")
+    out = proc.communicate()[0]
+    assert ("input: streamed (Grain)" in out) == (train_input == "stream"), out[-2000:]
+    resumed = _run(tmp_path, "k", input=train_input)
     assert resumed["params_sha256"] == uninterrupted["params_sha256"]
     steps = [(r["kind"], r["step"]) for r in writers.read_jsonl(wd / "metrics.jsonl")]
     assert len(steps) == len(set(steps))

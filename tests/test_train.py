@@ -71,6 +71,8 @@ def _run(
     on_nonfinite="raise",
     actions=(),
     workdir=None,
+    train_input="auto",
+    train_data=None,
 ):
     images, labels = data if data is not None else _data()
     dp = parallel.make_data_parallel(backend=backend, devices=devices)
@@ -92,10 +94,11 @@ def _run(
         state,
         step,
         dp,
-        _batch(images, labels),
+        _batch(images, labels) if train_data is None else train_data,
         data_key=jax.random.key(1),
         epochs=epochs,
         batch_size=batch,
+        input=train_input,
         evaluation=ev,
         steps_per_dispatch=k,
         log_every_steps=4,

@@ -43,7 +43,7 @@ class Dataset(NamedTuple):
     """A whole split in host memory.
 
     Attributes:
-      images: uint8 [N, 28, 28, 1], channels last.
+      images: uint8 [N, height, width, channels] (MNIST: [N, 28, 28, 1]).
       labels: int32 [N], in ``[0, info.num_classes)``.
       info: a ``DatasetInfo``.
     """
@@ -57,15 +57,15 @@ def check_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int, sourc
     """Raises ValueError naming ``source`` unless images/labels form a valid data set.
 
     Args:
-      images: must be uint8 [N, 28, 28, 1].
+      images: must be uint8 [N, height, width, channels] (any size and channel count).
       labels: must be integer [N] with values in ``[0, num_classes)``.
       num_classes: number of classes.
       source: where the arrays came from, for the message.
     """
-    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+    if images.ndim != 4:
         raise ValueError(
-            f"{source}: images have shape {images.shape}, expected [N, 28, 28, 1] "
-            "(28x28 grey-scale, channels last); jaxnets.data serves MNIST-format data only"
+            f"{source}: images have shape {images.shape}, expected [N, height, width, channels] "
+            "(channels last; grey-scale [N, height, width] gets a channel axis when loaded)"
         )
     if images.dtype != np.uint8:
         raise ValueError(f"{source}: images have dtype {images.dtype}, expected uint8 (0..255)")
@@ -85,5 +85,5 @@ def check_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int, sourc
             bad = lo if lo < 0 else hi
             raise ValueError(
                 f"{source}: label {bad} outside [0, {num_classes}) (labels span [{lo}, {hi}]); "
-                "the label file is corrupt or not an MNIST-family data set"
+                "the label file is corrupt, or num_classes is wrong for this data set"
             )

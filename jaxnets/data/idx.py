@@ -41,6 +41,22 @@ def _read_bytes(path: str) -> bytes:
         ) from e
 
 
+def read_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, int]:
+    """`(shape, dtype, data offset)` of a plain (not gzipped) IDX file, for reading rows."""
+    path = os.fspath(path)
+    if path.endswith(".gz"):
+        raise ValueError(
+            f"IDX file {path} is gzip-compressed, which cannot be read by row; gunzip it "
+            "first (or load() it whole)"
+        )
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES or not head[3]:
+            raise ValueError(f"{path} is not an IDX file (magic {head.hex()})")
+        shape = struct.unpack(f">{head[3]}I", f.read(4 * head[3]))
+    return shape, _IDX_DTYPES[head[2]], 4 + 4 * len(shape)
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads one IDX file (plain or ``.gz``) into a numpy array.
 

@@ -21,7 +21,6 @@ from jaxnets.data.dataset import (
 
 logger = logging.getLogger("jaxnets.data")
 
-TFDS_NAMES = ("mnist", "fashion_mnist")
 SAMPLE_NAME = "mnist_sample"
 # sha256 over the four arrays' bytes in sorted name order (see scripts/make_mnist_sample.py).
 SAMPLE_SHA256 = "6e283c51d9f7fcf968ffd474591ddb7af432d4bdd9be5e1b855a586a1ccb86cb"
@@ -57,8 +56,17 @@ def load_sample(split: str) -> Dataset:
     return Dataset(images, labels, DatasetInfo(SAMPLE_NAME, split, NUM_CLASSES, SAMPLE_SOURCE))
 
 
+def _num_classes(labels: np.ndarray) -> int:
+    """Classes of a set that does not say: at least MNIST's 10, more if the labels need it."""
+    return max(NUM_CLASSES, int(labels.max()) + 1) if len(labels) else NUM_CLASSES
+
+
 def load_idx_dir(directory: str, split: str, cache_dir: str | None = None) -> Dataset:
-    """An MNIST-style IDX directory, cached as a dense array after the first read."""
+    """An MNIST-style IDX directory, cached as a dense array after the first read.
+
+    Images may be of any size and channel count (`[N, H, W]` or `[N, H, W, C]` IDX files);
+    labels are of 10 classes, as in the MNIST family and CIFAR-10 (other sets: `load` arrays).
+    """
     images_path, labels_path = idx.find_idx_files(directory, split)
 
     def build():
@@ -74,16 +82,46 @@ def load_idx_dir(directory: str, split: str, cache_dir: str | None = None) -> Da
     return Dataset(images, labels, DatasetInfo(f"idx:{directory}", split, NUM_CLASSES, source))
 
 
+def from_arrays(arrays, *, split: str = "train", num_classes: int | None = None) -> Dataset:
+    """A data set of the user's arrays: `(images, labels)` or `{"image": ..., "label": ...}`.
+
+    Images `uint8 [N, H, W]` (a channel axis is added) or `[N, H, W, C]`; labels integer
+    `[N]` in `[0, num_classes)` (default: at least 10, or the largest label + 1).
+    """
+    if isinstance(arrays, dict):
+        missing = {"image", "label"} - set(arrays)
+        if missing:
+            raise ValueError(
+                f"arrays given as a dict need 'image' and 'label' keys; missing {sorted(missing)}"
+            )
+        images, labels = arrays["image"], arrays["label"]
+    elif isinstance(arrays, (tuple, list)) and len(arrays) == 2:
+        images, labels = arrays
+    else:
+        raise TypeError(
+            f"load() got {type(arrays).__name__}; pass a name, (images, labels) or "
+            "{'image': images, 'label': labels}"
+        )
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim == 3:
+        images = images[..., None]
+    if num_classes is None and labels.size and np.issubdtype(labels.dtype, np.integer):
+        num_classes = _num_classes(labels)
+    check_arrays(images, labels, num_classes or NUM_CLASSES, "the arrays given to load()")
+    info = DatasetInfo("arrays", split, num_classes or NUM_CLASSES, "arrays given to load()")
+    return Dataset(images, labels.astype(np.int32), info)
+
+
 def load(
-    name: str = "auto",
+    name="auto",
     *,
     split: str = "train",
     data_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Dataset:
-    """Loads a whole MNIST-format split as numpy arrays.
+    """Loads a whole image classification split as numpy arrays.
 
-    Names:
+    Names (or arrays):
       ``"mnist"``, ``"fashion_mnist"``: through ``tensorflow_datasets`` (no TensorFlow needed)
         from a prepared TFDS data dir, preparing it (offline from ``DIR/downloads/manual``, or
         by download after a 1-second reachability check) when needed.
@@ -91,6 +129,10 @@ def load(
       ``"mnist_sample"``: 5,000 real MNIST digits bundled with jaxnets (train 4,000, test 1,000).
       ``"auto"``: ``mnist`` when it is prepared, cached or downloadable, else ``mnist_sample``;
         logs a warning saying which (read ``info.source``).
+      any other TFDS name (``"cifar10"``...): an image classification set prepared in
+        array_record format, read without TensorFlow (the error says how to prepare it).
+      ``(images, labels)`` or ``{"image": ..., "label": ...}``: the user's arrays, checked.
+    To stream a set instead of loading it, see `jaxnets.inputs.Stream`.
 
     Every source but the sample is cached after the first read as an uncompressed ``.npz`` under
     ``cache_dir`` (default ``$JAXNETS_CACHE_DIR`` or ``~/.cache/jaxnets``), so the second load
@@ -103,7 +145,7 @@ def load(
       cache_dir: where dense arrays are cached.
 
     Returns:
-      ``Dataset(images uint8 [N, 28, 28, 1], labels int32 [N], info)``.
+      ``Dataset(images uint8 [N, H, W, C], labels int32 [N], info)`` (MNIST: 28, 28, 1).
 
     Raises:
       ValueError: unknown name or split, missing directory or file, corrupt data.
@@ -116,23 +158,20 @@ def load(
       ((1000, 28, 28, 1), dtype('int32'))
     """
     start = time.perf_counter()
+    if not isinstance(name, str):
+        return from_arrays(name, split=split)
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
     data_dir = os.fspath(data_dir) if data_dir is not None else None
     if name == SAMPLE_NAME:
         ds = load_sample(split)
     elif name.startswith("idx:"):
         ds = load_idx_dir(name[len("idx:") :], split, cache_dir)
-    elif name in TFDS_NAMES:
+    elif name == "auto":
+        ds = _load_auto(split, data_dir, cache_dir)
+    else:  # mnist, fashion_mnist, or any TFDS name (an unknown one is a ValueError)
         from jaxnets.data import tfds_source
 
         ds = tfds_source.load_tfds(name, split, data_dir, cache_dir)
-    elif name == "auto":
-        ds = _load_auto(split, data_dir, cache_dir)
-    else:
-        raise ValueError(
-            f"unknown data set {name!r}; use 'auto', 'mnist', 'fashion_mnist', 'mnist_sample' "
-            "or 'idx:DIR' (a directory of MNIST IDX files)"
-        )
     logger.info(
         "loaded %s/%s: %d images from %s in %.2f s",
         ds.info.name,

@@ -30,8 +30,8 @@ _READ_CHUNK = 10_000
 class DataUnavailableError(RuntimeError):
     """The data set is neither prepared nor downloadable; ``reason`` says why in one line."""
 
-    def __init__(self, reason: str):
-        super().__init__(f"{reason}. {dataset.HOW_TO_GET_DATA}")
+    def __init__(self, reason: str, how: str = dataset.HOW_TO_GET_DATA):
+        super().__init__(f"{reason}. {how}" if how else reason)
         self.reason = reason
 
 
@@ -143,15 +143,20 @@ def read_data_source(source) -> tuple[np.ndarray, np.ndarray]:
     """Reads a whole TFDS data source of ``{"image", "label"}`` records in chunks.
 
     Returns:
-      (images uint8 [N, 28, 28, 1], labels int32 [N]).
+      (images uint8 [N, height, width, channels], labels int32 [N]); the shape is the first
+      record's (a grey-scale [height, width] image gets a channel axis).
     """
     n = len(source)
-    images = np.empty((n, *dataset.IMAGE_SHAPE), np.uint8)
+    if n == 0:
+        return np.zeros((0, *dataset.IMAGE_SHAPE), np.uint8), np.zeros((0,), np.int32)
+    shape = np.shape(source[0]["image"])
+    shape = (*shape, 1) if len(shape) == 2 else shape
+    images = np.empty((n, *shape), np.uint8)
     labels = np.empty((n,), np.int32)
     for start in range(0, n, _READ_CHUNK):
         records = source.__getitems__(list(range(start, min(n, start + _READ_CHUNK))))
         for i, record in enumerate(records, start):
-            images[i] = np.asarray(record["image"]).reshape(dataset.IMAGE_SHAPE)
+            images[i] = np.asarray(record["image"]).reshape(shape)
             labels[i] = record["label"]
     return images, labels
 
@@ -163,6 +168,14 @@ def _split_files(data_dir: str, split: str) -> list[str]:
 
 
 def _read(builder, split: str, cache_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    features = builder.info.features
+    if not all(name in features for name in ("image", "label")):
+        raise ValueError(
+            f"TFDS {builder.name} has features {sorted(features)}; jaxnets.data.load reads "
+            "image classification sets ('image' and 'label'). Stream any other set with "
+            f"inputs.Stream(tfds.data_source({builder.name!r}, split=...), transform=...)"
+        )
+    num_classes = getattr(features["label"], "num_classes", None) or dataset.NUM_CLASSES
     source = builder.as_data_source(split=split)
     files = _split_files(str(builder.data_dir), split)
     where = f"TFDS {builder.name} {builder.version} at {builder.data_dir}"
@@ -171,8 +184,8 @@ def _read(builder, split: str, cache_dir: str | None) -> tuple[np.ndarray, np.nd
     else:
         key = f"tfds-{builder.name}-{split}-{cache.fingerprint(files)}"
         images, labels, _ = cache.cached(cache_dir, key, lambda: read_data_source(source))
-    dataset.check_arrays(images, labels, dataset.NUM_CLASSES, where)
-    return images, labels, where
+    dataset.check_arrays(images, labels, num_classes, where)
+    return images, labels, where, num_classes
 
 
 @contextlib.contextmanager
@@ -190,14 +203,16 @@ def _quiet_absl():
 def load_tfds(
     name: str, split: str, data_dir: str | None, cache_dir: str | None
 ) -> dataset.Dataset:
-    """``mnist`` or ``fashion_mnist`` from TFDS, preparing (or downloading) it when needed.
+    """A TFDS image classification split as arrays, read without TensorFlow.
 
     Order: the official TFDS builder if it is prepared in a random-access format (array_record,
-    e.g. on Colab); else jaxnets' own TF-free builder ``jaxnets_<name>``, prepared if needed from
-    ``DATA_DIR/downloads/manual`` or, when the download host answers within 1 s, by download.
+    e.g. on Colab); else, for ``mnist`` and ``fashion_mnist``, jaxnets' own TF-free builder
+    ``jaxnets_<name>``, prepared if needed from ``DATA_DIR/downloads/manual`` or, when the
+    download host answers within 1 s, by download. Any other set must be prepared in
+    array_record format (preparing most sets needs TensorFlow: the error says how).
 
     Raises:
-      DataUnavailableError: nothing prepared and the download host is unreachable.
+      DataUnavailableError: not prepared (readably) and no way to prepare it here.
     """
     with _quiet_absl():  # TFDS warns "Variant folder ... has no dataset_info.json" when probing
         return _load_tfds(name, split, data_dir, cache_dir)
@@ -206,14 +221,23 @@ def load_tfds(
 def _load_tfds(
     name: str, split: str, data_dir: str | None, cache_dir: str | None
 ) -> dataset.Dataset:
-    if split not in idx.IDX_FILES:
+    if name in _BUILDERS and split not in idx.IDX_FILES:
         raise ValueError(f"unknown split {split!r} for {name}; use 'train' or 'test'")
     data_dir = data_dir or tfds.core.constants.get_default_data_dir()
-    official = tfds.builder(name, data_dir=data_dir)
     try:
-        images, labels, where = _read(official, split, cache_dir)
-        return dataset.Dataset(images, labels, dataset.DatasetInfo(name, split, 10, where))
+        official = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(
+            f"unknown data set {name!r}: not a TFDS data set ({str(e).splitlines()[0]}); use "
+            "'auto', 'mnist', 'fashion_mnist', 'mnist_sample', 'idx:DIR', a TFDS name, or "
+            "arrays ((images, labels) or {'image': ..., 'label': ...})"
+        ) from e
+    try:
+        images, labels, where, classes = _read(official, split, cache_dir)
+        return dataset.Dataset(images, labels, dataset.DatasetInfo(name, split, classes, where))
     except (NotImplementedError, AssertionError, FileNotFoundError, ValueError) as e:
+        if name not in _BUILDERS:
+            raise _not_prepared(name, data_dir, official, e) from e
         if official.is_prepared():
             logger.info(
                 "TFDS %s in %s is not readable without TF (%s); using jaxnets_%s",
@@ -236,5 +260,24 @@ def _load_tfds(
         config = tfds.download.DownloadConfig(manual_dir=manual_dir if has_manual else None)
         logger.warning("preparing TFDS jaxnets_%s in %s (once)", name, data_dir)
         builder.download_and_prepare(download_config=config)
-    images, labels, where = _read(builder, split, cache_dir)
-    return dataset.Dataset(images, labels, dataset.DatasetInfo(name, split, 10, where))
+    images, labels, where, classes = _read(builder, split, cache_dir)
+    return dataset.Dataset(images, labels, dataset.DatasetInfo(name, split, classes, where))
+
+
+def _not_prepared(name: str, data_dir: str, builder, error: BaseException) -> Exception:
+    """The error for a TFDS set other than MNIST's that cannot be read without TensorFlow."""
+    if isinstance(error, ValueError) and "jaxnets.data.load reads" in str(error):
+        return error
+    how = (
+        f"prepare it once where TensorFlow is installed (`pip install tensorflow "
+        f"tensorflow-datasets && tfds build {name} --file_format=array_record --data_dir "
+        f"{data_dir}`) and copy the directory here; jaxnets reads array_record without "
+        "TensorFlow"
+    )
+    if builder.is_prepared():
+        return DataUnavailableError(
+            f"TFDS {name} in {data_dir} is prepared in a format that needs TensorFlow to read "
+            f"({str(error).splitlines()[0]}); {how}",
+            how="",
+        )
+    return DataUnavailableError(f"TFDS {name} is not prepared in {data_dir}: {how}", how="")

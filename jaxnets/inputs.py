@@ -1,0 +1,453 @@
+"""Training input: the resident path and the streamed (Grain) path behind one interface.
+
+- **Resident**: the whole training set is put on every device once and each step gathers
+  its batch by index inside the scanned steps. The fastest path, for data that fits: a
+  memory check runs before anything is placed.
+- **Streamed**: a Grain pipeline over a random-access source (numpy arrays, `.npy` files
+  memory-mapped, a TFDS `data_source`, any object with `__len__` and `__getitem__`). The
+  order is the resident path's (`train.epoch_indices`, a pure function of the data key and
+  the epoch), each process reads only its columns of every global batch, worker threads
+  read ahead a bounded number of batches, and the next chunk of batches is put on the
+  devices while the current one runs. The steps are the resident path's on the same
+  batches, so the numbers are the same; memory is bounded by the read-ahead, not the data.
+
+`loop.fit(..., input="auto")` keeps the data resident when it fits with a margin and
+streams otherwise, saying which.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from jaxnets import parallel, train
+from jaxnets.types import Batch, PRNGKey
+
+log = logging.getLogger("jaxnets.inputs")
+
+INPUTS = ("auto", "resident", "stream")
+# `auto` keeps a data set resident when its copies take at most this share of free memory.
+RESIDENT_SHARE = 0.5
+STREAM_HINT = (
+    "stream it instead: loop.fit(..., input='stream') or the experiments' --input stream "
+    "(the data is then read from the host while training, in bounded memory)"
+)
+
+
+class ArraySource:
+    """Random access to a batch pytree of host arrays (numpy or memory-mapped `.npy`).
+
+    A batch of examples is read with one fancy index per leaf, not one Python call per
+    example; memory-mapped leaves are read from the file only where indexed.
+
+    Args:
+      tree: a pytree of arrays with the same leading example axis, e.g.
+        `{"image": uint8 [N, 28, 28, 1], "label": int32 [N]}`.
+    """
+
+    def __init__(self, tree: Batch):
+        self.tree = tree
+        self._len = train.num_examples(tree, "the streamed source")
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> Batch:
+        return jax.tree.map(lambda x: np.asarray(x[i]), self.tree)
+
+    def read_batch(self, indices: np.ndarray) -> Batch:
+        """The examples `indices` as one batch (leading axis `len(indices)`)."""
+        return jax.tree.map(lambda x: np.asarray(x[indices]), self.tree)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self.tree))
+
+
+class RowFile:
+    """Rows of a file of fixed-size records, read on demand with `os.pread`: an array-like
+    for `ArraySource` (`.npy` files: `open_npy`; plain IDX files: `open_idx`).
+
+    Unlike a memory map, reading does not map the file into the process: pages the kernel
+    reads ahead stay in its page cache, and the process's memory holds only what was asked
+    for, however large the file and however long the run.
+
+    Args:
+      path: the file.
+      shape: `[rows, ...]` of the stored array (C order).
+      dtype: the stored element type (read values come back in native byte order).
+      offset: where the first row starts.
+      row_shape: the shape of one row as served (default: `shape[1:]`), e.g. with a
+        channel axis added.
+    """
+
+    def __init__(self, path, shape, dtype, offset, row_shape=None):
+        self.path, self._stored, self._offset = os.fspath(path), np.dtype(dtype), int(offset)
+        row_shape = tuple(shape[1:]) if row_shape is None else tuple(row_shape)
+        self.shape = (int(shape[0]), *row_shape)
+        self.dtype, self.ndim = self._stored.newbyteorder("="), len(self.shape)
+        self._row = int(np.prod(shape[1:], dtype=np.int64)) * self._stored.itemsize
+        self.nbytes = self._row * self.shape[0]
+        need = self._offset + self.nbytes
+        if os.path.getsize(self.path) < need:
+            raise OSError(
+                f"{self.path} is truncated: {os.path.getsize(self.path)} bytes, its header "
+                f"announces {need}"
+            )
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.asarray(index)
+        out = np.empty((rows.size, *self.shape[1:]), self._stored)
+        flat = out.reshape(rows.size, -1).view(np.uint8)
+        for j, i in enumerate(rows.reshape(-1).tolist()):
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"row {i} of {self.path} ({self.shape[0]} rows)")
+            if os.preadv(self._fd, [flat[j]], self._offset + i * self._row) != self._row:
+                raise OSError(f"{self.path} is truncated: row {i} is incomplete")
+        return out.astype(self.dtype, copy=False).reshape(*rows.shape, *self.shape[1:])
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
+def _npy_rows(path: str | os.PathLike) -> RowFile:
+    """The rows of a `.npy` file (C order, numbers), read on demand (`RowFile`)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+            version, np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = header(f)
+        offset = f.tell()
+    if fortran or dtype.hasobject or not shape:
+        raise ValueError(
+            f"{path}: a streamed .npy needs a C-ordered array of numbers with an "
+            f"example axis, got shape {shape}, dtype {dtype}, fortran_order={fortran}"
+        )
+    return RowFile(path, shape, dtype, offset)
+
+
+def open_idx(images: str | os.PathLike, labels: str | os.PathLike) -> ArraySource:
+    """A source over a pair of plain IDX files (`{"image": uint8 [H, W, C], "label"}`).
+
+    Grey-scale `[N, H, W]` images get a channel axis, as `jaxnets.data.load` gives them.
+    """
+    from jaxnets.data import idx
+
+    shape, dtype, offset = idx.read_header(images)
+    row = (*shape[1:], 1) if len(shape) == 3 else shape[1:]
+    image_file = RowFile(images, shape, dtype, offset, row_shape=row)
+    label_file = RowFile(labels, *idx.read_header(labels))
+    if len(image_file) != len(label_file):
+        raise ValueError(
+            f"{images} has {len(image_file)} images but {labels} has {len(label_file)} "
+            "labels; the files must be of the same split and complete"
+        )
+    return ArraySource({"image": image_file, "label": label_file})
+
+
+def open_npy(paths: Mapping[str, str | os.PathLike], *, mmap: bool = False) -> ArraySource:
+    """A source over `.npy` files (one per field, same length), read without loading them.
+
+    Args:
+      paths: field name -> `.npy` path.
+      mmap: memory-map the files (`np.load(mmap_mode="r")`) instead of reading rows with
+        `os.pread` (`RowFile`): the same values, but pages touched stay mapped, so the
+        process's resident memory grows towards the file's size over an epoch.
+
+    Example:
+      >>> source = open_npy({"image": "train_images.npy", "label": "train_labels.npy"})
+    """
+    read = (lambda p: np.load(p, mmap_mode="r")) if mmap else _npy_rows
+    return ArraySource({name: read(path) for name, path in paths.items()})
+
+
+def _check_source(source: Any) -> None:
+    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+        raise TypeError(
+            f"a streamed source needs __len__ and __getitem__ (random access), got "
+            f"{type(source).__name__}; wrap arrays in inputs.ArraySource, files in "
+            "inputs.open_npy, a TFDS set in tfds.data_source(name, split=...)"
+        )
+
+
+class Stream:
+    """A training set streamed from a random-access source while training.
+
+    `loop.fit` drives it: epoch `e` reads the batches of `train.epoch_indices(data_key, e,
+    len(source), batch_size)`, this process's columns only, in Grain worker threads that
+    read `prefetch` batches ahead. Its position (`get_state`) is saved in checkpoints
+    beside the train state (`run.Run` does it), so a resumed run reads on from there.
+
+    Args:
+      source: `len(source)` examples, `source[i]` one example (a pytree of arrays); an
+        `ArraySource` (or any source with `read_batch(indices)`) is read a batch at a time,
+        any other (a TFDS `data_source`, a user's class) an example at a time.
+      transform: `example -> example` applied on the host, in the worker threads, before
+        batching (decoding, resizing). Deterministic: random augmentation belongs on the
+        device, keyed by the step (`jaxnets.data.augment`).
+      num_threads: Grain's reading threads (0: read on the training thread).
+      prefetch: batches read ahead (host memory holds at most this many, plus one chunk).
+
+    Example:
+      >>> train_input = Stream(open_npy({"image": "x.npy", "label": "y.npy"}))
+      >>> loop.fit(state, step, dp, train_input, data_key=key, epochs=1, batch_size=128)
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        transform: Callable[[Any], Any] | None = None,
+        num_threads: int = 1,
+        prefetch: int = 16,
+    ):
+        _check_source(source)
+        for name, value, low in (("num_threads", num_threads, 0), ("prefetch", prefetch, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Stream({name}={value!r}): must be an int >= {low}")
+        self.source = source
+        self.transform = transform
+        self.num_threads = num_threads
+        self.prefetch = prefetch
+        self._state: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def get_state(self) -> dict | None:
+        """The position of the last batch the training state has seen (JSON), or None."""
+        return None if self._state is None else dict(self._state)
+
+    def set_state(self, state: Mapping[str, Any] | None) -> None:
+        """Where to read on (a `get_state` of the run being resumed)."""
+        self._state = None if state is None else dict(state)
+
+    def read(self, rows: np.ndarray) -> Batch:
+        """The examples `rows` (an index array, e.g. [batch]) as one host batch of its shape."""
+        rows = np.asarray(rows)
+        if self.transform is None and hasattr(self.source, "read_batch"):
+            return self.source.read_batch(rows)
+        examples = [self.source[int(i)] for i in rows.reshape(-1)]
+        if self.transform is not None:
+            examples = [self.transform(e) for e in examples]
+        return jax.tree.map(
+            lambda *xs: np.stack([np.asarray(x) for x in xs]).reshape(
+                *rows.shape, *np.shape(xs[0])
+            ),
+            *examples,
+        )
+
+    def batches(self, rows: np.ndarray, start: int) -> Iterator[tuple[Batch, dict]]:
+        """`(batch, grain_state)` of the steps `rows[start:]` (`[steps, batch]` indices).
+
+        The Grain pipeline: the epoch's steps as a `MapDataset`, each element one step's
+        batch read from the source, read ahead by `num_threads` threads into a buffer of
+        `prefetch` batches; `grain_state` is Grain's iterator state after that batch.
+        """
+        ds = grain.MapDataset.range(len(rows)).map(lambda s: self.read(rows[s]))
+        options = grain.ReadOptions(
+            num_threads=self.num_threads, prefetch_buffer_size=self.prefetch
+        )
+        it = iter(ds.to_iter_dataset(options))
+        it.set_state({"next_index": start})
+        try:
+            for batch in it:
+                yield batch, it.get_state()
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+def data_bytes(data: Batch) -> int:
+    return sum(np.asarray(x).nbytes for x in jax.tree.leaves(data))
+
+
+def free_bytes(devices) -> int:
+    """Memory free for a resident copy on one of `devices` (host memory for CPU devices)."""
+    stats = None
+    try:
+        stats = devices[0].memory_stats()
+    except Exception:  # not every platform reports memory
+        stats = None
+    if stats and devices[0].platform != "cpu" and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return _host_available_bytes() // max(len(devices), 1)  # CPU devices share the host
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def check_resident(data: Batch, dp: parallel.DataParallel, *, share: float = 0.9) -> None:
+    """Raises MemoryError, pointing at streaming, when `data` cannot be put on every device.
+
+    Each local device holds a whole copy; it must take at most `share` of the memory
+    free for one device (host memory divided among CPU devices).
+    """
+    need, free = data_bytes(data), free_bytes(dp.local_devices)
+    if need > share * free:
+        raise MemoryError(
+            f"the training set takes {_gib(need)} per device ({dp.num_local_devices} local "
+            f"{dp.local_devices[0].platform} devices, one copy each) but only {_gib(free)} "
+            f"is free per device: {STREAM_HINT}"
+        )
+
+
+def resolve(train_data: Any, dp: parallel.DataParallel, input: str = "auto") -> Stream | Batch:
+    """What `fit` trains from: the resident batch pytree, or a `Stream`.
+
+    Args:
+      train_data: a batch pytree of host arrays, a `Stream`, or any random-access source
+        (streamed).
+      dp: the data-parallel plan (the devices whose memory decides `auto`).
+      input: "resident", "stream", or "auto" (resident when the copies take at most
+        `RESIDENT_SHARE` of free memory, streamed otherwise; logged).
+    """
+    if input not in INPUTS:
+        raise ValueError(f"input={input!r}; use one of {INPUTS} (--input)")
+    if isinstance(train_data, Stream):
+        if input == "resident":
+            raise ValueError(
+                "input='resident' but the training data is a Stream; pass the arrays "
+                "themselves to keep them resident"
+            )
+        return train_data
+    if not _is_batch(train_data):
+        _check_source(train_data)
+        if input == "resident":
+            raise ValueError(
+                f"input='resident' needs the training set as arrays, got a "
+                f"{type(train_data).__name__} source; use input='stream'"
+            )
+        return Stream(train_data)
+    if input == "stream":
+        return Stream(ArraySource(train_data))
+    if input == "resident":
+        check_resident(train_data, dp)
+        return train_data
+    need, free = data_bytes(train_data), free_bytes(dp.local_devices)
+    if need <= RESIDENT_SHARE * free:
+        log.info("input: resident (%s per device, %s free)", _gib(need), _gib(free))
+        return train_data
+    log.warning(
+        "input: streaming the training set (%s per device would exceed %d%% of the %s free)",
+        _gib(need),
+        int(100 * RESIDENT_SHARE),
+        _gib(free),
+    )
+    return Stream(ArraySource(train_data))
+
+
+def _is_batch(tree: Any) -> bool:
+    if not isinstance(tree, (Mapping, tuple, list, np.ndarray, jax.Array)):
+        return False  # a source object (or a mistake `_check_source` names)
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(isinstance(x, (np.ndarray, jax.Array)) for x in leaves)
+
+
+class _ResidentFeed:
+    """The resident path for `fit`: chunk arguments `(data, idx)` of `make_epoch_runner`."""
+
+    def __init__(self, data: Batch, dp: parallel.DataParallel):
+        self.dp = dp
+        self.data = dp.replicate(data)
+
+    def runner(self, train_step: Callable) -> Callable:
+        return train.make_epoch_runner(train_step, self.dp)
+
+    def args(self, rows: np.ndarray) -> tuple:
+        return (self.data, self.dp.shard_columns(rows))
+
+    def chunks(self, rows: np.ndarray, start: int, plan: list[int]) -> Iterator[tuple]:
+        pos = start
+        for c in plan:
+            yield self.args(rows[pos : pos + c])
+            pos += c
+
+    def consumed(self, step: int, epoch: int) -> None:
+        """Called after each chunk: nothing to remember (the step says where it is)."""
+
+
+class _StreamFeed:
+    """The streamed path for `fit`: chunk arguments `(batches,)` of `make_stream_runner`."""
+
+    def __init__(self, stream: Stream, dp: parallel.DataParallel, order_id: dict):
+        self.stream, self.dp, self.order_id = stream, dp, order_id
+        self._pending: list[dict] = []  # grain state after each yielded chunk, oldest first
+
+    def runner(self, train_step: Callable) -> Callable:
+        return train.make_stream_runner(train_step, self.dp)
+
+    def args(self, rows: np.ndarray) -> tuple:
+        batches = [self.stream.read(r) for r in rows]
+        return (self.dp.shard_columns(_stack(batches)),)
+
+    def chunks(self, rows: np.ndarray, start: int, plan: list[int]) -> Iterator[tuple]:
+        it = self.stream.batches(rows, start)
+        try:
+            for c in plan:
+                got = [next(it) for _ in range(c)]
+                self._pending.append(got[-1][1])
+                yield (self.dp.shard_columns(_stack([b for b, _ in got])),)
+        finally:
+            it.close()
+
+    def consumed(self, step: int, epoch: int) -> None:
+        grain_state = self._pending.pop(0)
+        self.stream.set_state({"step": step, "epoch": epoch, "grain": grain_state, **self.order_id})
+
+    def check_position(self, step: int) -> None:
+        """A restored stream must be where the restored train state is."""
+        saved = self.stream.get_state()
+        if saved is None:
+            return
+        mismatch = {k: (saved.get(k), v) for k, v in self.order_id.items() if saved.get(k) != v}
+        if saved.get("step") != step or mismatch:
+            raise ValueError(
+                f"the stream's saved position (step {saved.get('step')}, {saved}) does not "
+                f"match the train state at step {step} (differences: {mismatch}): the "
+                "checkpoint and the data iterator state come from different runs or data"
+            )
+
+
+def _stack(batches: list[Batch]) -> Batch:
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
+def make_feed(
+    data: Stream | Batch, dp: parallel.DataParallel, *, data_key: PRNGKey, batch_size: int
+):
+    """The feed `fit` runs for `resolve`'s answer (a resident batch is put on the devices)."""
+    if isinstance(data, Stream):
+        order_id = {
+            "examples": len(data),
+            "batch_size": int(batch_size),
+            "data_key": np.asarray(train.raw_key(data_key)).ravel().tolist(),
+        }
+        return _StreamFeed(data, dp, order_id)
+    return _ResidentFeed(data, dp)
