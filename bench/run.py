@@ -125,6 +125,13 @@ def stats(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values)} if values else {}
 
 
+def _with_threads(label: str, runs: list[dict]) -> str:
+    """The label with the PyTorch thread count each run chose, where it chose one."""
+    if "threads" not in runs[0]:
+        return label
+    return f"{label} [threads: {', '.join(str(r['threads']) for r in runs)}]"
+
+
 def cnn_table(cnn: dict, peak: float | None, epochs: int) -> str:
     ok = {name: [r for r in runs if "error" not in r] for name, runs in cnn.items()}
     ref = next(iter(cnn))
@@ -148,8 +155,7 @@ def cnn_table(cnn: dict, peak: float | None, epochs: int) -> str:
             g = flops * images / workload.BATCH / 1e9
             gflops = f"{g:.1f}" + (f" ({100 * g / peak:.0f}% of peak)" if peak else "")
         ratio = f"{s['median'] / ref_median:.2f}x" if ref_median else ""
-        if "threads" in runs[0]:
-            name = f"{name} [threads: {', '.join(str(r['threads']) for r in runs)}]"
+        name = _with_threads(name, runs)
         rows.append(
             f"| {name} | {first:.2f} | {s['min']:.2f} | {s['median']:.2f} | {images:,.0f} | "
             f"{acc:.4f} | {ratio} | {gflops} |"
@@ -241,8 +247,7 @@ def users_tables(users: dict, num_train: int) -> list[str]:
         for label, rs in contenders.items():
             s = stats([r["steady_epoch_s"] for r in rs])
             ratio = f"{s['median'] / ref_median:.2f}x" if ref_median else ""
-            if "threads" in rs[0]:
-                label = f"{label} [threads: {', '.join(str(r['threads']) for r in rs)}]"
+            label = _with_threads(label, rs)
             lines.append(
                 f"| {label} | {s['min']:.3f} | {s['median']:.3f} | "
                 f"{num_train // 100 * 100 / s['min']:,.0f} | {rs[-1]['train_accuracy']:.3f} | "

@@ -59,18 +59,7 @@ def run_keras(name: str, data: dict, epochs: int) -> dict:
         metrics=["accuracy"],
     )
 
-    class EpochTimer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.seconds = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self.start)
-
-    timer = EpochTimer()
+    timer = workload.keras_epoch_timer(keras)
     history = model.fit(
         data["image"],
         data["label"],

@@ -104,6 +104,24 @@ def users_result(epoch_seconds: list[float], accuracy: float, steps_per_call: in
     }
 
 
+def keras_epoch_timer(keras):
+    """A Keras callback whose `seconds` lists the wall time of every epoch."""
+    import time
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.start)
+
+    return EpochTimer()
+
+
 def choose_torch_threads(torch, model, loss_fn, x, y, steps: int = 8) -> int:
     """The faster of 1 and 2 PyTorch threads for training `model`, measured on a copy of it.
 
