@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import test_train
 
-from jaxnets import inputs, loop
+from jaxnets import evaluation, inputs, loop
 
 
 def _assert_equal(a, b):
@@ -161,7 +161,7 @@ def test_streamed_resume_mid_epoch_from_the_saved_position_is_bit_exact():
 @pytest.mark.parametrize("backend,devices,chunk", [("shard_map", 4, 50), ("pmap", 2, 1)])
 def test_streamed_evaluation_equals_resident(backend, devices, chunk, monkeypatch):
     """A padded last batch (50 examples, batch 32), in one call or one step per call."""
-    monkeypatch.setattr(loop, "EVAL_STEPS_PER_CALL", chunk)
+    monkeypatch.setattr(evaluation, "EVAL_STEPS_PER_CALL", chunk)
     state, _ = test_train._run(backend, devices, epochs=1, evaluate=False)
     dp = test_train.parallel.make_data_parallel(backend=backend, devices=devices)
     eval_step = test_train.train.make_eval_step(
