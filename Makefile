@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Test processes (pytest-xdist): `auto` is one per core; `make test PYTEST_WORKERS=0` runs in this process.
 PYTEST_WORKERS ?= auto
 
-.PHONY: run test lint format bench notebook doctor clean venv
+.PHONY: run test lint format bench notebook doctor wheel accel-check clean venv
 
 venv: $(STAMP)
 
@@ -56,5 +56,17 @@ notebook: $(STAMP)
 doctor: $(STAMP)
 	$(PY) -m jaxnets doctor
 
+# dist/jaxnets-<version>-py3-none-any.whl (jaxnets + experiments) and a zip of the source
+# tree: either one, uploaded to a Colab runtime or Drive, is the notebook's JAXNETS_SOURCE.
+wheel: $(STAMP)
+	$(PY) -m pip wheel -q --no-deps -w dist .
+	git archive --format=zip -o dist/jaxnets-$$($(PY) -c 'import importlib.metadata as m; print(m.version("jaxnets"))')-src.zip HEAD
+	@ls -l dist
+
+# The prepared accelerator check (GPU/TPU, under 8 minutes): ACCEL_ARGS=--quick runs it on CPU.
+ACCEL_ARGS ?=
+accel-check: $(STAMP)
+	$(PY) scripts/accelerator_check.py $(ACCEL_ARGS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs dist .pytest_cache

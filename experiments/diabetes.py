@@ -37,7 +37,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,6 +47,7 @@ import optax
 
 from jaxnets import adapters, loop, losses, optim, parallel, run, train
 from jaxnets import metrics as jmetrics
+from jaxnets.checks import POSITIVE_INT, TRAINING_CHECKS
 from jaxnets.config import config_to_dict, parse_config
 from jaxnets.types import Array
 
@@ -82,6 +83,8 @@ class Config(run.RunConfig):
     seed: int = 0
     log_every_steps: int = 4
     workdir: str = "runs/diabetes"
+
+    CHECKS: ClassVar[dict] = {**TRAINING_CHECKS, "hidden_sizes": POSITIVE_INT}
 
 
 def get_config() -> Config:
@@ -307,3 +310,4 @@ if __name__ == "__main__":
         f"plot: {wd / 'curves.png'}\nmetrics: {wd / 'metrics.jsonl'}\n"
         f"summary: {wd / 'summary.json'}\ntensorboard events: {wd / 'tb'}"
     )
+    raise SystemExit(run.exit_status(out))

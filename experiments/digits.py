@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -42,6 +43,7 @@ import optax
 
 from jaxnets import adapters, loop, losses, optim, parallel, run, train
 from jaxnets import metrics as jmetrics
+from jaxnets.checks import FRACTION, TRAINING_CHECKS
 from jaxnets.config import config_to_dict, parse_config
 
 log = logging.getLogger("jaxnets.digits")
@@ -80,6 +82,12 @@ class Config(run.RunConfig):
     seed: int = 0
     log_every_steps: int = 8
     workdir: str = "runs/digits"
+
+    CHECKS: ClassVar[dict] = {
+        **TRAINING_CHECKS,
+        "dropout_rate": FRACTION,
+        "batch_norm_momentum": FRACTION,
+    }
 
 
 def get_config() -> Config:
@@ -234,3 +242,4 @@ if __name__ == "__main__":
         f"plot: {wd / 'curves.png'}\nmetrics: {wd / 'metrics.jsonl'}\n"
         f"summary: {wd / 'summary.json'}\ntensorboard events: {wd / 'tb'}"
     )
+    raise SystemExit(run.exit_status(out))

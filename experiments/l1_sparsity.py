@@ -29,6 +29,7 @@ import dataclasses
 import json
 import pathlib
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,8 @@ import numpy as np
 import optax
 
 from jaxnets import metrics, parallel, train
-from jaxnets.config import config_to_dict, parse_config
+from jaxnets.checks import NONNEGATIVE, POSITIVE_INT, TRAINING_CHECKS
+from jaxnets.config import check_config, config_to_dict, parse_config
 from jaxnets.optim import inverse_time_decay, sgd
 from jaxnets.regularizers import l1_penalty, l2_penalty
 
@@ -70,6 +72,20 @@ class Config:
         metadata={"help": "give the proximal/decoupled steps l1/(1-momentum), l2/(1-momentum)"},
     )
     workdir: str = "runs/l1_sparsity"
+
+    CHECKS: ClassVar[dict] = {
+        **TRAINING_CHECKS,
+        "n_features": POSITIVE_INT,
+        "n_informative": POSITIVE_INT,
+        "n_train": POSITIVE_INT,
+        "n_test": POSITIVE_INT,
+        "noise": NONNEGATIVE,
+        "steps": POSITIVE_INT,
+        "l2": NONNEGATIVE,
+    }
+
+    def __post_init__(self):
+        check_config(self)
 
 
 def get_config() -> Config:

@@ -33,6 +33,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -41,8 +42,11 @@ import numpy as np
 
 from jaxnets import adapters, data, losses, parallel, sweep, writers
 from jaxnets import metrics as jmetrics
-from jaxnets.config import add_config_flags, config_to_dict
+from jaxnets.checks import NONNEGATIVE_INT, POSITIVE_INT, RUN_CHECKS, TRAINING_CHECKS, Rule
+from jaxnets.config import add_config_flags, check_config, config_to_dict
 from jaxnets.models import MnistCNN, TwoLayerSigmoid
+from jaxnets.models.cnn import CONV_IMPLS
+from jaxnets.sweep import VECTORIZE
 
 MODELS = ("two_layer", "mnist_cnn")
 
@@ -98,6 +102,19 @@ class Config:
     )
     log_every_steps: int = 10
     workdir: str = "runs/sweep"
+
+    CHECKS: ClassVar[dict] = {
+        **RUN_CHECKS,
+        **TRAINING_CHECKS,
+        "model": Rule(str, choices=MODELS),
+        "limit": NONNEGATIVE_INT,
+        "hidden": POSITIVE_INT,
+        "conv_impl": Rule(str, choices=CONV_IMPLS),
+        "vectorize": Rule(str, choices=("auto", *VECTORIZE)),
+    }
+
+    def __post_init__(self):
+        check_config(self)
 
 
 def get_config() -> Config:

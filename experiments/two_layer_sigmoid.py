@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,8 @@ import optax
 from jax import lax
 
 from jaxnets import metrics, parallel, train
-from jaxnets.config import config_to_dict, parse_config
+from jaxnets.checks import POSITIVE, POSITIVE_INT, RUN_CHECKS, Rule
+from jaxnets.config import check_config, config_to_dict, parse_config
 from jaxnets.models import two_layer_train_many
 from jaxnets.models.mlp import (
     sum_squared_error,
@@ -72,6 +74,19 @@ class Config:
         default=0.01, metadata={"help": "a net 'reaches' the target below this final loss"}
     )
 
+    CHECKS: ClassVar[dict] = {
+        "iterations": POSITIVE_INT,
+        "learning_rate": POSITIVE,
+        "init": Rule(str, choices=INITS),
+        "nets": POSITIVE_INT,
+        "devices": Rule(int, low=1, optional=True),
+        "parallel": RUN_CHECKS["parallel"],
+        "threshold": POSITIVE,
+    }
+
+    def __post_init__(self):
+        check_config(self)
+
 
 def get_config() -> Config:
     return Config()
@@ -80,17 +95,6 @@ def get_config() -> Config:
 # The tutorial's data: the third input is a constant 1 (a bias in disguise); y = x0 XOR x1.
 X = np.array([[0, 0, 1], [0, 1, 1], [1, 0, 1], [1, 1, 1]], np.float32)
 Y = np.array([[0], [1], [1], [0]], np.float32)
-
-
-def _validate(config: Config) -> None:
-    if config.init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {config.init!r}; use --init numpy")
-    if config.iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {config.iterations}")
-    if config.nets < 1:
-        raise ValueError(f"nets must be >= 1, got {config.nets}; use --nets 1 for the seed")
-    if not config.threshold > 0:
-        raise ValueError(f"threshold must be > 0, got {config.threshold}")
 
 
 def init_params(config: Config) -> dict:
@@ -212,7 +216,13 @@ def make_train_many_on_devices(config: Config):
     many = dict(iterations=config.iterations, learning_rate=config.learning_rate)
     if dp.num_devices == 1:
         return lambda p, x, y: jax.device_get(two_layer_train_many(p, x, y, **many))
-    dp.check_batch(config.nets)
+    n = dp.num_devices
+    if config.nets % n:
+        divisor = max(d for d in range(1, n + 1) if config.nets % d == 0 and n % d == 0)
+        raise ValueError(
+            f"--nets {config.nets} does not split over {n} devices; use --nets "
+            f"{max(n, round(config.nets / n) * n)} (a multiple of {n}) or --devices {divisor}"
+        )
     run = dp.map(
         lambda p, x, y: two_layer_train_many(p, x, y, **many),
         in_specs=(parallel.ROWS, parallel.REPLICATED, parallel.REPLICATED),
@@ -227,7 +237,8 @@ def make_train_many_on_devices(config: Config):
 
 def main(config: Config) -> dict:
     """Trains the seed net (and `config.nets` nets at once); returns the numbers it reports."""
-    _validate(config)
+    # The nets' device split is checked now, not after the seed net has trained.
+    train_many = make_train_many_on_devices(config) if config.nets > 1 else None
     os.makedirs(config.workdir, exist_ok=True)
     x, y = jnp.asarray(X), jnp.asarray(Y)
     params = init_params(config)
@@ -273,8 +284,7 @@ def main(config: Config) -> dict:
         print(f"jax.grad == hand backprop at every step (max error {errors.max():.2g})")
     _plot_loss(os.path.join(config.workdir, "loss.png"), curve)
 
-    if config.nets > 1:
-        train_many = make_train_many_on_devices(config)
+    if train_many is not None:
         _, first_s = _timed(lambda: train_many(params, x, y))
         (_, nets_loss), run_s = _timed(lambda: train_many(params, x, y))
         reached = int(np.sum(nets_loss < config.threshold))

@@ -19,12 +19,15 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from jaxnets import fingerprint
+from jaxnets.orbax_faults import disk_bytes, disk_errors, silence_abandoned_reads
 from jaxnets.types import PyTree
-from jaxnets.workdir import START_FRESH, check_workdir_writable
+from jaxnets.workdir import check_free_space, check_workdir_writable
 
 FORMAT = "jaxnets.checkpoint/1"
 _STATE, _META = "state", "meta"
 _QUARANTINE = "corrupted"
+# The library's words (a run's `open_run` adds the experiments' flags).
+START_FRESH = "To start fresh, train from a new state and save to an empty directory."
 
 
 class CheckpointError(RuntimeError):
@@ -250,19 +253,39 @@ class Checkpointer:
             "leaves": specs,
             "fingerprint": prints,
         }
+        self.check_space(tree, step=step)
         ranked = None
         if self._best_metric is not None and metrics is not None:
             value = metrics.get(self._best_metric)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 ranked = {self._best_metric: float(value)}
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(tree), _META: ocp.args.JsonSave(meta)}
-            ),
-            metrics=ranked,
-            force=True,
-        )
+        with disk_errors(self.directory):
+            return self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardSave(tree), _META: ocp.args.JsonSave(meta)}
+                ),
+                metrics=ranked,
+                force=True,
+            )
+
+    def check_space(self, state: PyTree, *, step: int | None = None) -> None:
+        """Raises OSError(ENOSPC) now if the directory cannot hold another checkpoint of `state`.
+
+        `save` checks before it writes anything, so a full disk stops a run with one message
+        naming the directory and the space needed, the previous checkpoint untouched. The
+        need is the larger of the latest checkpoint's size on disk and 1.25x this process's
+        share of the state's bytes plus 64 KiB (metadata files, file-system blocks).
+        """
+        leaves = [x for x in jax.tree.leaves(state) if hasattr(x, "dtype")]
+        data = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+        need = int(1.25 * data / jax.process_count()) + 64 * 1024
+        latest = self.latest_step()
+        if latest is not None:
+            need = max(need, disk_bytes(os.path.join(self.directory, str(latest))))
+        what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        intact = f"; the previous checkpoint (step {latest}) is intact" if latest else ""
+        check_free_space(self.directory, need, what=what, previous=intact)
 
     def restore(
         self, target: PyTree, *, step: int | None = None
@@ -343,6 +366,7 @@ class Checkpointer:
                 + "\n".join(mismatch)
                 + f"\nRestore into a state built like the saved one. {START_FRESH}"
             )
+        silence_abandoned_reads()  # before the read: they can report before it returns
         try:
             tree = self._manager.restore(
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
@@ -382,7 +406,8 @@ class Checkpointer:
         Safe inside a running asyncio event loop (a notebook cell): it joins Orbax's
         finalize thread and runs no event loop of its own.
         """
-        self._manager.wait_until_finished()
+        with disk_errors(self.directory):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Flushes the pending save and releases Orbax's threads."""

@@ -10,6 +10,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from jaxnets.checks import BAD_FLAG, Rule
+
 C = TypeVar("C")
 
 _SCALARS = (bool, int, float, str)
@@ -107,7 +109,53 @@ def parse_config(config: C, argv: Sequence[str] | None = None, *, description: s
     )
     add_config_flags(parser, config)
     args = parser.parse_args(argv)
-    return dataclasses.replace(config, **vars(args))
+    try:
+        return dataclasses.replace(config, **vars(args))
+    except ValueError as e:  # check_config in the config's __post_init__
+        parser.error(str(e))  # exits 2 with the usage line, before any work
+
+
+def _type_rule(tp: Any) -> Rule | None:
+    tp, optional = _unwrap_optional(tp)
+    if tp in (int, float, str, bool):
+        return Rule(tp, optional=optional)
+    return None
+
+
+def check_config(config: Any) -> None:
+    """Raises ValueError naming every flag of `config` whose value is wrong, and why.
+
+    Each field is checked against its type (an `int` field refuses 2.5 and True, a `float`
+    field refuses NaN) and against the `Rule`s in the `CHECKS` class attributes of the
+    config's classes (a subclass adds to, or overrides, its bases'). Tuple fields check
+    each element. Call it from the config's `__post_init__`, so that a config built in code
+    (`dataclasses.replace`) is checked as a parsed one is.
+    """
+    cls = type(config)
+    rules: dict[str, Rule] = {}
+    for base in reversed(cls.__mro__):
+        rules.update(vars(base).get("CHECKS", {}))
+    hints = typing.get_type_hints(cls)
+    problems = []
+    for field in dataclasses.fields(cls):
+        value = getattr(config, field.name)
+        tp, optional = _unwrap_optional(hints[field.name])
+        values = [value]
+        if typing.get_origin(tp) is tuple and isinstance(value, tuple):
+            values, tp = list(value), typing.get_args(tp)[0]
+        for rule in (rules.get(field.name), _type_rule(tp)):
+            if rule is None:
+                continue
+            if optional and not rule.optional:
+                rule = rule._replace(optional=True)
+            bad = [v for v in values if not rule.ok(v)]
+            if bad:
+                flag = field.name.replace("_", "-")
+                shown = ",".join(map(str, values)) if len(values) != 1 else bad[0]
+                problems.append(BAD_FLAG.format(flag=flag, value=shown, want=rule.want()))
+                break
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from typing import Any
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy")
 # Accelerator runtimes: installed without the matching device means jax fell back to CPU.
 ACCELERATOR_PACKAGES = {"libtpu": "tpu", "jax-cuda12-plugin": "gpu", "jax-cuda13-plugin": "gpu"}
+# jax's CUDA plugin generations (`pip install 'jax[cuda12]'` / `'jax[cuda13]'`).
+CUDA_GENERATIONS = (12, 13)
 
 COLAB_TPU_OBSOLETE = (
     "jax.tools.colab_tpu is imported: setup_tpu() is obsolete. Colab TPU runtimes are TPU VMs "
@@ -100,7 +102,7 @@ def _device_report() -> dict[str, Any]:
 
     devices = jax.devices()
     return {
-        "backend": jax.default_backend(),
+        "backend": devices[0].platform,
         "process_count": jax.process_count(),
         "process_index": jax.process_index(),
         "device_count": len(devices),
@@ -117,15 +119,63 @@ def _device_report() -> dict[str, Any]:
     }
 
 
-def _native_conv_report() -> dict[str, Any]:
+def _native_conv_report(backend: str) -> dict[str, Any]:
+    if backend != "cpu":  # the kernels are for XLA:CPU: not built where jax runs elsewhere
+        return {"available": None, "reason": f"not built: jax runs on {backend}"}
     from jaxnets.models import native_conv
 
     available = native_conv.available()  # builds the kernels if this machine has none yet
-    return {"available": available, "reason": native_conv.unavailable_reason()}
+    return {
+        "available": available,
+        "reason": native_conv.unavailable_reason(),
+        "fix": native_conv.unavailable_fix(),
+    }
+
+
+def _wanted_by_jax(package: str, extra: str) -> str | None:
+    """The version spec jax's `extra` pins `package` to (e.g. libtpu '0.0.42.*'), or None."""
+    try:
+        requires = importlib.metadata.requires("jax") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for line in requires:
+        match = _PIN.match(line)
+        if (
+            match
+            and _normalize(match.group(1)) == package
+            and f'"{extra}"' in (match.group(3) or "")
+        ):
+            return match.group(2)
+    return None
+
+
+def _matches(version: str, spec: str) -> bool:
+    """`version` against an `==` spec that may end in `.*`."""
+    if spec.endswith(".*"):
+        return version == spec[:-2] or version.startswith(spec[:-1])
+    return version == spec
+
+
+def _accelerator_report() -> dict[str, Any]:
+    """CUDA plugin generations and libtpu installed, against what this jax wants."""
+    cuda = {
+        str(gen): version
+        for gen in CUDA_GENERATIONS
+        if (version := installed_version(f"jax-cuda{gen}-plugin")) is not None
+    }
+    return {
+        "cuda_plugins": cuda,  # {"13": "0.10.2"}: the CUDA generation and the plugin version
+        "libtpu": installed_version("libtpu"),
+        "libtpu_wanted": _wanted_by_jax("libtpu", "tpu"),
+    }
 
 
 def _warnings(
-    packages: dict, devices: dict, pins_found: bool, native: dict | None = None
+    packages: dict,
+    devices: dict,
+    pins_found: bool,
+    native: dict | None = None,
+    accelerators: dict | None = None,
 ) -> list[str]:
     warnings = []
     if not pins_found:
@@ -156,12 +206,33 @@ def _warnings(
                 f"or its runtime failed to start (check the jax import log, driver, and that "
                 f"{package} matches jaxlib {jaxlib_v})"
             )
+    accelerators = accelerators or {"cuda_plugins": {}, "libtpu": None, "libtpu_wanted": None}
+    for gen, version in accelerators["cuda_plugins"].items():
+        if jaxlib_v and version != jaxlib_v:
+            warnings.append(
+                f"jax-cuda{gen}-plugin {version} does not match jaxlib {jaxlib_v}; "
+                f"pip install 'jax[cuda{gen}]=={jaxlib_v}'"
+            )
+    if len(accelerators["cuda_plugins"]) > 1:
+        warnings.append(
+            "CUDA plugins of several generations are installed "
+            f"({', '.join('cuda' + g for g in accelerators['cuda_plugins'])}); keep one: "
+            "pip uninstall jax-cuda12-plugin jax-cuda12-pjrt for CUDA 13 (NVIDIA driver >= "
+            "580), or the cuda13 ones for CUDA 12"
+        )
+    libtpu, wanted = accelerators["libtpu"], accelerators["libtpu_wanted"]
+    if libtpu and wanted and not _matches(libtpu, wanted):
+        warnings.append(
+            f"libtpu {libtpu} does not match jax {jax_v}, which wants libtpu=={wanted}: "
+            f"pip install 'jax[tpu]=={jax_v}' (a TPU runtime's preinstalled libtpu fails to "
+            "load or miscompiles with another jaxlib)"
+        )
     if "jax.tools.colab_tpu" in sys.modules:
         warnings.append(COLAB_TPU_OBSOLETE)
     if native is not None and devices["backend"] == "cpu" and not native["available"]:
         warnings.append(
             f"the C++ convolution kernels are unavailable ({native['reason']}), so MnistCNN "
-            "uses im2col on CPU, 1.3-1.8x slower; install g++ or point $CXX at a C++17 compiler"
+            f"uses im2col on CPU, 1.3-1.8x slower; {native['fix']}"
         )
     return warnings
 
@@ -174,8 +245,10 @@ def doctor(*, print_report: bool = True) -> dict[str, Any]:
       `tensorflow_installed` (bool; TensorFlow is not needed), `devices` (backend,
       process_count, device_count, devices [{id, platform, kind, process_index}]), `data`
       (bundled sample, TFDS data dir and what is prepared there, cache dir), `native_conv`
-      (whether the C++ convolution kernels build here: available, reason), `warnings` (a
-      list of sentences, each with the fix).
+      (whether the C++ convolution kernels build here: available, reason; available None
+      where jax runs on GPU/TPU, where they are not built), `accelerators` (`cuda_plugins`
+      {generation: version}, `libtpu` and the `libtpu_wanted` spec of this jax), `warnings`
+      (a list of sentences, each with the fix).
     """
     pins = pinned_versions()
     packages = {}
@@ -190,9 +263,12 @@ def doctor(*, print_report: bool = True) -> dict[str, Any]:
         "tensorflow_installed": importlib.util.find_spec("tensorflow") is not None,
         "devices": devices,
         "data": _data_report(),
-        "native_conv": _native_conv_report(),
+        "native_conv": _native_conv_report(devices["backend"]),
+        "accelerators": _accelerator_report(),
     }
-    report["warnings"] = _warnings(packages, devices, bool(pins), report["native_conv"])
+    report["warnings"] = _warnings(
+        packages, devices, bool(pins), report["native_conv"], report["accelerators"]
+    )
     if print_report:
         print(format_report(report))
     return report
@@ -234,7 +310,14 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"  cache dir: {data['cache_dir']}: {len(data['cached_arrays'])} cached arrays")
     native = report["native_conv"]
     status = "built" if native["available"] else f"unavailable: {native['reason']}"
+    if native["available"] is None:
+        status = native["reason"]
     lines.append(f"native conv kernels (CPU): {status}")
+    acc = report["accelerators"]
+    cuda = ", ".join(f"CUDA {g} (jax-cuda{g}-plugin {v})" for g, v in acc["cuda_plugins"].items())
+    lines.append(f"CUDA plugin: {cuda or 'none'}")
+    wanted = f" (jax wants {acc['libtpu_wanted']})" if acc["libtpu_wanted"] else ""
+    lines.append(f"libtpu: {acc['libtpu'] or 'none'}{wanted}")
     if report["warnings"]:
         lines.append("warnings:")
         lines += [f"  - {w}" for w in report["warnings"]]

@@ -198,7 +198,7 @@ def resolve(train_data: Any, dp: parallel.DataParallel, input: str = "auto") -> 
         `RESIDENT_SHARE` of free memory, streamed otherwise; logged).
     """
     if input not in INPUTS:
-        raise ValueError(f"input={input!r}; use one of {INPUTS} (--input)")
+        raise ValueError(f"input={input!r}; use one of {INPUTS}")
     if isinstance(train_data, Stream):
         if input == "resident":
             raise ValueError(

@@ -24,10 +24,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxnets import dispatch, inputs, parallel, train
 from jaxnets import metrics as jmetrics
+from jaxnets.checks import POSITIVE_INT, Rule, check_argument
 from jaxnets.evaluation import Evaluation, _evaluate_replicated, evaluate, make_evaluation
 from jaxnets.types import Batch, PRNGKey
 
@@ -128,24 +130,15 @@ class FitResult(NamedTuple):
     steps_per_call: int  # the chunk length used
 
 
-def _check_fit_args(epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite):
-    for name, value, low in (
-        ("epochs", epochs, 1),
-        ("batch_size", batch_size, 1),
-        ("log_every_steps", log_every_steps, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(
-                f"{name}={value!r}: must be an int >= {low} (--{name.replace('_', '-')})"
-            )
-    if steps_per_dispatch is not None and (
-        not isinstance(steps_per_dispatch, int) or steps_per_dispatch < 1
-    ):
-        raise ValueError(
-            f"steps_per_dispatch={steps_per_dispatch!r}: an int >= 1, or None to measure"
-        )
-    if on_nonfinite not in NONFINITE:
-        raise ValueError(f"on_nonfinite={on_nonfinite!r}; use one of {NONFINITE}")
+def _check_fit_args(
+    data_key, epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite
+):
+    train.check_key(data_key, "data_key")
+    check_argument("epochs", epochs, POSITIVE_INT)
+    check_argument("batch_size", batch_size, POSITIVE_INT)
+    check_argument("log_every_steps", log_every_steps, POSITIVE_INT)
+    check_argument("steps_per_dispatch", steps_per_dispatch, Rule(int, low=1, optional=True))
+    check_argument("on_nonfinite", on_nonfinite, Rule(str, choices=NONFINITE))
 
 
 def fit(
@@ -192,7 +185,8 @@ def fit(
       on_nonfinite: "raise": a non-finite training loss stops training with
         FloatingPointError naming the step range (checked at log points, no extra sync);
         "warn": log a warning and go on (the optimiser must skip such updates:
-        `optax.apply_if_finite`); "ignore": go on silently (a sweep, where one diverged
+        `optax.apply_if_finite`; if the parameters have become non-finite, it did not,
+        and FloatingPointError says so); "ignore": go on silently (a sweep, where one diverged
         model must not stop the others).
       workdir: where the measured steps-per-call choice is recorded (for resume).
       epoch_indices: `epoch -> [steps, batch, ...]` example indices (default:
@@ -202,11 +196,15 @@ def fit(
     Returns:
       FitResult(state, history, stopped_early, steps_per_call).
     """
-    _check_fit_args(epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite)
+    _check_fit_args(data_key, epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite)
     for action in actions:
         _check_periodic(action)
     data = inputs.resolve(train_data, dp, input)
-    n = len(data) if isinstance(data, inputs.Stream) else train.num_examples(data, "training data")
+    if isinstance(data, inputs.Stream):
+        n = len(data)
+    else:
+        n = train.num_examples(data, "training data")
+        _check_data_finite(data, "training data")
     dp.check_batch(batch_size)
     steps_per_epoch = n // batch_size
     train.epoch_indices(data_key, 0, n, batch_size)  # validates the batch size
@@ -284,6 +282,9 @@ def fit(
             if ready:
                 logger.add(jax.device_get([dp.unreplicate(m) for m in ready]), flush=flush)
                 pending = pending[len(ready) :]
+                if logger.warned is not None:  # "warn": were those updates really skipped?
+                    _check_skipped(dp.unreplicate(state.params), logger.warned)
+                    logger.warned = None
             for j in due:
                 actions[j].fn(step, dp.to_checkpoint(state))
             if stopping:
@@ -316,6 +317,7 @@ class _WindowLogger:
         self.pos = pos  # epoch position of the first step in `self.window`
         self.window = None  # stacked per-step host metrics, leading [steps]
         self.epoch_sums = None
+        self.warned = None  # (first, last) step of a non-finite loss let through by "warn"
 
     def add(self, chunks: list, *, flush: bool) -> None:
         chunks = ([self.window] if self.window is not None else []) + list(chunks)
@@ -334,7 +336,9 @@ class _WindowLogger:
         self.pos += used
 
     def _log(self, sums: dict, lo: int, hi: int) -> None:
-        _check_finite(sums, self.step0 + lo, self.step0 + hi, self.on_nonfinite)
+        warned = _check_finite(sums, self.step0 + lo, self.step0 + hi, self.on_nonfinite)
+        if warned and self.warned is None:  # the first window let through, for the message
+            self.warned = (self.step0 + lo, self.step0 + hi)
         self.epoch_sums = sums if self.epoch_sums is None else jmetrics.merge(self.epoch_sums, sums)
         record = {"kind": "train", "step": self.step0 + hi, "epoch": self.epoch}
         record.update(jmetrics.compute(sums))
@@ -348,15 +352,48 @@ def _scalars(values: dict) -> dict:
     return {k: v for k, v in values.items() if isinstance(v, float)}
 
 
-def _check_finite(sums: dict, first_step: int, last_step: int, on_nonfinite: str) -> None:
+def _check_finite(sums: dict, first_step: int, last_step: int, on_nonfinite: str) -> bool:
+    """Raises on a non-finite loss ("raise"); returns True when "warn" let one through."""
     loss = sums.get("loss")
     if on_nonfinite == "ignore" or loss is None or np.all(np.isfinite(loss.compute())):
-        return
+        return False
     where = f"non-finite training loss between steps {first_step + 1} and {last_step}"
     if on_nonfinite == "warn":
         log.warning("%s", where)
-        return
+        return True
     raise FloatingPointError(
-        f"{where}: lower the learning rate, check the inputs, or pass --skip-nonfinite; the "
-        "last checkpoint saved before this is intact"
+        f"{where}: lower the learning rate, or check the labels (class ids outside the "
+        "model's classes give NaN: jaxnets.data.check_labels); to skip such updates instead, "
+        "wrap the optimiser in optax.apply_if_finite and pass on_nonfinite='warn'. The last "
+        "checkpoint saved before this is intact"
     )
+
+
+def _check_data_finite(data: Batch, what: str) -> None:
+    """Once, on the host: NaN or Inf in float inputs would show up as a non-finite loss."""
+    for path, x in jax.tree_util.tree_flatten_with_path(data)[0]:
+        x = np.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact) or np.isfinite(x.sum()):
+            continue  # the sum is finite only if every value is (2x faster than isfinite)
+        if not np.all(np.isfinite(x)):  # else the sum merely overflowed
+            bad = ~np.isfinite(x.reshape(len(x), -1)).all(-1)
+            raise ValueError(
+                f"{what}{jax.tree_util.keystr(path)}: {int(bad.sum())} of {len(x)} examples "
+                f"hold NaN or Inf (the first is example {int(np.argmax(bad))}); fix or drop "
+                "them before training"
+            )
+
+
+NOT_SKIPPED = (
+    "on_nonfinite='warn' goes on past a non-finite loss (between steps {first} and {last}) "
+    "only when the optimiser skips such updates, but the parameters are now non-finite: "
+    "wrap it in optax.apply_if_finite(tx, max_consecutive_errors=...), or use "
+    "on_nonfinite='raise'"
+)
+
+
+def _check_skipped(params: Any, steps: tuple[int, int]) -> None:
+    """After "warn" let a non-finite loss through: the parameters must still be finite."""
+    leaves = jax.device_get(jax.tree.leaves(params))
+    if not all(np.all(np.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)):
+        raise FloatingPointError(NOT_SKIPPED.format(first=steps[0] + 1, last=steps[1]))

@@ -273,17 +273,28 @@ def make_data_parallel(
     all_devices = jax.devices()
     if devices is None:
         chosen = list(all_devices)
-    elif isinstance(devices, int):
+    elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
         if not 1 <= devices <= len(all_devices):
             raise ValueError(
-                f"--devices {devices} asked for, but {len(all_devices)} "
-                f"{all_devices[0].platform} device(s) are available; use 1..{len(all_devices)}"
+                f"devices={devices} asked for, but {len(all_devices)} "
+                f"{all_devices[0].platform} device(s) are available; use 1..{len(all_devices)} "
+                "(or None: all)"
             )
         if jax.process_count() > 1 and devices != len(all_devices):
-            raise ValueError("with several processes, use all devices (--devices 0 or none)")
+            raise ValueError(
+                f"devices={devices}: with several processes, use all {len(all_devices)} devices "
+                "(devices=None)"
+            )
         chosen = list(all_devices[:devices])
+    elif isinstance(devices, (str, bytes, float, bool)) or not isinstance(devices, Sequence):
+        raise TypeError(
+            f"devices={devices!r}: must be an int (the first n devices), a sequence of "
+            "jax devices, or None (all)"
+        )
     else:
         chosen = list(devices)
+        if not chosen or not all(isinstance(d, jax.Device) for d in chosen):
+            raise TypeError(f"devices={devices!r}: a non-empty sequence of jax devices")
     mesh = Mesh(np.array(chosen), (axis_name,))
     return DataParallel(backend, axis_name, tuple(chosen), mesh)
 

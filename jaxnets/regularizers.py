@@ -31,6 +31,48 @@ class ScheduleCountState(NamedTuple):
     count: jax.Array  # shape=(), dtype=int32: updates applied so far
 
 
+class L1ProximalState(NamedTuple):
+    """State of `l1_proximal` with a constant learning rate (none); marks its place in a chain."""
+
+
+class L1ProximalScheduleState(NamedTuple):
+    """State of `l1_proximal` with a scheduled learning rate; marks its place in a chain."""
+
+    count: jax.Array  # shape=(), dtype=int32: updates applied so far
+
+
+L1_NOT_LAST = (
+    "l1_proximal is followed by {n} transform(s) in the optimiser chain (their states: "
+    "{after}); it must be the last "
+    "transform (it thresholds the finished step, and anything after it moves the weights off "
+    "the exact zeros): e.g. optax.chain(optax.sgd(lr), l1_proximal(strength, lr))"
+)
+
+
+def _transform_states(state: Any) -> list[Any]:
+    """The states of a transform's atomic parts, in the order their updates run."""
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):  # optax.chain
+        return [part for s in state for part in _transform_states(s)]
+    for wrapped in ("inner_state", "inner_opt_state"):  # masked, apply_if_finite, inject...
+        if hasattr(state, wrapped):
+            return _transform_states(getattr(state, wrapped))
+    return [state]
+
+
+def check_l1_last(opt_state: Any) -> None:
+    """Raises ValueError when an `l1_proximal` in the optimiser is not its last transform.
+
+    Checked from the initial optimiser state (`create_train_state` does), so a misplaced
+    `l1_proximal` is refused before training rather than silently losing its zeros.
+    """
+    parts = _transform_states(opt_state)
+    marks = (L1ProximalState, L1ProximalScheduleState)
+    for i, part in enumerate(parts):
+        if isinstance(part, marks) and i + 1 < len(parts):
+            after = ", ".join(type(p).__name__ for p in parts[i + 1 :])
+            raise ValueError(L1_NOT_LAST.format(n=len(parts) - i - 1, after=after))
+
+
 def check_nonnegative(name: str, value: Any) -> None:
     """Raises ValueError if a concrete hyperparameter is negative or not finite.
 
@@ -228,7 +270,9 @@ def l1_proximal(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError(_NO_PARAMS.format(name="l1_proximal"))
-        lr, state = _learning_rate_at(learning_rate, state)
+        lr, count = _learning_rate_at(learning_rate, state)
+        if callable(learning_rate):  # the same state type out as in (its marker)
+            state = L1ProximalScheduleState(count.count)
 
         def prox_update(u, p):
             # The same sum as optax.apply_updates, so x is the point the step would reach.
@@ -239,7 +283,13 @@ def l1_proximal(
 
         return jax.tree.map(prox_update, updates, params), state
 
-    return _masked(optax.GradientTransformation(_count_init(learning_rate), update_fn), mask)
+    def init_fn(params):
+        del params
+        if callable(learning_rate):
+            return L1ProximalScheduleState(count=jnp.zeros([], jnp.int32))
+        return L1ProximalState()
+
+    return _masked(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
 def sparsity(params: Params) -> dict[str, float]:

@@ -36,15 +36,18 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
 from jaxnets import checkpoint as ckpt
 from jaxnets import inputs, loop, parallel, train, writers
+from jaxnets.checks import RUN_CHECKS, Rule
+from jaxnets.config import check_config
+from jaxnets.lock import WorkdirLock, claim_workdir
 from jaxnets.preemption import PreemptionGuard
-from jaxnets.workdir import check_resumable, check_workdir_writable
+from jaxnets.workdir import START_FRESH, check_resumable, check_workdir_writable
 
 log = logging.getLogger("jaxnets.run")
 
@@ -87,6 +90,12 @@ class RunConfig:
     progress: bool = True
     workdir: str = "runs/run"
 
+    # Checked on construction (`config.check_config`); an experiment adds its own CHECKS.
+    CHECKS: ClassVar[dict[str, Rule]] = RUN_CHECKS
+
+    def __post_init__(self):
+        check_config(self)
+
 
 # Fields of an epoch record that are bookkeeping, not metrics.
 _NOT_METRICS = ("kind", "epoch", "step", "epoch_seconds")
@@ -113,8 +122,12 @@ class Run:
         checkpointer: ckpt.Checkpointer | None,
         flags: RunConfig | None = None,
         metadata: dict | None = None,
+        *,
+        total_steps: int | None = None,
+        lock: WorkdirLock | None = None,
     ):
         self.flags = flags or RunConfig(workdir=str(path))
+        self.lock = lock
         self.guard = PreemptionGuard()
         self.path = path
         self.config = config
@@ -126,11 +139,12 @@ class Run:
         self.is_main = parallel.is_main_process()
         self._started = time.perf_counter()
         self._sinks: list[Any] = []
-        if self.is_main:
+        # A finished run trains nothing, so it opens no writer (and purges no event).
+        if self.is_main and (total_steps is None or start_step < total_steps):
             resume = start_step or None
             self._sinks = [
                 writers.JsonlWriter(path / "metrics.jsonl", resume_step=resume),
-                writers.TensorBoardWriter(path / "tb", purge_step=resume),
+                writers.TensorBoardWriter(path / "tb", resume_step=resume),
             ]
 
     @property
@@ -206,6 +220,7 @@ class Run:
             "step": step,
             "epochs_completed": step // steps_per_epoch,
             "stopped_early": result.stopped_early,
+            "stop_signal": self.guard.received if result.stopped_early else None,
             "train": {
                 k: v for k, v in last.items() if k not in _NOT_METRICS and not k.startswith("val_")
             },
@@ -232,7 +247,7 @@ class Run:
             )
 
     def close(self) -> None:
-        """Waits for the last checkpoint to be committed and closes the log files."""
+        """Waits for the last checkpoint to be committed, closes the log files, unlocks."""
         try:
             if self.checkpointer is not None:
                 self.checkpointer.close()
@@ -240,6 +255,8 @@ class Run:
             for sink in self._sinks:
                 sink.close()
             self._sinks = []
+            if self.lock is not None:
+                self.lock.release()
 
     def fit_options(self, *, epochs: int, data: Any = None) -> dict[str, Any]:
         """`loop.fit`'s keyword arguments for this run's flags: steps per call, log cadence,
@@ -313,7 +330,27 @@ def open_run(
       The open `Run`; `run.state` is what to train from.
     """
     path = Path(flags.workdir)
-    check_workdir_writable(path)
+    lock = claim(path)
+    try:
+        return _open(flags, config, state, dp, result_fields, total_steps, path, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def claim(workdir: str | Path) -> WorkdirLock | None:
+    """Checks that `workdir` can hold a run and takes its lock (`lock.WorkdirLock`).
+
+    Process 0 owns the directory (the others may share its disk), so only it locks; a
+    second run on the directory stops here with the other run's pid. An experiment calls it
+    before loading data; `open_run` calls it again (the same lock) and releases it at close.
+    """
+    check_workdir_writable(workdir)
+    return claim_workdir(workdir) if parallel.is_main_process() else None
+
+
+def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> Run:
     config = dict(config)
     checkpoints = path / CHECKPOINTS
     if flags.restart:  # every process: each may have its own disk
@@ -340,15 +377,31 @@ def open_run(
                 log.warning(
                     "resuming from step %d of %d (%s)", start_step, total_steps, checkpoints
                 )
+    if manager is not None and start_step < total_steps:
+        try:  # a full disk is refused now, not after an epoch of training
+            manager.check_space(state)
+        except BaseException:
+            manager.close()
+            raise
     if parallel.is_main_process():
         writers.write_json(path / "config.json", config)
-    return Run(path, config, state, start_step, manager, flags, meta)
+    return Run(
+        path, config, state, start_step, manager, flags, meta, total_steps=total_steps, lock=lock
+    )
+
+
+def exit_status(summary: Mapping[str, Any]) -> int:
+    """The process exit status of a run: 0 when it finished; 128 + the signal's number
+    (130 for SIGINT, 143 for SIGTERM) when a signal stopped it after saving, as a shell
+    reports a process the signal killed, so schedulers and `&&` know it did not finish."""
+    signum = summary.get("stop_signal")
+    return 128 + int(signum) if summary.get("stopped_early") and signum else 0
 
 
 def _restore(manager, state, dp, config, result_fields, path):
     try:
         state, meta, step = manager.restore(dp.checkpoint_target(state))
-    except ValueError:
+    except ValueError as e:
         # A changed model size fails the layout check first: name the changed field instead.
         try:
             saved = json.loads((path / "config.json").read_text())
@@ -356,6 +409,13 @@ def _restore(manager, state, dp, config, result_fields, path):
             saved = None
         if isinstance(saved, dict):
             check_resumable(saved, config, keys=result_fields)
-        raise
+        raise ValueError(_with_flags(e)) from None
+    except ckpt.CheckpointError as e:
+        raise ckpt.CheckpointError(_with_flags(e)) from None
     check_resumable(meta["config"], config, keys=result_fields)
     return state, meta, step
+
+
+def _with_flags(error: Exception) -> str:
+    """A checkpoint error's message with the fix in the experiments' flags."""
+    return str(error).replace(ckpt.START_FRESH, START_FRESH)

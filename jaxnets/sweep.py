@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 from jaxnets import loop, optim, parallel, train, writers
+from jaxnets.checks import POSITIVE_INT, check_argument
 from jaxnets.types import Batch, PRNGKey
 
 # The seed CNN's optimiser (SEEDS.md): SGD 0.05, Nesterov 0.9, inverse-time decay 1e-6.
@@ -396,8 +397,9 @@ def run_sweep(
     """
     if vectorize not in VECTORIZE:
         raise ValueError(f"vectorize={vectorize!r}: use one of {VECTORIZE}")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    check_argument("epochs", epochs, POSITIVE_INT)
+    check_argument("batch_size", batch_size, POSITIVE_INT)
+    check_argument("log_every_steps", log_every_steps, POSITIVE_INT)
     n = train.num_examples(train_data, "training data")
     sample = jax.tree.map(lambda x: np.asarray(x[:1]), train_data)
     params_shape = jax.eval_shape(objective.init, jax.random.key(0), sample)[0]

@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from jaxnets import parallel
+from jaxnets.regularizers import check_l1_last
 from jaxnets.types import Array, Batch, Params, PRNGKey, PyTree
 
 # (params, model_state, batch, key) -> (loss, (metrics, new_model_state))
@@ -111,9 +112,9 @@ def create_train_state(
         params, model_state = init_fn(init_key, sample_batch)
     else:
         params, model_state = init_fn, ({} if model_state is None else model_state)
-    return TrainState(
-        jnp.zeros((), jnp.int32), params, tx.init(params), model_state, raw_key(state_key)
-    )
+    opt_state = tx.init(params)
+    check_l1_last(opt_state)
+    return TrainState(jnp.zeros((), jnp.int32), params, opt_state, model_state, raw_key(state_key))
 
 
 def example_keys(key: PRNGKey, batch: int, axis_name: str | None = None) -> Array:
@@ -340,7 +341,7 @@ def epoch_indices(data_key: PRNGKey, epoch: int, num_examples: int, batch_size: 
     if steps == 0:
         raise ValueError(
             f"batch size {batch_size} is larger than the {num_examples} training examples; "
-            f"use --batch-size {num_examples} or less"
+            f"use a batch size of {num_examples} or less"
         )
     perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
     return np.asarray(perm[: steps * batch_size], np.int32).reshape(steps, batch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -13,6 +14,31 @@ from jaxnets.config import config_diff
 START_FRESH = (
     "To start fresh, pass --restart (discards this run's checkpoints) or use a new --workdir."
 )
+
+
+DISK_FULL = (
+    "{path} has {free:.1f} MiB free but {what} needs about {need:.1f} MiB; free space there "
+    "or use another directory{previous}"
+)
+
+
+def check_free_space(
+    path: str | os.PathLike, required_bytes: int, *, what: str, previous: str = ""
+):
+    """Raises OSError(ENOSPC) naming `path` and the space needed when it has less free."""
+    path = os.path.abspath(os.fspath(path))
+    free = shutil.disk_usage(path).free
+    if free < required_bytes:
+        raise OSError(
+            errno.ENOSPC,
+            DISK_FULL.format(
+                path=path,
+                free=free / 2**20,
+                what=what,
+                need=required_bytes / 2**20,
+                previous=previous,
+            ),
+        )
 
 
 def check_resumable(
@@ -65,11 +91,6 @@ def check_workdir_writable(path: str | os.PathLike, *, required_bytes: int = 0) 
     except OSError as e:
         raise PermissionError(
             f"work directory {path} is not writable ({e.strerror or e}); fix its permissions "
-            "or choose another with --workdir"
+            "or use another directory"
         ) from None
-    free = shutil.disk_usage(path).free
-    if free < required_bytes:
-        raise OSError(
-            f"work directory {path} has {free / 2**20:.1f} MiB free but checkpoints need "
-            f"{required_bytes / 2**20:.1f} MiB; free space or choose another --workdir"
-        )
+    check_free_space(path, required_bytes, what="a checkpoint of this run")

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,14 +75,28 @@ class JsonlWriter:
 class TensorBoardWriter:
     """TensorBoard event files through tensorboardX (no TensorFlow needed).
 
-    Scalars go under `train/` or `epoch/` by the record's kind; TensorBoard keeps the
-    last value written for a step, so a resumed run overwrites nothing it should keep.
+    Scalars go under `train/` or `epoch/` by the record's kind.
+
+    Args:
+      logdir: the events directory.
+      resume_step: when continuing a run from a checkpoint at this step, TensorBoard is
+        told (a SessionLog START at `resume_step + 1`) to drop what an interrupted run
+        logged after it; the checkpoint step's own scalars are kept.
     """
 
-    def __init__(self, logdir: str | os.PathLike, *, purge_step: int | None = None):
+    def __init__(self, logdir: str | os.PathLike, *, resume_step: int | None = None):
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(logdir), purge_step=purge_step, flush_secs=10)
+        # TensorBoard purges every event at or after the START step: the step after the
+        # checkpoint's, not the checkpoint's (whose scalars belong to the run being resumed).
+        purge = None if resume_step is None else resume_step + 1
+        # Event files are named for the second they were opened in: a resumed run opened in
+        # the same second as the last one would truncate its file. The nanoseconds keep them
+        # apart, in order (TensorBoard reads a directory's files in name order).
+        suffix = f".{time.time_ns() % 10**9:09d}.{os.getpid()}"
+        self._writer = SummaryWriter(
+            str(logdir), purge_step=purge, flush_secs=10, filename_suffix=suffix
+        )
 
     def write(self, record: dict) -> None:
         prefix = record.get("kind", "train")

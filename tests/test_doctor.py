@@ -82,12 +82,17 @@ def test_native_conv_kernels_are_reported_and_their_absence_warns_with_the_fix(m
 
     report = doctor.doctor(print_report=False)
     if native_conv.available():
-        assert report["native_conv"] == {"available": True, "reason": ""}
+        assert report["native_conv"] == {"available": True, "reason": "", "fix": ""}
         assert "native conv kernels (CPU): built" in doctor.format_report(report)
     monkeypatch.setattr(native_conv, "available", lambda: False)
     monkeypatch.setattr(native_conv, "unavailable_reason", lambda: "no C++ compiler 'g++'")
+    monkeypatch.setattr(native_conv, "unavailable_fix", lambda: native_conv.FIX_COMPILER)
     report = doctor.doctor(print_report=False)
-    assert report["native_conv"] == {"available": False, "reason": "no C++ compiler 'g++'"}
+    assert report["native_conv"] == {
+        "available": False,
+        "reason": "no C++ compiler 'g++'",
+        "fix": native_conv.FIX_COMPILER,
+    }
     assert (
         "the C++ convolution kernels are unavailable (no C++ compiler 'g++'), so MnistCNN uses "
         "im2col on CPU, 1.3-1.8x slower; install g++" in report["warnings"][0]
@@ -109,3 +114,46 @@ def test_cli_json_is_the_report(capsys):
     assert json.loads(capsys.readouterr().out) == doctor.doctor(print_report=False)
     with pytest.raises(SystemExit):
         cli.main(["nonsense"])
+
+
+def test_cuda_plugin_generations_and_a_libtpu_that_does_not_match_jax_warn(monkeypatch):
+    real = doctor.installed_version
+    fake = {"jax-cuda13-plugin": "0.10.2", "jax-cuda12-plugin": "0.9.0", "libtpu": "0.0.30"}
+    monkeypatch.setattr(doctor, "installed_version", lambda name: fake.get(name, real(name)))
+    report = doctor.doctor(print_report=False)
+    assert report["accelerators"] == {
+        "cuda_plugins": {"12": "0.9.0", "13": "0.10.2"},
+        "libtpu": "0.0.30",
+        "libtpu_wanted": "0.0.42.*",  # jax 0.10.2's [tpu] extra
+    }
+    warnings = "\n".join(report["warnings"])
+    assert (
+        "jax-cuda12-plugin 0.9.0 does not match jaxlib 0.10.2; pip install 'jax[cuda12]==0.10.2'"
+        in warnings
+    )
+    assert "jax-cuda13-plugin 0.10.2 does not match" not in warnings
+    assert (
+        "CUDA plugins of several generations are installed (cuda12, cuda13); keep one" in warnings
+    )
+    assert "libtpu 0.0.30 does not match jax 0.10.2, which wants libtpu==0.0.42.*" in warnings
+    text = doctor.format_report(report)
+    assert (
+        "CUDA plugin: CUDA 12 (jax-cuda12-plugin 0.9.0), CUDA 13 (jax-cuda13-plugin 0.10.2)" in text
+    )
+    fake["libtpu"] = "0.0.42.1"
+    warnings = doctor.doctor(print_report=False)["warnings"]
+    assert not any(w.startswith("libtpu 0.0.42.1 does not match") for w in warnings)
+
+
+def test_cpu_kernels_are_not_built_where_jax_runs_on_an_accelerator(monkeypatch):
+    from jaxnets.models import native_conv
+
+    def fail():
+        raise AssertionError("doctor built the CPU kernels on an accelerator")
+
+    tpu = {**doctor._device_report(), "backend": "tpu"}
+    monkeypatch.setattr(doctor, "_device_report", lambda: tpu)
+    monkeypatch.setattr(native_conv, "available", fail)
+    report = doctor.doctor(print_report=False)
+    assert report["native_conv"] == {"available": None, "reason": "not built: jax runs on tpu"}
+    assert "native conv kernels (CPU): not built: jax runs on tpu" in doctor.format_report(report)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxnets import losses
-from jaxnets.models import MnistCNN, TwoLayerSigmoid, ValidConv, cnn, native_conv
+from jaxnets.models import MnistCNN, TwoLayerSigmoid, ValidConv, native_conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,35 +276,3 @@ def test_cnn_rejects_bad_batch_groups():
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match=rf"batch_groups={bad!r}; use a positive int"):
             MnistCNN(batch_groups=bad).apply({"params": params}, jnp.zeros((2, 28, 28, 1)))
-
-
-def test_cnn_default_batch_groups_two_for_im2col_on_cpu_one_for_xla():
-    params, images = _init(MODELS[0]), jnp.zeros((4, 28, 28, 1))
-
-    def program(**kwargs):
-        return str(jax.make_jaxpr(MnistCNN(**kwargs).apply)({"params": params}, images))
-
-    assert jax.default_backend() == "cpu"
-    assert program() == program(batch_groups=2) != program(batch_groups=1)
-    assert program(conv_impl="xla") == program(conv_impl="xla", batch_groups=1)
-    assert program(conv_impl="xla") != program(conv_impl="xla", batch_groups=2)
-
-
-def test_cnn_auto_conv_impl_is_native_on_cpu_where_it_builds_else_im2col(monkeypatch):
-    params, images = _init(MODELS[0]), jnp.zeros((4, 28, 28, 1))
-
-    def program(**kwargs):
-        return str(jax.make_jaxpr(MnistCNN(**kwargs).apply)({"params": params}, images))
-
-    if native_conv.available():
-        assert program() == program(conv_impl="native")
-        assert "jaxnets_conv_forward" in program()
-    monkeypatch.setattr(native_conv, "available", lambda: False)
-    monkeypatch.setattr(native_conv, "unavailable_reason", lambda: "no C++ compiler 'g++'")
-    cnn._warn_native_unavailable.cache_clear()
-    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler 'g\+\+'.*install g\+\+"):
-        fallback = program()
-    assert fallback == program(conv_impl="im2col")
-    assert "jaxnets_conv" not in fallback
-    with pytest.raises(RuntimeError, match=r"no C\+\+ compiler 'g\+\+'.*conv_impl='im2col'"):
-        program(conv_impl="native")

@@ -1,5 +1,6 @@
-"""The Colab notebook: committed clean, and executed headless on CPU (2 fake devices) it trains,
-resumes and plots."""
+"""The Colab notebook: committed clean, and executed headless on CPU it trains over 8 fake
+devices, resumes, resumes again on 1 device (a Drive run moved to a single-chip runtime), and
+refuses a batch that does not divide before it trains."""
 
 import importlib.util
 import json
@@ -23,6 +24,7 @@ PARAMETERS = {
     "DATASET",
     "LIMIT_TRAIN",
     "BATCH_SIZE",
+    "DEVICES",
     "INSTALL_TPU_JAX",
 }
 
@@ -56,42 +58,59 @@ def test_with_parameters_replaces_the_parameters_cell_only():
         run_notebook.with_parameters(nb, {"EPOCH": 1})
 
 
-@pytest.mark.slow
-def test_notebook_runs_on_cpu_and_resumes(tmp_path):
-    committed = NOTEBOOK.read_bytes()
-    workdir = tmp_path / "run"
+def _execute(tmp_path, devices, **parameters):
     nb = run_notebook.with_parameters(
         nbformat.read(NOTEBOOK, as_version=4),
-        {
-            "JAXNETS_SOURCE": "",
-            "DATASET": "mnist_sample",
-            "EPOCHS": 1,
-            "LIMIT_TRAIN": 400,
-            "WORKDIR": str(workdir),
-        },
+        {"JAXNETS_SOURCE": "", "DATASET": "mnist_sample", "LIMIT_TRAIN": 400, **parameters},
     )
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     run_notebook.execute(nb, cwd=tmp_path, env=env, timeout=300)
+    return nb
 
+
+def _printed(nb):
+    outputs = [o for c in _code(nb) for o in c.outputs]
+    return "".join(o.text for o in outputs if o.output_type == "stream")
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_8_then_1_devices_and_resumes(tmp_path):
+    committed = NOTEBOOK.read_bytes()
+    workdir = tmp_path / "run"
+    # 8 devices (a multi-chip runtime): 400 images, the last 20% held out: 320 train, 8 steps
+    # of 40 per epoch. The fit cell trains epoch 1 (step 8); the resume cell epoch 2 only.
+    nb = _execute(tmp_path, 8, EPOCHS=1, BATCH_SIZE=40, WORKDIR=str(workdir))
     outputs = [o for c in _code(nb) for o in c.outputs]
     assert all(c.execution_count is not None for c in _code(nb))
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    # 400 images, the last 20% held out: 320 train, 3 steps of 100 per epoch. The fit cell
-    # trains epoch 1 (step 3); the resume cell restores it and trains epoch 2 only.
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["step"] == 6 and summary["epochs_completed"] == 2
-    assert summary["devices"]["count"] == 2 and summary["devices"]["backend"] == "pmap"
+    assert summary["step"] == 16 and summary["epochs_completed"] == 2
+    assert summary["devices"]["count"] == 8 and summary["devices"]["backend"] == "pmap"
     assert summary["dataset"]["train"] == 320
+    printed = _printed(nb)
+    assert "8 x cpu: global batch 40, 5 per device" in printed
+    assert "step 8 (1 epochs)" in printed and "step 8 -> 16" in printed
+    assert "resuming from step 8" in printed
+
+    # The same Drive work directory on a single-chip runtime: same global batch, resumed.
+    nb = _execute(tmp_path, 1, EPOCHS=3, BATCH_SIZE=40, WORKDIR=str(workdir))
+    printed = _printed(nb)
+    assert "1 x cpu: global batch 40, 40 per device" in printed
+    assert "resuming from step 16" in printed and "step 24 -> 32" in printed
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["step"] == 32 and summary["devices"]["count"] == 1
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "epoch"] == [3, 6]
-    printed = "".join(o.text for o in outputs if o.output_type == "stream")
-    assert "step 3 (1 epochs)" in printed and "step 3 -> 6" in printed
-    assert "resuming from step 3" in printed
+    assert [r["step"] for r in records if r["kind"] == "epoch"] == [8, 16, 24, 32]
+
+    # The seed's 100 on 8 devices: the training cell names the fix before it trains.
+    fresh = tmp_path / "fresh"
+    with pytest.raises(Exception, match=r"BATCH_SIZE=100 does not divide over 8 devices"):
+        _execute(tmp_path, 8, EPOCHS=1, BATCH_SIZE=100, WORKDIR=str(fresh))
+    assert not fresh.exists()
 
     assert NOTEBOOK.read_bytes() == committed  # executing never writes into the committed file

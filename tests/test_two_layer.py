@@ -276,10 +276,13 @@ def test_main_smoke_writes_plots_and_summary(tmp_path):
 
 
 def test_config_errors_name_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="init must be one of .*'torch'.*--init numpy"):
-        exp.main(exp.Config(init="torch", workdir=str(tmp_path)))
-    with pytest.raises(ValueError, match="nets must be >= 1, got 0"):
-        exp.main(dataclasses.replace(exp.get_config(), nets=0, workdir=str(tmp_path)))
+    with pytest.raises(ValueError, match="^--init torch: must be one of 'numpy', 'jax'$"):
+        exp.Config(init="torch", workdir=str(tmp_path))
+    with pytest.raises(ValueError, match="^--nets 0: must be an int >= 1$"):
+        dataclasses.replace(exp.get_config(), nets=0, workdir=str(tmp_path))
+    with pytest.raises(ValueError, match="^--nets 3 does not split over 2 devices; use --nets 4"):
+        exp.main(dataclasses.replace(exp.get_config(), nets=3, devices=2, workdir=str(tmp_path)))
+    assert not (tmp_path / "loss.png").exists()  # refused before the seed net trained
 
 
 @pytest.mark.parametrize(("backend", "devices"), [("pmap", 8), ("shard_map", 2)])
@@ -297,5 +300,5 @@ def test_nets_split_over_devices_equal_one_device(backend, devices):
     np.testing.assert_allclose(np.asarray(lossn), np.asarray(loss1), rtol=1e-6)
     for k in p1:
         np.testing.assert_allclose(np.asarray(pn[k]), np.asarray(p1[k]), rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="global batch 16 is not divisible by 3 devices"):
+    with pytest.raises(ValueError, match="--nets 16 does not split over 3 devices"):
         exp.make_train_many_on_devices(dataclasses.replace(config, devices=3))

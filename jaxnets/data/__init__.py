@@ -12,7 +12,7 @@ from jaxnets.data.augment import (
 )
 from jaxnets.data.batching import epoch_permutation, normalize, split_validation
 from jaxnets.data.cache import default_cache_dir
-from jaxnets.data.dataset import HOW_TO_GET_DATA, Dataset, DatasetInfo
+from jaxnets.data.dataset import HOW_TO_GET_DATA, Dataset, DatasetInfo, check_labels
 from jaxnets.data.idx import read_idx, write_idx
 from jaxnets.data.sources import load
 
@@ -35,6 +35,7 @@ __all__ = [
     "TransformParams",
     "apply_transform",
     "augment",
+    "check_labels",
     "default_cache_dir",
     "epoch_permutation",
     "fit_featurewise_stats",

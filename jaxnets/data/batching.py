@@ -57,5 +57,19 @@ def normalize(images: jax.Array | np.ndarray) -> jax.Array:
 
     Returns:
       float32, same shape.
+
+    Raises:
+      TypeError: the images are not uint8 (float images are most often already scaled:
+        dividing them by 255 again would silently train on near-zero inputs).
     """
+    dtype = np.dtype(images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype)
+    if dtype != np.uint8:
+        raise TypeError(NOT_UINT8.format(dtype=dtype))
     return jnp.asarray(images).astype(jnp.float32) / 255.0
+
+
+NOT_UINT8 = (
+    "normalize expects uint8 images in 0..255, got {dtype}: images already scaled (e.g. to "
+    "[0, 1]) would be divided by 255 again; pass the raw uint8 pixels, or leave normalize out "
+    "for images you have scaled yourself"
+)

@@ -10,7 +10,7 @@ import numpy as np
 
 logger = logging.getLogger("jaxnets.data")
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: entries record their source
 
 
 def default_cache_dir() -> str:
@@ -34,7 +34,11 @@ def cached(cache_dir: str | None, key: str, build) -> tuple[np.ndarray, np.ndarr
     """Returns ``build()``'s (images, labels), stored as an uncompressed ``.npz`` under ``key``.
 
     The file is written to a temporary name and renamed, so a crash never leaves a partial
-    cache; an unwritable cache directory only costs a warning.
+    cache; an unwritable cache directory only costs a warning. Every read is verified: the
+    zip's CRC-32 of each array's bytes (a flipped or truncated byte fails it) and the source
+    identity the entry was built from (``key``, which `fingerprint` derives from the source
+    files' paths, sizes and times). An entry that fails either is rebuilt, with a warning
+    naming its file, rather than failing every later run or being trusted.
 
     Returns:
       (images, labels, hit): ``hit`` is True when the arrays came from the cache.
@@ -42,17 +46,30 @@ def cached(cache_dir: str | None, key: str, build) -> tuple[np.ndarray, np.ndarr
     path = os.path.join(cache_dir or default_cache_dir(), key + ".npz")
     if os.path.isfile(path):
         try:
-            with np.load(path, allow_pickle=False) as z:
-                return z["images"], z["labels"], True
-        except (OSError, ValueError, KeyError) as e:
-            logger.warning("ignoring unreadable cache %s (%s); rebuilding it", path, e)
+            return (*_read_verified(path, key), True)
+        except Exception as e:  # noqa: BLE001 - any unreadable entry is rebuilt, never fatal
+            logger.warning(
+                "the cache entry %s is unusable (%s: %s); rebuilding it from its source",
+                path,
+                type(e).__name__,
+                e,
+            )
     images, labels = build()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
-            np.savez(f, images=images, labels=labels)
+            np.savez(f, images=images, labels=labels, source=np.array(key))
         os.replace(tmp, path)
     except OSError as e:
         logger.warning("could not write the cache %s (%s); set JAXNETS_CACHE_DIR", path, e)
     return images, labels, False
+
+
+def _read_verified(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    # Reading a member to its end checks its CRC-32 (zipfile.BadZipFile otherwise).
+    with np.load(path, allow_pickle=False) as z:
+        source = str(z["source"]) if "source" in z.files else None
+        if source != key:
+            raise ValueError(f"built from {source!r}, not from this source ({key!r})")
+        return z["images"], z["labels"]

@@ -79,11 +79,50 @@ def check_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int, sourc
             f"{source}: {len(images)} images but {len(labels)} labels; the image and label "
             "files must be of the same split and complete"
         )
-    if len(labels):
+    check_labels(labels, num_classes, what=source)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, *, what: str = "labels") -> None:
+    """Raises ValueError saying what is wrong with classification labels, once, on the host.
+
+    A label outside the classes would otherwise reach the loss as a NaN (read as a
+    learning-rate problem), and float labels of the wrong shape as a broadcasting error
+    deep inside the step.
+
+    Args:
+      labels: int class ids [N] in `[0, num_classes)`, or one-hot / probability rows
+        [N, num_classes] (floats in [0, 1], each row summing to 1).
+      num_classes: the model's number of outputs.
+      what: names the data in the message (e.g. "training labels").
+    """
+    labels = np.asarray(labels)
+    if not len(labels):
+        return
+    if np.issubdtype(labels.dtype, np.integer):
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
+            count = int(np.sum((labels < 0) | (labels >= num_classes)))
             raise ValueError(
-                f"{source}: label {bad} outside [0, {num_classes}) (labels span [{lo}, {hi}]); "
-                "the label file is corrupt, or num_classes is wrong for this data set"
+                f"{what}: label {bad} outside [0, {num_classes}) ({count} of {labels.size} "
+                f"labels; they span [{lo}, {hi}]): the labels are corrupt or not 0-based, or "
+                "num_classes is wrong for this data set"
             )
+        return
+    if not np.issubdtype(labels.dtype, np.floating):
+        raise ValueError(f"{what}: labels of dtype {labels.dtype}; use int class ids or floats")
+    if labels.ndim < 2 or labels.shape[-1] != num_classes:
+        integral = bool(np.all(labels == np.round(labels)))
+        hint = " (class ids stored as floats: use labels.astype(np.int32))" if integral else ""
+        raise ValueError(
+            f"{what}: float labels of shape {labels.shape} for {num_classes} classes; float "
+            f"labels are one-hot or probability rows [N, {num_classes}]{hint}"
+        )
+    sums = labels.sum(-1)
+    if labels.min() < 0 or labels.max() > 1 or not np.allclose(sums, 1.0, atol=1e-3):
+        row = int(np.argmax(np.abs(sums - 1.0)))
+        raise ValueError(
+            f"{what}: one-hot / probability labels must be in [0, 1] and sum to 1 per row; "
+            f"row {row} sums to {float(sums.flat[row]):.4g} (values span "
+            f"[{float(labels.min()):.4g}, {float(labels.max()):.4g}])"
+        )

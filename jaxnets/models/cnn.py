@@ -1,103 +1,99 @@
 """The MNIST CNN of the Keras 1 tutorial (SEEDS.md section 2), as a Flax Linen module."""
 
 import functools
-import warnings
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype, Initializer
 
 from jaxnets.models import native_conv
+from jaxnets.models.im2col import LAYOUTS, Layout
+from jaxnets.models.im2col import conv_im2col as _conv_im2col
 from jaxnets.types import Array
 
 ConvImpl = Literal["auto", "native", "im2col", "xla"]
 CONV_IMPLS = ("auto", "native", "im2col", "xla")
-# NHWC: [batch, height, width, channels]; CHWN: [channels, height, width, batch].
-Layout = Literal["NHWC", "CHWN"]
-LAYOUTS = ("NHWC", "CHWN")
 IMAGE_SHAPE = (28, 28, 1)
 
 
-def _conv_im2col(x: Array, kernel: Array, layout: Layout = "NHWC") -> Array:
-    """Valid stride-1 convolution as shifted slices + one matmul (fast on XLA:CPU, few channels).
+class Choices(NamedTuple):
+    """What a `MnistCNN` runs as on one platform (`platform_choices`)."""
 
-    In 'NHWC' the patches are [batch * ho * wo, kh * kw * in] (features minor); in 'CHWN' they
-    are [kh * kw * in, ho * wo * batch] (batch minor), built and consumed as long contiguous
-    rows, which XLA:CPU copies and multiplies about twice as fast for 1-16 channels.
+    conv_impl: str  # 'native', 'im2col' or 'xla'
+    batch_groups: int
+
+
+def platform_choices(
+    conv_impl: ConvImpl = "auto",
+    batch_groups: int | None = None,
+    *,
+    platform: str,
+    dtype: Dtype = jnp.float32,
+) -> Choices:
+    """The convolution and batch groups a CNN runs with when lowered for `platform`.
+
+    'auto' is 'native' on CPU in float32 (the C++ kernels; where they do not build, a CPU
+    lowering runs their im2col twin, with a warning), 'im2col' on CPU in other dtypes, and
+    'xla' on GPU/TPU: there `lax.conv` goes to cuDNN / the TPU's convolution units, while
+    im2col writes patch matrices to device memory and the batch-last layouts fight the
+    accelerators' tiling (reasoned, not yet measured: `scripts/accelerator_check.py`
+    measures it). `batch_groups=None` is 2 on CPU with 'native' or 'im2col' (XLA:CPU runs
+    independent sub-batches on its threads concurrently) and 1 elsewhere (an accelerator
+    runs one stream of kernels). The model takes these per lowering platform
+    (`jax.lax.platform_dependent`), never from the process's default backend.
 
     Args:
-      x: [batch, height, width, in_channels] ('NHWC') or [in_channels, height, width, batch]
-        ('CHWN').
-      kernel: [kh, kw, in_channels, out_channels] (HWIO, the layout of lax.conv / nn.Conv).
-      layout: the layout of `x` and of the result.
-
-    Returns:
-      [batch, ho, wo, out_channels] ('NHWC') or [out_channels, ho, wo, batch] ('CHWN'), with
-      ho = height - kh + 1, wo = width - kw + 1.
+      conv_impl: the model's `conv_impl`.
+      batch_groups: the model's `batch_groups` (None: the platform's default).
+      platform: a lowering platform: 'cpu', 'cuda', 'rocm' or 'tpu'.
+      dtype: the compute dtype (the C++ kernels are float32 only).
     """
-    kh, kw, cin, cout = kernel.shape
-    ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    # Patch features in (i, j, c) order, the row-major order of the HWIO kernel's first 3 axes.
-    slices = [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)]
-    weights = kernel.reshape(kh * kw * cin, cout)
-    if layout == "NHWC":
-        return jnp.concatenate(slices, axis=-1) @ weights
-    batch = x.shape[-1]
-    # Stacked row by row: [kh, kw, cin, ho, wo, batch]. XLA:CPU fuses a concatenate with its
-    # operands only up to 8 operands (kMaxConcatenateArguments in
-    # xla/service/cpu/cpu_instruction_fusion.cc); one stack of kh * kw slices would leave
-    # every slice copied to its own buffer and then copied again. Two nested stacks of <= 8
-    # (kernels up to 8x8) become one loop fusion that writes the patches once: 1.04-1.2x
-    # faster seed-CNN train steps, same values bit for bit.
-    rows = [jnp.stack(slices[i * kw : (i + 1) * kw]) for i in range(kh)]
-    patches = jnp.stack(rows).reshape(kh * kw * cin, ho * wo * batch)
-    return (weights.T @ patches).reshape(cout, ho, wo, batch)
-
-
-@functools.cache
-def _warn_native_unavailable(reason: str) -> None:
-    """Once per process and reason: 'auto' took the slower im2col on CPU."""
-    if "JAXNETS_NATIVE_CONV=0" not in reason:
-        warnings.warn(
-            f"jaxnets: the C++ convolution kernels are unavailable ({reason}); MnistCNN uses "
-            "conv_impl='im2col' on CPU, 1.3-1.8x slower. Fix: install g++ or set $CXX "
-            "(`python -m jaxnets doctor` checks), or JAXNETS_NATIVE_CONV=0 to silence this",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-def resolve_conv_impl(impl: ConvImpl) -> ConvImpl:
-    """'auto' -> 'native' on CPU where its kernels build (else 'im2col'), 'im2col' elsewhere.
-
-    Raises ValueError for an unknown name and RuntimeError for 'native' where its kernels are
-    unavailable (the message says why and what to use instead).
-    """
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl={impl!r}; use one of {CONV_IMPLS}")
-    on_cpu = jax.default_backend() == "cpu"
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl={conv_impl!r}; use one of {CONV_IMPLS}")
+    on_cpu = platform == "cpu"
+    impl = conv_impl
     if impl == "auto":
-        if not on_cpu:
+        impl = ("native" if jnp.dtype(dtype) == jnp.float32 else "im2col") if on_cpu else "xla"
+    if batch_groups is None:
+        batch_groups = 2 if on_cpu and impl != "xla" else 1
+    return Choices(impl, batch_groups)
+
+
+def resolve_conv_impl(impl: ConvImpl, platform: str | None = None) -> str:
+    """What `impl` runs as on `platform` (default: that of `jax.devices()`), for reports.
+
+    Unlike the model, which decides per lowering platform, this checks the C++ kernels now:
+    'auto' on CPU is 'im2col' where they do not build. Raises ValueError for an unknown name
+    and RuntimeError for 'native' where its kernels are unavailable.
+    """
+    platform = platform or jax.devices()[0].platform
+    choice = platform_choices(impl, platform=platform).conv_impl
+    if choice == "native" and not native_conv.available():
+        if impl == "auto":
             return "im2col"
-        if not native_conv.available():
-            _warn_native_unavailable(native_conv.unavailable_reason())
-            return "im2col"
-        return "native"
-    if impl == "native" and not native_conv.available():
         raise RuntimeError(
             f"conv_impl='native': the C++ kernels are unavailable "
-            f"({native_conv.unavailable_reason()}). Fix: install g++ (or set $CXX), or use "
-            "conv_impl='im2col'"
+            f"({native_conv.unavailable_reason()}). Fix: {native_conv.unavailable_fix()}, or "
+            "use conv_impl='im2col'"
         )
-    return impl
+    return choice
 
 
-def _conv_native(x: Array, kernel: Array, layout: Layout = "NHWC") -> Array:
+def _conv_native(x: Array, kernel: Array, layout: Layout = "NHWC", fallback: bool = False) -> Array:
     """The patch-free C++ kernels of `native_conv` (batch-last; NHWC is transposed to it)."""
     if layout == "CHWN":
-        return native_conv.conv_chwn(x, kernel)
-    return native_conv.conv_chwn(x.transpose(3, 1, 2, 0), kernel).transpose(3, 1, 2, 0)
+        return native_conv.conv_chwn(x, kernel, fallback=fallback)
+    x = x.transpose(3, 1, 2, 0)
+    return native_conv.conv_chwn(x, kernel, fallback=fallback).transpose(3, 1, 2, 0)
+
+
+def _conv(impl: str, fallback: bool):
+    """The convolution function `(x, kernel, layout)` of a resolved implementation."""
+    if impl == "native":
+        return functools.partial(_conv_native, fallback=fallback)
+    return {"im2col": _conv_im2col, "xla": _conv_xla}[impl]
 
 
 def _conv_xla(x: Array, kernel: Array, layout: Layout = "NHWC") -> Array:
@@ -167,37 +163,119 @@ class ValidConv(nn.Module):
       kernel_size: side k of the square kernel.
       impl: 'xla' (lax.conv_general_dilated), 'im2col' (shifted slices + one matmul),
         'native' (the C++ kernels of `jaxnets.models.native_conv`, float32, batch-last; on
-        other platforms than CPU they lower to lax.conv) or 'auto' ('native' on CPU where
-        its kernels build and the parameters are float32, else 'im2col').
+        other platforms than CPU they lower to lax.conv) or 'auto' (per lowering platform,
+        `platform_choices`: 'native' on CPU in float32, 'im2col' on CPU otherwise, 'xla' on
+        GPU/TPU).
       layout: 'NHWC' (channels-last, as nn.Conv) or 'CHWN' (channels first, batch last: the
         fast layout of 'im2col' and 'native' on CPU) for both input and output.
+      dtype: the compute dtype (None: promoted from the input and the parameters).
+      param_dtype: the parameters' dtype.
     """
 
     features: int
     kernel_size: int
     impl: ConvImpl = "xla"
     layout: Layout = "NHWC"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         if self.impl not in CONV_IMPLS:
             raise ValueError(f"ValidConv: impl={self.impl!r}; use one of {CONV_IMPLS}")
-        impl = resolve_conv_impl(self.impl)
         if self.layout not in LAYOUTS:
             raise ValueError(f"ValidConv: layout={self.layout!r}; use one of {LAYOUTS}")
         k = self.kernel_size
         in_channels = x.shape[-1] if self.layout == "NHWC" else x.shape[0]
         kernel = self.param(
-            "kernel", nn.initializers.glorot_uniform(), (k, k, in_channels, self.features)
+            "kernel",
+            nn.initializers.glorot_uniform(),
+            (k, k, in_channels, self.features),
+            self.param_dtype,
         )
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
-        if impl == "native" and x.dtype != jnp.float32 and self.impl == "auto":
-            impl = "im2col"  # the C++ kernels are float32 only
-        conv = {"im2col": _conv_im2col, "xla": _conv_xla, "native": _conv_native}[impl]
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if self.layout == "CHWN":
             bias = bias[:, None, None, None]
-        return conv(x, kernel, self.layout) + bias
+
+        def conv(impl):
+            fn = _conv(impl, fallback=self.impl == "auto")
+            return lambda x, kernel: fn(x, kernel, self.layout)
+
+        choose = lambda platform: platform_choices(self.impl, platform=platform, dtype=x.dtype)
+        return _per_platform(lambda p: choose(p).conv_impl, conv, x, kernel) + bias
+
+
+def _per_platform(choose, make, *args):
+    """`make(choose(platform))(*args)` for the platform the program is lowered for.
+
+    `choose` maps a lowering platform to a (hashable) choice; where CPU and the accelerators
+    choose alike there is one program, else `jax.lax.platform_dependent` holds both ('cpu'
+    and the default for 'cuda', 'rocm', 'tpu'), and lowering keeps only the target's.
+    """
+    cpu, other = choose("cpu"), choose("tpu")
+    if cpu == other:
+        return make(cpu)(*args)
+    return jax.lax.platform_dependent(*args, cpu=make(cpu), default=make(other))
+
+
+class _Weights(nn.Module):
+    """One layer's `kernel` (`shape`) and `bias` [shape[-1]] (zeros), for a pure forward.
+
+    Created as `nn.Dense` / `nn.Conv` create theirs (same names, order, keys and values), so
+    the parameter tree is theirs while the computation runs outside Flax, inside
+    `jax.lax.platform_dependent` branches (where Flax modules cannot be called).
+    """
+
+    shape: tuple[int, ...]
+    kernel_init: Initializer
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        kernel = self.param("kernel", self.kernel_init, self.shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), self.shape[-1:], self.param_dtype)
+        return kernel, bias
+
+
+def _cnn_forward(weights, images, *, choices: Choices, fallback: bool, sow: bool):
+    """The seed CNN on `images` with `weights` {layer: (kernel, bias)}, as `choices` say.
+
+    Returns (logits, intermediates): the sown layer outputs (NHWC) when `sow`, else {}.
+    """
+    impl, groups = choices
+    conv = _conv(impl, fallback)
+    # im2col and native run the convolutions batch-last (CHWN): 2-2.5x faster on XLA:CPU.
+    layout = "NHWC" if impl == "xla" else "CHWN"
+    # NHWC <-> CHWN swaps axes 0 and 3 (its own inverse).
+    swap = (lambda t: t.transpose(3, 1, 2, 0)) if layout == "CHWN" else (lambda t: t)
+
+    def conv_tanh(name, x):
+        kernel, bias = weights[name]
+        bias = bias[:, None, None, None] if layout == "CHWN" else bias
+        return jnp.tanh(conv(x, kernel, layout) + bias)
+
+    def dense(name, x):
+        kernel, bias = weights[name]
+        return x @ kernel + bias
+
+    def run(images: Array) -> tuple[Array, dict[str, Array]]:
+        seen = {}
+        x = conv_tanh("conv1", swap(images))
+        seen["conv1_tanh"] = swap(x)
+        x = _max_pool_2x2(conv_tanh("conv2", x), impl)
+        seen["pool1"] = swap(x)
+        x = swap(_max_pool_2x2(conv_tanh("conv3", x), impl))
+        seen["pool2"] = x
+        x = seen["flatten"] = x.reshape(x.shape[0], -1)
+        x = seen["dense1_tanh"] = jnp.tanh(dense("dense1", x))
+        return dense("dense2", x), (seen if sow else {})
+
+    # Independent sub-batches: XLA:CPU runs their operations concurrently (batch_groups).
+    parts = [run(part) for part in _split_batch(images, groups)]
+    logits = jnp.concatenate([p[0] for p in parts])
+    seen = {name: jnp.concatenate([p[1][name] for p in parts]) for name in parts[0][1]}
+    return logits, seen
 
 
 class MnistCNN(nn.Module):
@@ -210,7 +288,8 @@ class MnistCNN(nn.Module):
 
     Initialisers as Keras 1: convolution kernels glorot_uniform, dense kernels
     init='normal' (normal, stddev 0.05), biases zero. Channels-last, so flatten order is
-    (h, w, c), not Keras 1's channels-first (c, h, w).
+    (h, w, c), not Keras 1's channels-first (c, h, w). The parameter tree is that of
+    `nn.Conv`/`nn.Dense` layers named conv1..3, dense1..2, whatever runs them.
 
     The model does not scale its input: pass float images already in [0, 1] (the data
     pipeline divides uint8 pixels by 255); integer images are rejected.
@@ -218,12 +297,19 @@ class MnistCNN(nn.Module):
     Layer outputs are sown into the 'intermediates' collection (`conv1_tanh`, `pool1`, `pool2`,
     `flatten`, `dense1_tanh`) when it is mutable, for inspection; otherwise sowing costs nothing.
 
+    Platform-dependent choices (`conv_impl='auto'`, `batch_groups=None`) are made per
+    lowering platform with `jax.lax.platform_dependent` (`platform_choices`): a program
+    lowered or exported for TPU from a CPU host gets the TPU's choices, and one program
+    exported for several platforms holds each platform's own.
+
     Attributes:
       num_classes: number of output logits.
-      conv_impl: 'auto' (default): 'native' on CPU where its kernels build, else 'im2col'.
-        'native': C++ kernels (`jaxnets.models.native_conv`, compiled once per machine)
-        that read the batch-last input in place and never write a patch matrix; its
-        derivatives are the same kernels, so grad, jvp and vmap work to any order. 'im2col':
+      conv_impl: 'auto' (default): 'native' on CPU in float32, 'im2col' on CPU in other
+        dtypes, 'xla' on GPU/TPU (`platform_choices`).
+        'native': C++ kernels (`jaxnets.models.native_conv`, compiled once per machine when
+        a program is first lowered for CPU) that read the batch-last input in place and
+        never write a patch matrix; its derivatives are the same kernels, so grad, jvp and
+        vmap work to any order; exported (`jax.export`) it runs its pure-JAX twin. 'im2col':
         shifted slices + one matmul per convolution. Both run batch-last (CHWN between the
         input and the flatten) with the max pool over stride-2 quadrants. 'xla':
         lax.conv_general_dilated + reduce_window max pool, NHWC. Same parameters, same
@@ -236,8 +322,8 @@ class MnistCNN(nn.Module):
         axis, which XLA:CPU gathers and multiplies slowly: 2.4x), patch stacks XLA:CPU fuses
         (<= 8 operands per concatenate: 1.04-1.2x), a pool gradient written as one fusion
         (1.05-1.1x) and two batch groups (1.13-1.2x); it is bound by the patch matrices'
-        memory traffic, which 'native' does not have. Not measured on GPU/TPU, where 'xla'
-        (cuDNN/TPU convolutions) may be the better choice.
+        memory traffic, which 'native' does not have. On GPU/TPU 'auto' is 'xla' (cuDNN /
+        the TPU's convolution units; reasoned, not yet measured there).
       batch_groups: the batch runs as this many independent sub-batches (sizes differing by
         at most one, never more than the batch), concatenated: the same function (values and
         gradients agree to rounding), but independent chains of operations that XLA:CPU's
@@ -246,6 +332,11 @@ class MnistCNN(nn.Module):
         steps 1.13-1.2x faster with 'im2col' on the 2-core CPU than with 1, 1.05-1.1x with
         'native', whose kernels also split their work over XLA's threads; 3 is slower), else
         1 ('xla' gains nothing from 2; GPU/TPU run one stream of kernels: not measured).
+      dtype: the compute dtype (e.g. jnp.bfloat16: images, weights and activations are cast
+        to it); None: promoted from the images and the parameters (float32). Logits come out
+        in at least float32, so losses and metrics are never summed in bfloat16.
+      param_dtype: the parameters' dtype (float32: the optimiser updates full-precision
+        weights; mixed precision casts them per step).
 
     Example:
       >>> model = MnistCNN()
@@ -257,10 +348,12 @@ class MnistCNN(nn.Module):
     num_classes: int = 10
     conv_impl: ConvImpl = "auto"
     batch_groups: int | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images: Array) -> Array:
-        """Logits [batch, num_classes] float32 of float images [batch, 28, 28, 1] in [0, 1]."""
+        """Logits [batch, num_classes] (float32 or wider) of float images [batch, 28, 28, 1]."""
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"MnistCNN: conv_impl={self.conv_impl!r}; use one of {CONV_IMPLS}")
         if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
@@ -274,47 +367,41 @@ class MnistCNN(nn.Module):
                 f"MnistCNN: images dtype {images.dtype}; the model takes float images scaled to "
                 "[0, 1]. Fix: images.astype(jnp.float32) / 255"
             )
-        impl = resolve_conv_impl(self.conv_impl)
         groups = self.batch_groups
-        if groups is None:
-            groups = 2 if impl != "xla" and jax.default_backend() == "cpu" else 1
-        if not isinstance(groups, int) or groups < 1:
+        if groups is not None and (
+            isinstance(groups, bool) or not isinstance(groups, int) or groups < 1
+        ):
             raise ValueError(
                 f"MnistCNN: batch_groups={self.batch_groups!r}; use a positive int or None"
             )
-        # im2col runs the convolutions batch-last (CHWN): 2-2.5x faster training on XLA:CPU.
-        layout = "NHWC" if impl == "xla" else "CHWN"
-        # NHWC <-> CHWN swaps axes 0 and 3 (its own inverse).
-        swap = (lambda t: t.transpose(3, 1, 2, 0)) if layout == "CHWN" else (lambda t: t)
+        glorot, normal = nn.initializers.glorot_uniform(), nn.initializers.normal(stddev=0.05)
+        shapes = {
+            "conv1": ((5, 5, 1, 4), glorot),
+            "conv2": ((3, 3, 4, 8), glorot),
+            "conv3": ((3, 3, 8, 16), glorot),
+            "dense1": ((256, 128), normal),
+            "dense2": ((128, self.num_classes), normal),
+        }
+        weights = {
+            name: _Weights(shape, init, self.param_dtype, name=name)()
+            for name, (shape, init) in shapes.items()
+        }
+        dtype = self.dtype or jnp.result_type(images, self.param_dtype)
+        weights = jax.tree.map(lambda w: w.astype(dtype), weights)
+        images = images.astype(dtype)
         sow = self.is_mutable_collection("intermediates")
-        conv1 = ValidConv(4, 5, self.conv_impl, layout, name="conv1")
-        conv2 = ValidConv(8, 3, self.conv_impl, layout, name="conv2")
-        conv3 = ValidConv(16, 3, self.conv_impl, layout, name="conv3")
-        dense1 = nn.Dense(128, kernel_init=nn.initializers.normal(stddev=0.05), name="dense1")
-        dense2 = nn.Dense(
-            self.num_classes, kernel_init=nn.initializers.normal(stddev=0.05), name="dense2"
+        if self.conv_impl == "native":
+            resolve_conv_impl("native", "cpu")  # the kernels, asked for, must build
+        logits, seen = _per_platform(
+            lambda platform: platform_choices(
+                self.conv_impl, groups, platform=platform, dtype=dtype
+            ),
+            lambda choices: functools.partial(
+                _cnn_forward, choices=choices, fallback=self.conv_impl == "auto", sow=sow
+            ),
+            weights,
+            images,
         )
-
-        def run(images: Array) -> tuple[Array, dict[str, Array]]:
-            seen = {}
-            x = swap(images)
-            x = jnp.tanh(conv1(x))
-            if sow:
-                seen["conv1_tanh"] = swap(x)
-            x = jnp.tanh(conv2(x))
-            x = _max_pool_2x2(x, impl)
-            if sow:
-                seen["pool1"] = swap(x)
-            x = jnp.tanh(conv3(x))
-            x = seen["pool2"] = swap(_max_pool_2x2(x, impl))
-            x = seen["flatten"] = x.reshape(x.shape[0], -1)
-            x = seen["dense1_tanh"] = jnp.tanh(dense1(x))
-            return dense2(x), seen
-
-        # Independent sub-batches: XLA:CPU runs their operations concurrently (batch_groups).
-        parts = [run(part) for part in _split_batch(images, groups)]
-        logits = jnp.concatenate([p[0] for p in parts])
-        if sow:
-            for name in parts[0][1]:
-                self.sow("intermediates", name, jnp.concatenate([p[1][name] for p in parts]))
-        return logits
+        for name, value in seen.items():
+            self.sow("intermediates", name, value)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))

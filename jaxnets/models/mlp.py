@@ -19,7 +19,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.typing import Initializer
+from flax.typing import Dtype, Initializer
 
 from jaxnets.types import Array, Params
 
@@ -36,6 +36,9 @@ class TwoLayerSigmoid(nn.Module):
       use_bias: the seed has no biases (b = 0).
       kernel_init: weight initialiser; `uniform_01` reproduces the seed's ``np.random.rand``.
       bias_init: bias initialiser (used only with ``use_bias``).
+      dtype: the compute dtype (None: promoted from inputs and parameters); the output comes
+        out in at least float32.
+      param_dtype: the parameters' dtype.
 
     Example:
         >>> model = TwoLayerSigmoid()
@@ -49,15 +52,23 @@ class TwoLayerSigmoid(nn.Module):
     use_bias: bool = False
     kernel_init: Initializer = uniform_01
     bias_init: Initializer = nn.initializers.zeros_init()
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """Args: x: [batch, d_in] float. Returns: [batch, out] probabilities in (0, 1)."""
         dense = functools.partial(
-            nn.Dense, use_bias=self.use_bias, kernel_init=self.kernel_init, bias_init=self.bias_init
+            nn.Dense,
+            use_bias=self.use_bias,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
         h = nn.sigmoid(dense(self.hidden, name="hidden")(x))
-        return nn.sigmoid(dense(self.out, name="output")(h))
+        y = nn.sigmoid(dense(self.out, name="output")(h))
+        return y.astype(jnp.promote_types(y.dtype, jnp.float32))
 
 
 _FLAX_NAMES = {"w1": ("hidden", "kernel"), "b1": ("hidden", "bias"),

@@ -4,8 +4,10 @@
 kernel [KH, KW, C, O] (HWIO), giving [O, H-KH+1, W-KW+1, B]. Three primitives (the product,
 its input gradient and its weight gradient), each bilinear and each the transpose of the
 others, so grad, jvp (forward mode, Hessian-vector products), vmap and jit all work, to any
-order. On CPU they call the C++ kernels; on other platforms they lower to
-`lax.conv_general_dilated`.
+order. Lowered for CPU they call the C++ kernels; for other platforms they lower to
+`lax.conv_general_dilated`. The choice is made per lowering platform, not by the process's
+default backend: a GPU machine that jits for CPU gets the kernels, a CPU host that lowers
+for TPU gets a convolution.
 
 The kernels are compiled on first use with the C++ compiler (`$CXX`, else `g++`, with
 `-O3 -march=native`) against the XLA FFI headers that jaxlib ships, into `native/` of the
@@ -13,9 +15,12 @@ jaxnets cache directory (`$JAXNETS_CACHE_DIR`, else `$XDG_CACHE_HOME/jaxnets`, e
 `~/.cache/jaxnets`), keyed by the source, the jaxlib version, the compiler and the CPU; the
 build takes about 5 s, once per machine. Where there is no compiler or the build fails,
 `available()` is False, `unavailable_reason()` says why, and callers use another
-implementation. `JAXNETS_NATIVE_CONV=0` turns the kernels off. A CPU program that calls
-them cannot be serialized with `jax.export` (its custom calls carry no compatibility
-guarantee): export models built with `conv_impl='im2col'`, the same parameters.
+implementation. `JAXNETS_NATIVE_CONV=0` turns the kernels off. Custom calls carry no
+compatibility guarantee, so `jax.export` never serializes them: exported for CPU, the
+primitives lower to their pure-JAX twin (im2col, the same function to float32 rounding).
+With `conv_chwn(..., fallback=True)` the twin is also what a CPU lowering gets where the
+kernels are unavailable (a warning says why), so the kernels are built only when a program
+is lowered for CPU, never on a GPU or TPU host that lowers for its accelerator.
 """
 
 import ctypes
@@ -27,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +41,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxnets.data.cache import default_cache_dir
+from jaxnets.models.im2col import conv_im2col
 from jaxnets.types import Array
 
 _SOURCE = pathlib.Path(__file__).with_name("native_conv.cc")
@@ -56,11 +63,20 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep))) or platform.machine()
 
 
+class _Unavailable(RuntimeError):
+    """Why the kernels cannot be built, and the fix (`args`: reason, fix)."""
+
+
+FIX_COMPILER = "install g++ or set $CXX to a C++17 compiler"
+FIX_CACHE = "set $JAXNETS_CACHE_DIR to a writable directory (or make {path} writable)"
+FIX_BUILD = "check the compiler output above, or set $CXX to another C++17 compiler"
+
+
 def _build() -> pathlib.Path:
     """The compiled library, built now if this source/jaxlib/CPU has none cached."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX or install g++)")
+        raise _Unavailable(f"no C++ compiler {compiler!r} on PATH", FIX_COMPILER)
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
     key = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), jaxlib.__version__, compiler, " ".join(flags)):
@@ -69,16 +85,22 @@ def _build() -> pathlib.Path:
     target = pathlib.Path(default_cache_dir()) / "native" / f"native_conv-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed into place: concurrent builds (test workers) never
     # see a half-written library.
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as e:
+        raise _Unavailable(
+            f"the kernel cache {target.parent} is not writable ({e.strerror or e})",
+            FIX_CACHE.format(path=target.parent),
+        ) from None
     os.close(fd)
     command = [compiler, *flags, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", partial]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+            raise _Unavailable(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}", FIX_BUILD)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -87,19 +109,21 @@ def _build() -> pathlib.Path:
 
 
 @functools.cache
-def _load() -> tuple[bool, str]:
+def _load() -> tuple[bool, str, str]:
     if os.environ.get("JAXNETS_NATIVE_CONV", "1") == "0":
-        return False, "turned off by JAXNETS_NATIVE_CONV=0"
+        return False, "turned off by JAXNETS_NATIVE_CONV=0", "unset JAXNETS_NATIVE_CONV"
     if platform.system() == "Windows":
-        return False, "not built on Windows"
+        return False, "not built on Windows", "use conv_impl='im2col' (the same parameters)"
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
+    except _Unavailable as error:
+        return False, *error.args
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        return False, str(error)
+        return False, str(error), FIX_BUILD
     for symbol in _TARGETS.values():
         capsule = jax.ffi.pycapsule(getattr(library, symbol))
         jax.ffi.register_ffi_target(f"jaxnets_{symbol}", capsule, platform="cpu")
-    return True, ""
+    return True, "", ""
 
 
 def available() -> bool:
@@ -110,6 +134,11 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why `available()` is False ('' when it is True)."""
     return _load()[1]
+
+
+def unavailable_fix() -> str:
+    """What makes `available()` True: the fix for `unavailable_reason()` ('' when it is)."""
+    return _load()[2]
 
 
 def _check_stacks(*shapes: tuple[int, ...]) -> tuple[int, ...]:
@@ -152,79 +181,116 @@ def _stacked(conv, lead: int):
     return conv
 
 
-def _conv_reference(x, w):
-    conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
-        x, w, (1, 1), "VALID", dimension_numbers=_DIMENSION_NUMBERS
-    )
-    return _stacked(conv, x.ndim - 4)(x, w)
+def _lax_conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DIMENSION_NUMBERS)
 
 
-def _input_gradient_reference(dy, w):
-    shape = _input_gradient_shape(dy, w).shape
-    x = jnp.zeros(shape, dy.dtype)
-    return jax.vjp(lambda x: _conv_reference(x, w), x)[1](dy)[0]
+def _im2col_conv(x, w):
+    return conv_im2col(x, w, "CHWN")
 
 
-def _weight_gradient_reference(x, dy):
-    shape = _weight_gradient_shape(x, dy).shape
-    w = jnp.zeros(shape, x.dtype)
-    return jax.vjp(lambda w: _conv_reference(x, w), w)[1](dy)[0]
+def _twins(conv) -> dict:
+    """The three products as pure JAX, from one forward convolution `conv` and its vjp."""
+
+    def forward(x, w):
+        return _stacked(conv, x.ndim - 4)(x, w)
+
+    def input_gradient(dy, w):
+        x = jnp.zeros(_input_gradient_shape(dy, w).shape, dy.dtype)
+        return jax.vjp(lambda x: forward(x, w), x)[1](dy)[0]
+
+    def weight_gradient(x, dy):
+        w = jnp.zeros(_weight_gradient_shape(x, dy).shape, x.dtype)
+        return jax.vjp(lambda w: forward(x, w), w)[1](dy)[0]
+
+    return {
+        "forward": forward,
+        "input_gradient": input_gradient,
+        "weight_gradient": weight_gradient,
+    }
 
 
-def _primitive(name: str, shape_rule, reference) -> Primitive:
+_REFERENCE = _twins(_lax_conv)  # other platforms: their own convolutions (cuDNN, the TPU's)
+_CPU_TWIN = _twins(_im2col_conv)  # CPU without the kernels, or exported: the fast pure twin
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    """Once per process and reason: a CPU lowering took the im2col twin of the kernels."""
+    if "JAXNETS_NATIVE_CONV=0" not in reason:
+        warnings.warn(
+            f"jaxnets: the C++ convolution kernels are unavailable ({reason}); MnistCNN runs "
+            f"conv_impl='im2col' on CPU, 1.3-1.8x slower. Fix: {unavailable_fix()} "
+            "(`python -m jaxnets doctor` checks), or JAXNETS_NATIVE_CONV=0 to silence this",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _primitive(name: str, shape_rule) -> Primitive:
     prim = Primitive(f"jaxnets_conv_{name}")
-    prim.def_impl(jax.jit(prim.bind))
-    prim.def_abstract_eval(shape_rule)
+    impls = {f: jax.jit(functools.partial(prim.bind, fallback=f)) for f in (False, True)}
+    prim.def_impl(lambda *args, fallback: impls[fallback](*args))
+    prim.def_abstract_eval(lambda *args, fallback: shape_rule(*args))
     ffi_lowering = jax.ffi.ffi_lowering(f"jaxnets_{_TARGETS[name]}")
+    twin_lowering = mlir.lower_fun(_CPU_TWIN[name], multiple_results=False)
 
-    def cpu_lowering(ctx, *args):
+    def cpu_lowering(ctx, *args, fallback):
+        if ctx.module_context.lowering_parameters.for_export:
+            return twin_lowering(ctx, *args)  # no custom call in a serialized program
         if not available():  # registers the FFI targets
-            raise RuntimeError(f"native conv kernels unavailable: {unavailable_reason()}")
+            if not fallback:
+                raise RuntimeError(f"native conv kernels unavailable: {unavailable_reason()}")
+            _warn_fallback(unavailable_reason())
+            return twin_lowering(ctx, *args)
         return ffi_lowering(ctx, *args)
 
+    reference_lowering = mlir.lower_fun(_REFERENCE[name], multiple_results=False)
     mlir.register_lowering(prim, cpu_lowering, "cpu")
-    mlir.register_lowering(prim, mlir.lower_fun(reference, multiple_results=False))
+    mlir.register_lowering(prim, lambda ctx, *args, fallback: reference_lowering(ctx, *args))
 
-    def batch_rule(args, dims):
+    def batch_rule(args, dims, *, fallback):
         size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-        return prim.bind(*(batching.bdim_at_front(a, d, size) for a, d in zip(args, dims))), 0
+        args = (batching.bdim_at_front(a, d, size) for a, d in zip(args, dims))
+        return prim.bind(*args, fallback=fallback), 0
 
     batching.primitive_batchers[prim] = batch_rule
     return prim
 
 
-_forward_p = _primitive("forward", _forward_shape, _conv_reference)
-_input_gradient_p = _primitive("input_gradient", _input_gradient_shape, _input_gradient_reference)
-_weight_gradient_p = _primitive(
-    "weight_gradient", _weight_gradient_shape, _weight_gradient_reference
-)
+_forward_p = _primitive("forward", _forward_shape)
+_input_gradient_p = _primitive("input_gradient", _input_gradient_shape)
+_weight_gradient_p = _primitive("weight_gradient", _weight_gradient_shape)
 
 # Each product is bilinear; its transposes are the other two (<a, b> pairs the cotangent with
 # the output): conv(x, w) is adjoint to input_gradient(., w) in x and to weight_gradient(x, .)
 # in w, and so on around the triangle.
 ad.defbilinear(
     _forward_p,
-    lambda ct, x, w: _input_gradient_p.bind(ct, w),
-    lambda ct, x, w: _weight_gradient_p.bind(x, ct),
+    lambda ct, x, w, **params: _input_gradient_p.bind(ct, w, **params),
+    lambda ct, x, w, **params: _weight_gradient_p.bind(x, ct, **params),
 )
 ad.defbilinear(
     _input_gradient_p,
-    lambda ct, dy, w: _forward_p.bind(ct, w),
-    lambda ct, dy, w: _weight_gradient_p.bind(ct, dy),
+    lambda ct, dy, w, **params: _forward_p.bind(ct, w, **params),
+    lambda ct, dy, w, **params: _weight_gradient_p.bind(ct, dy, **params),
 )
 ad.defbilinear(
     _weight_gradient_p,
-    lambda ct, x, dy: _input_gradient_p.bind(dy, ct),
-    lambda ct, x, dy: _forward_p.bind(x, ct),
+    lambda ct, x, dy, **params: _input_gradient_p.bind(dy, ct, **params),
+    lambda ct, x, dy, **params: _forward_p.bind(x, ct, **params),
 )
 
 
-def conv_chwn(x: Array, kernel: Array) -> Array:
+def conv_chwn(x: Array, kernel: Array, *, fallback: bool = False) -> Array:
     """Valid stride-1 convolution, batch last, by the C++ kernels on CPU.
 
     Args:
       x: [in_channels, height, width, batch] float32.
       kernel: [kh, kw, in_channels, out_channels] float32 (HWIO).
+      fallback: False: the kernels must be available now (else RuntimeError). True: decided
+        when the program is lowered for CPU (the kernels are built then), and where they are
+        unavailable the program runs their im2col twin, with a warning that says why.
 
     Returns:
       [out_channels, height - kh + 1, width - kw + 1, batch] float32; on CPU equal to
@@ -232,10 +298,11 @@ def conv_chwn(x: Array, kernel: Array) -> Array:
       "HWIO", "CHWN"))` up to float32 rounding (another order of summation).
 
     Raises:
-      RuntimeError: the kernels are not available (`unavailable_reason()` says why).
+      RuntimeError: the kernels are not available (`unavailable_reason()` says why) and
+        `fallback` is False.
       ValueError: not float32, or shapes that disagree.
     """
-    if not available():
+    if not fallback and not available():
         raise RuntimeError(f"native conv kernels unavailable: {unavailable_reason()}")
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise ValueError(
@@ -244,4 +311,4 @@ def conv_chwn(x: Array, kernel: Array) -> Array:
         )
     if x.ndim != 4 or kernel.ndim != 4:
         raise ValueError(f"native conv: x {x.shape} and kernel {kernel.shape} must be rank 4")
-    return _forward_p.bind(x, kernel)
+    return _forward_p.bind(x, kernel, fallback=bool(fallback))
