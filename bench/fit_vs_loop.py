@@ -1,10 +1,11 @@
 """A user's own models under `loop.fit` against a plain Python loop of jitted steps.
 
-Run: python bench/fit_vs_loop.py [--epochs 3] [--repeats 3]
+Run: python bench/fit_vs_loop.py [--epochs 3] [--repeats 3] [--forced-steps 10]
 Models (not the seed CNN): a Linen CNN of `nn.Conv` layers (XLA's `lax.conv`) with BatchNorm
 and Dropout on 32x32x3 images, and an MLP on flattened 28x28 inputs. Each trains the same
-epochs three ways, interleaved: `loop.fit` with the steps per call it measures (the
-default), `loop.fit` forced to 10 scanned steps per call (the old CPU default), and the plain
+epochs, interleaved: `loop.fit` with the steps per call it measures (the default), with
+`--forced-steps 10` also `loop.fit` forced to 10 scanned steps per call (the old CPU default,
+about 9x slower for `lax.conv` models on XLA:CPU), and the plain
 loop a user would write (`jax.jit(train_step, donate_argnums=0)` called per batch, batches
 indexed on the host). Prints s/epoch (median of the epochs after the first, min and median
 over repeats) and ratios against the plain loop; the goal is fit <= plain loop.
@@ -13,8 +14,9 @@ over repeats) and ratios against the plain loop; the goal is fit <= plain loop.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
+import sys
 import time
 
 import flax.linen as nn
@@ -24,7 +26,10 @@ import optax
 
 from jaxnets import adapters, loop, losses, metrics, parallel, train
 
-BATCH = 100
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workload  # noqa: E402
+
+BATCH = workload.USERS_BATCH
 
 
 class ConvBnDrop(nn.Module):
@@ -45,16 +50,6 @@ class Mlp(nn.Module):
         return nn.Dense(10)(nn.relu(nn.Dense(256)(nn.relu(nn.Dense(512)(x)))))
 
 
-def _data(shape, n, seed=0):
-    """Noise plus a bright horizontal band whose position is the class: learnable by both."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n).astype(np.int32)
-    x = rng.normal(size=(n, *shape)).astype(np.float32) * 0.5
-    band = np.arange(shape[0]) * 10 // shape[0]  # row -> band 0..9
-    x += (band[None, :] == y[:, None])[:, :, None, None].astype(np.float32)
-    return {"image": x, "label": y}
-
-
 def _objective(module):
     return adapters.linen(
         module,
@@ -63,8 +58,15 @@ def _objective(module):
     )
 
 
+def _sgd():
+    return optax.sgd(workload.USERS_LEARNING_RATE, momentum=workload.USERS_MOMENTUM)
+
+
 def _fit(module, data, epochs, k):
-    objective, tx = _objective(module), optax.sgd(0.05, momentum=0.9)
+    objective, tx = (
+        _objective(module),
+        _sgd(),
+    )
     dp = parallel.make_data_parallel(devices=1)
     state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
     result = loop.fit(
@@ -82,7 +84,10 @@ def _fit(module, data, epochs, k):
 
 
 def _plain_loop(module, data, epochs):
-    objective, tx = _objective(module), optax.sgd(0.05, momentum=0.9)
+    objective, tx = (
+        _objective(module),
+        _sgd(),
+    )
     state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
     step = jax.jit(train.make_train_step(objective.loss_fn, tx), donate_argnums=0)
     n = len(data["label"])
@@ -100,54 +105,41 @@ def _plain_loop(module, data, epochs):
     return seconds, correct, 1
 
 
-def _steady(seconds):
-    return statistics.median(seconds[1:] or seconds)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-train", type=int, default=6400)
+    parser.add_argument(
+        "--forced-steps", type=int, default=0, help="also fit with this many scanned steps per call"
+    )
     args = parser.parse_args(argv)
-    models = {
-        "conv_bn_dropout_32x32x3": (ConvBnDrop, (32, 32, 3)),
-        "mlp_784_512_256_10": (Mlp, (28, 28, 1)),
-    }
-    ways = {
-        "fit (measured steps/call)": lambda m, d: _fit(m, d, args.epochs, None),
-        "fit (10 steps/call)": lambda m, d: _fit(m, d, args.epochs, 10),
-        "plain loop of jitted steps": lambda m, d: _plain_loop(m, d, args.epochs),
-    }
+    modules = {"conv_bn_dropout_32x32x3": ConvBnDrop, "mlp_784_512_256_10": Mlp}
+    ways = {"fit (measured steps/call)": lambda m, d: _fit(m, d, args.epochs, None)}
+    if args.forced_steps:
+        k = args.forced_steps
+        ways[f"fit ({k} steps/call)"] = lambda m, d: _fit(m, d, args.epochs, k)
+    ways["plain loop of jitted steps"] = lambda m, d: _plain_loop(m, d, args.epochs)
     out = {}
-    for name, (cls, shape) in models.items():
-        data = _data(shape, args.num_train)
+    for name, shape in workload.USERS_MODELS.items():
+        data = workload.users_data(shape, args.num_train)
         runs = {w: [] for w in ways}
         for _ in range(args.repeats):  # interleaved: the machine's noise hits every way
             for way, fn in ways.items():
-                seconds, accuracy, k = fn(cls(), data)
-                runs[way].append((_steady(seconds), accuracy, k))
-        plain = statistics.median(r[0] for r in runs["plain loop of jitted steps"])
-        out[name] = {
-            way: {
-                "s_per_epoch_min": min(r[0] for r in rs),
-                "s_per_epoch_median": statistics.median(r[0] for r in rs),
-                "vs_plain_loop": statistics.median(r[0] for r in rs) / plain,
-                "last_epoch_train_accuracy": rs[-1][1],
-                "steps_per_call": rs[-1][2],
-            }
-            for way, rs in runs.items()
-        }
-    print("RESULT " + json.dumps(out))
-    for name, rows in out.items():
+                runs[way].append(workload.users_result(*fn(modules[name](), data)))
+        out[name] = runs
+    workload.emit(out)
+    for name, runs in out.items():
+        plain = statistics.median(r["steady_epoch_s"] for r in runs["plain loop of jitted steps"])
         print(f"\n{name} ({args.num_train} examples, batch {BATCH}, {args.epochs} epochs)")
         print("| way | s/epoch min | median | / plain loop | steps/call | train acc |")
         print("|---|---|---|---|---|---|")
-        for way, r in rows.items():
+        for way, rs in runs.items():
+            steady = [r["steady_epoch_s"] for r in rs]
             print(
-                f"| {way} | {r['s_per_epoch_min']:.3f} | {r['s_per_epoch_median']:.3f} | "
-                f"{r['vs_plain_loop']:.2f} | {r['steps_per_call']} | "
-                f"{r['last_epoch_train_accuracy']:.3f} |"
+                f"| {way} | {min(steady):.3f} | {statistics.median(steady):.3f} | "
+                f"{statistics.median(steady) / plain:.2f} | {rs[-1]['steps_per_call']} | "
+                f"{rs[-1]['train_accuracy']:.3f} |"
             )
     return out
 

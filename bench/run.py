@@ -30,12 +30,12 @@ CNN = {
     "jaxnets (defaults: native convs, measured steps/dispatch)": ("jaxnets_cnn.py", []),
     "jaxnets (im2col convs)": ("jaxnets_cnn.py", ["--conv-impl", "im2col"]),
     "Keras 3 fit, JAX backend": ("keras_cnn.py", []),
-    "PyTorch eager, 2 threads": ("torch_cnn.py", []),
-    "PyTorch torch.compile, 2 threads": ("torch_cnn.py", ["--compile"]),
+    "PyTorch eager (faster of 1 and 2 threads)": ("torch_cnn.py", []),
+    "PyTorch torch.compile (faster of 1 and 2 threads)": ("torch_cnn.py", ["--compile"]),
 }
 # With --all. On a quiet machine 2 threads is PyTorch's best (torch.compile 2.8 s/epoch against
 # 3.6 s with 1); on a loaded 2-core machine 1 thread measured up to 5x faster (OpenMP barriers
-# wait for a descheduled thread): run --all there.
+# wait for a descheduled thread), so the default rows measure both and keep the faster.
 CNN_MORE = {
     "jaxnets (1 step/dispatch)": ("jaxnets_cnn.py", ["--steps-per-dispatch", "1"]),
     "jaxnets (lax.conv, measured steps/dispatch)": ("jaxnets_cnn.py", ["--conv-impl", "xla"]),
@@ -43,9 +43,27 @@ CNN_MORE = {
         "jaxnets_cnn.py",
         ["--conv-impl", "xla", "--steps-per-dispatch", "10"],
     ),
-    "PyTorch eager, 1 thread": ("torch_cnn.py", ["--threads", "1"]),
-    "PyTorch torch.compile, 1 thread": ("torch_cnn.py", ["--compile", "--threads", "1"]),
+    "PyTorch eager, 2 threads": ("torch_cnn.py", ["--threads", "2"]),
+    "PyTorch torch.compile, 2 threads": ("torch_cnn.py", ["--compile", "--threads", "2"]),
 }
+
+# Users' models (not the seed CNN): jaxnets' ways come from one fit_vs_loop.py process per repeat.
+USERS_PEERS = {
+    "Keras 3 fit, JAX backend": ("users_peers.py", ["--framework", "keras"]),
+    "PyTorch eager (faster of 1 and 2 threads)": ("users_peers.py", ["--framework", "torch"]),
+    "PyTorch torch.compile (faster of 1 and 2 threads)": (
+        "users_peers.py",
+        ["--framework", "torch", "--compile"],
+    ),
+}
+USERS_PEERS_MORE = {
+    "PyTorch eager, 2 threads": ("users_peers.py", ["--framework", "torch", "--threads", "2"]),
+    "PyTorch torch.compile, 2 threads": (
+        "users_peers.py",
+        ["--framework", "torch", "--compile", "--threads", "2"],
+    ),
+}
+USERS_REF = "jaxnets fit (measured steps/call)"
 
 
 def machine() -> dict:
@@ -107,6 +125,13 @@ def stats(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values)} if values else {}
 
 
+def _with_threads(label: str, runs: list[dict]) -> str:
+    """The label with the PyTorch thread count each run chose, where it chose one."""
+    if "threads" not in runs[0]:
+        return label
+    return f"{label} [threads: {', '.join(str(r['threads']) for r in runs)}]"
+
+
 def cnn_table(cnn: dict, peak: float | None, epochs: int) -> str:
     ok = {name: [r for r in runs if "error" not in r] for name, runs in cnn.items()}
     ref = next(iter(cnn))
@@ -130,6 +155,7 @@ def cnn_table(cnn: dict, peak: float | None, epochs: int) -> str:
             g = flops * images / workload.BATCH / 1e9
             gflops = f"{g:.1f}" + (f" ({100 * g / peak:.0f}% of peak)" if peak else "")
         ratio = f"{s['median'] / ref_median:.2f}x" if ref_median else ""
+        name = _with_threads(name, runs)
         rows.append(
             f"| {name} | {first:.2f} | {s['min']:.2f} | {s['median']:.2f} | {images:,.0f} | "
             f"{acc:.4f} | {ratio} | {gflops} |"
@@ -137,19 +163,28 @@ def cnn_table(cnn: dict, peak: float | None, epochs: int) -> str:
     return "\n".join(rows)
 
 
-def two_layer_table(runs: list[dict]) -> str:
+def two_layer_table(runs: list[dict], peak_gflops: float | None) -> str:
     runs = [r for r in runs if "error" not in r]
     if not runs:
         return "two-layer: failed"
+    nets = f"{runs[0]['nets']:,} nets"
+    threads = runs[0].get("torch_threads", 1)
     keys = [
         ("jaxnets_one_s", "jaxnets, one net (two_layer_train_many)"),
         ("numpy_one_f64_s", "numpy tutorial loop, one net, float64"),
-        ("jaxnets_many_s", f"jaxnets, {runs[0]['nets']:,} nets"),
-        ("numpy_einsum_many_f32_s", f"numpy einsum, {runs[0]['nets']:,} nets, float32"),
-        ("torch_bmm_many_f32_s", f"PyTorch bmm, {runs[0]['nets']:,} nets, float32"),
+        ("jaxnets_many_s", f"jaxnets, {nets} (two_layer_train_many), 1 device"),
+        ("jaxnets_many_2dev_s", f"jaxnets, {nets}, sharded over 2 CPU devices (one per core)"),
+        ("numpy_nets_last_many_f32_s", f"numpy nets-last, one GEMM for X, in place, {nets}, f32"),
+        ("torch_nets_last_many_f32_s", f"PyTorch nets-last eager, {nets}, f32, {threads} thread"),
+        (
+            "torch_compile_nets_last_many_f32_s",
+            f"PyTorch nets-last torch.compile, {nets}, f32, {threads} thread",
+        ),
+        ("numpy_einsum_many_f32_s", f"for reference: numpy einsum, nets first, {nets}, f32"),
+        ("torch_bmm_many_f32_s", f"for reference: PyTorch bmm, nets first, {nets}, f32"),
     ]
     rows = [
-        "| two-layer net, 1500 iterations | s min | s median | vs jaxnets (median) |",
+        "| two-layer net, 1500 iterations | s min | s median | slower than jaxnets (median) |",
         "|---|---|---|---|",
     ]
     for key, label in keys:
@@ -157,12 +192,68 @@ def two_layer_table(runs: list[dict]) -> str:
         if not values:
             continue
         s = stats(values)
-        ref = "jaxnets_one_s" if "one" in key else "jaxnets_many_s"
+        ref = "jaxnets_one_s" if "_one_" in key else "jaxnets_many_s"
         ratio = s["median"] / statistics.median(r[ref] for r in runs)
         rows.append(f"| {label} | {s['min']:.4f} | {s['median']:.4f} | {ratio:.1f}x |")
     compile_s = statistics.median(r["jaxnets_many_compile_s"] for r in runs)
     rows.append(f"| (jaxnets many nets: compile + first run) | {compile_s:.2f} | | |")
+    r = runs[0]
+    if peak_gflops and "flops_per_net_iteration" in r:
+        best = min(
+            x.get(k, x["jaxnets_many_s"])
+            for x in runs
+            for k in ("jaxnets_many_s", "jaxnets_many_2dev_s")
+        )
+        roofline = r["nets"] * r["iterations"] * r["flops_per_net_iteration"] / peak_gflops / 1e9
+        rows.append(
+            f"\nRoofline: {r['flops_per_net_iteration']} FLOPs and {r['exps_per_net_iteration']} "
+            f"exp per net-iteration, {r['nets'] * r['iterations'] / 1e6:.1f} M net-iterations: "
+            f"{roofline:.3f} s at the {peak_gflops:.0f} GFLOP/s float32 FMA peak of all cores "
+            f"(exp and divide not counted); jaxnets' best row is {best / roofline:.1f}x that."
+        )
     return "\n".join(rows)
+
+
+def users_tables(users: dict, num_train: int) -> list[str]:
+    """One table per users' model: every way and peer, s/epoch, images/s, ratio, accuracy."""
+    per_model: dict = {}
+    for contender, runs in users.items():
+        for run in runs:
+            if "error" in run:
+                per_model.setdefault("failed", {})[contender] = run["error"][-300:]
+                continue
+            for model, value in run.items():
+                if not isinstance(value, dict):
+                    continue
+                ways = value if contender == "jaxnets" else {"": value}
+                for way, r in ways.items():
+                    label = f"jaxnets {way}" if contender == "jaxnets" else contender
+                    rs = r if isinstance(r, list) else [r]
+                    per_model.setdefault(model, {}).setdefault(label, []).extend(rs)
+    lines = []
+    for model, contenders in per_model.items():
+        if model == "failed":
+            lines += [f"Users' models: {name} failed: {err!r}" for name, err in contenders.items()]
+            continue
+        ref = contenders.get(USERS_REF)
+        ref_median = statistics.median(r["steady_epoch_s"] for r in ref) if ref else None
+        lines += [
+            "",
+            f"| users' model {model} ({num_train:,} images, batch 100) | s/epoch min | "
+            "s/epoch median | images/s (best) | train acc (last epoch) | "
+            "slower than jaxnets fit (median) | steps/call |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, rs in contenders.items():
+            s = stats([r["steady_epoch_s"] for r in rs])
+            ratio = f"{s['median'] / ref_median:.2f}x" if ref_median else ""
+            label = _with_threads(label, rs)
+            lines.append(
+                f"| {label} | {s['min']:.3f} | {s['median']:.3f} | "
+                f"{num_train // 100 * 100 / s['min']:,.0f} | {rs[-1]['train_accuracy']:.3f} | "
+                f"{ratio} | {rs[-1]['steps_per_call']} |"
+            )
+    return lines
 
 
 def stream_lines(stream: dict) -> list[str]:
@@ -202,7 +293,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 epochs, 6,000 images")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--all", action="store_true", help="also lax.conv and 2-thread torch")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="also lax.conv seed CNN, 2-thread PyTorch, users' models at 10 forced steps/call",
+    )
     parser.add_argument(
         "--only", default="", help="comma list of: cnn,two_layer,data,ckpt,users,stream"
     )
@@ -220,15 +315,18 @@ def main(argv=None) -> dict:
         "--steps",
         "100" if args.quick else "300",
     ]
-    users_args = ["--repeats", str(repeats)]
+    users_args = ["--num-train", "6400", "--epochs", "3"]
     if args.quick:
         size = ["--epochs", "2", "--num-train", "6000", "--num-val", "1000"]
         tl_args, ck_args = ["--nets", "1000", "--scaled-iterations", "30"], ["--num-train", "6000"]
-        users_args += ["--num-train", "1600", "--epochs", "2"]
+        users_args = ["--num-train", "1600", "--epochs", "2"]
     else:
         size, tl_args, ck_args = [], [], []
     epochs = 2 if args.quick else workload.EPOCHS
     contenders = {**CNN, **CNN_MORE} if args.all else CNN
+    users_peers = {**USERS_PEERS, **USERS_PEERS_MORE} if args.all else USERS_PEERS
+    if args.all:
+        users_args += ["--forced-steps", "10"]
 
     info = machine()
     peak = info.get("peak_gflops_avx2_fma")
@@ -236,6 +334,7 @@ def main(argv=None) -> dict:
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": info,
+        "load_average_start": list(os.getloadavg()),  # 1, 5, 15 min: the neighbours' load
         "versions": versions(),
         "workload": {
             "batch": workload.BATCH,
@@ -267,6 +366,14 @@ def main(argv=None) -> dict:
             print(f"[{r + 1}/{repeats}] two-layer done", flush=True)
         if "data" in parts:
             results["data_load"].append(run_one("data_load.py", []))
+        if "users" in parts:  # jaxnets' ways (one process), then each peer, every repeat
+            users = results["users"]
+            users.setdefault("jaxnets", []).append(
+                run_one("fit_vs_loop.py", [*users_args, "--repeats", "1"])
+            )
+            for name, (script, extra) in users_peers.items():
+                users.setdefault(name, []).append(run_one(script, [*extra, *users_args]))
+            print(f"[{r + 1}/{repeats}] users' models done", flush=True)
         if "stream" in parts:  # the seed CNN resident vs streamed, interleaved
             for how in ("resident", "stream"):
                 res = run_one("jaxnets_cnn.py", ["--input", how, *size])
@@ -274,8 +381,6 @@ def main(argv=None) -> dict:
                 print(f"[{r + 1}/{repeats}] {how}: {res.get('epoch_s', res.get('error'))}")
     if "ckpt" in parts:
         results["checkpoint"].append(run_one("checkpoint_overhead.py", ck_args))
-    if "users" in parts:  # interleaved inside the script itself
-        results["users"] = run_one("fit_vs_loop.py", users_args)
     if "stream" in parts:
         results["stream"]["large"] = run_one("stream_1m.py", big)
         results["stream"]["small"] = run_one("stream_1m.py", small)
@@ -290,7 +395,8 @@ def main(argv=None) -> dict:
     if results["cnn"]:
         lines += [cnn_table(results["cnn"], peak, epochs), ""]
     if results["two_layer"]:
-        lines += [two_layer_table(results["two_layer"]), ""]
+        best_peak = info.get("peak_gflops_avx512_fma") or peak
+        lines += [two_layer_table(results["two_layer"], best_peak), ""]
     loads = [r for r in results["data_load"] if "error" not in r]
     if loads:
         first = stats([r["first_load_s"] for r in loads])
@@ -317,22 +423,15 @@ def main(argv=None) -> dict:
             "(as if none of it overlapped training; differences between interleaved epoch "
             "times smaller than the machine's noise are not an overhead)."
         )
-    users = {k: v for k, v in results["users"].items() if k not in ("process_s",)}
-    if "error" in users:
-        lines.append(f"Users' models: failed: {users['error'][-300:]}")
-    for model, rows in users.items() if "error" not in users else ():
-        lines += ["", f"Users' model {model} (fit vs a plain loop of jitted steps, s/epoch):"]
-        lines += [
-            "| way | s/epoch min | median | / plain loop | steps/call |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {way} | {r['s_per_epoch_min']:.3f} | {r['s_per_epoch_median']:.3f} | "
-            f"{r['vs_plain_loop']:.2f} | {r['steps_per_call']} |"
-            for way, r in rows.items()
-        ]
+    if results["users"]:
+        lines += users_tables(results["users"], int(users_args[1]))
     if "stream" in parts:
         lines += ["", *stream_lines(results["stream"])]
+    results["load_average_end"] = list(os.getloadavg())
+    lines.append(
+        f"\nLoad average (1/5/15 min) at start {results['load_average_start']}, "
+        f"at end {results['load_average_end']}."
+    )
     table = "\n".join(lines)
     results["table"] = table
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)

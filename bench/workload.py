@@ -70,6 +70,85 @@ def cnn_result(epoch_seconds: list[float], num_train: int, val_accuracy: float, 
     }
 
 
+# Users' models (bench/fit_vs_loop.py, bench/users_peers.py): not the seed CNN, a synthetic task
+# every framework learns, the same optimiser (SGD 0.05, momentum 0.9) and batch everywhere.
+USERS_BATCH = 100
+USERS_LEARNING_RATE, USERS_MOMENTUM = 0.05, 0.9
+USERS_MODELS = {  # name -> image shape (height, width, channels)
+    "conv_bn_dropout_32x32x3": (32, 32, 3),
+    "mlp_784_512_256_10": (28, 28, 1),
+}
+
+
+def users_data(shape: tuple[int, int, int], n: int, seed: int = 0) -> dict:
+    """Noise plus a bright horizontal band whose row position is the class (10 classes).
+
+    Returns {"image": float32 [n, height, width, channels], "label": int32 [n]}.
+    """
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    x = rng.normal(size=(n, *shape)).astype(np.float32) * 0.5
+    band = np.arange(shape[0]) * 10 // shape[0]  # row -> band 0..9
+    x += (band[None, :] == y[:, None])[:, :, None, None].astype(np.float32)
+    return {"image": x, "label": y}
+
+
+def users_result(epoch_seconds: list[float], accuracy: float, steps_per_call: int = 1) -> dict:
+    """One users'-model run: steady s/epoch (median after the first epoch), last-epoch accuracy."""
+    steady = epoch_seconds[1:] or epoch_seconds
+    return {
+        "epoch_s": epoch_seconds,
+        "steady_epoch_s": float(np.median(steady)),
+        "train_accuracy": accuracy,
+        "steps_per_call": steps_per_call,
+    }
+
+
+def keras_epoch_timer(keras):
+    """A Keras callback whose `seconds` lists the wall time of every epoch."""
+    import time
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.start)
+
+    return EpochTimer()
+
+
+def choose_torch_threads(torch, model, loss_fn, x, y, steps: int = 8) -> int:
+    """The faster of 1 and 2 PyTorch threads for training `model`, measured on a copy of it.
+
+    On a quiet 2-core machine 2 threads are faster; with a busy neighbour on the other core 1
+    thread measured up to 5x faster (OpenMP barriers wait for a descheduled thread). A user
+    picks the faster, so the bench does too; the choice is recorded with the result.
+    """
+    import copy
+    import time
+
+    times = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        trial = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(trial.parameters(), lr=0.01)
+        for i in range(steps + 2):  # the first two warm up
+            if i == 2:
+                start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(trial(x), y).backward()
+            optimizer.step()
+        times[threads] = time.perf_counter() - start
+    best = min(times, key=times.get)
+    torch.set_num_threads(best)
+    return best
+
+
 def emit(result: dict) -> None:
     """Prints the result as the last stdout line, the one `bench/run.py` parses."""
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")

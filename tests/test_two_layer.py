@@ -209,6 +209,35 @@ def test_train_many_biases_padding_and_no_recompile():
         assert two_layer_many._train_many._cache_size() == compiled
 
 
+def test_train_many_512_bit_vectors_equal_the_default_and_work_inside_a_jit():
+    # The CPU path compiles with 512-bit vectors; inside a user's jit the outer compilation
+    # decides (JAX refuses compiler options on a nested jit). Equal to float rounding (FMA
+    # contraction differs between vector widths).
+    params = _random_params(5, 3, 4, 1, bias=False, nets=300)
+    x, y = exp.X, exp.Y
+    wide, wide_loss = two_layer_train_many(params, x, y, iterations=50, learning_rate=1.0)
+    plain, plain_loss = two_layer_many._train_many_any(params, x, y, 1.0, iterations=50)
+    nested = jax.jit(lambda p: two_layer_train_many(p, x, y, iterations=50, learning_rate=1.0))(
+        params
+    )
+    for other, other_loss in ((plain, plain_loss), nested):
+        chex.assert_trees_all_close(wide, other, atol=1e-5)
+        np.testing.assert_allclose(wide_loss, other_loss, atol=1e-6)
+
+
+def test_train_many_params_sharded_over_devices_equal_one_device():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("nets",))
+    params = _random_params(6, 3, 4, 1, bias=True, nets=10)
+    one, one_loss = two_layer_train_many(params, exp.X, exp.Y, iterations=30, learning_rate=1.0)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("nets"))
+    two, two_loss = two_layer_train_many(
+        jax.device_put(params, sharding), exp.X, exp.Y, iterations=30, learning_rate=1.0
+    )
+    assert two["w1"].sharding == sharding and two_loss.sharding == sharding
+    chex.assert_trees_all_close(two, one, atol=1e-5)
+    np.testing.assert_allclose(two_loss, one_loss, atol=1e-6)
+
+
 def test_train_many_rejects_bad_shapes():
     params = exp.init_params(exp.Config(nets=2))
     with pytest.raises(ValueError, match=r"w1 \[nets, d_in, hidden\].*got w1 \(3, 4\)"):
