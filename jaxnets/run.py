@@ -361,7 +361,9 @@ def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> R
         manager = ckpt.Checkpointer(checkpoints, max_to_keep=flags.keep_checkpoints)
         if manager.latest_step() is not None:
             try:
-                state, meta, start_step = _restore(manager, state, dp, config, result_fields, path)
+                state, meta, start_step = _restore(
+                    manager, state, dp, config, result_fields, path, _defaults(flags)
+                )
             except BaseException:
                 manager.close()
                 raise
@@ -398,7 +400,19 @@ def exit_status(summary: Mapping[str, Any]) -> int:
     return 128 + int(signum) if summary.get("stopped_early") and signum else 0
 
 
-def _restore(manager, state, dp, config, result_fields, path):
+def _defaults(flags: RunConfig) -> dict:
+    """The config dict of the experiment's defaults: what a run saved before a field existed
+    used (a new field's default keeps the old behaviour), so it still resumes."""
+    from jaxnets.config import config_to_dict
+
+    try:
+        return config_to_dict(type(flags)())
+    except Exception:  # a config without defaults for every field
+        return {}
+
+
+def _restore(manager, state, dp, config, result_fields, path, defaults):
+    with_defaults = lambda saved: {**defaults, **saved}
     try:
         state, meta, step = manager.restore(dp.checkpoint_target(state))
     except ValueError as e:
@@ -408,11 +422,11 @@ def _restore(manager, state, dp, config, result_fields, path):
         except (OSError, ValueError):
             saved = None
         if isinstance(saved, dict):
-            check_resumable(saved, config, keys=result_fields)
+            check_resumable(with_defaults(saved), config, keys=result_fields)
         raise ValueError(_with_flags(e)) from None
     except ckpt.CheckpointError as e:
         raise ckpt.CheckpointError(_with_flags(e)) from None
-    check_resumable(meta["config"], config, keys=result_fields)
+    check_resumable(with_defaults(meta["config"]), config, keys=result_fields)
     return state, meta, step
 
 

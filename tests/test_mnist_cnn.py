@@ -204,3 +204,16 @@ def test_no_readable_checkpoint_is_one_message_not_asyncio_noise(tmp_path):
         "pass --restart (discards this run's checkpoints) or use a new --workdir."
     )
     assert "no readable checkpoint in" in out and "step 8: cannot read its arrays" in out
+
+
+def test_a_run_saved_before_a_field_existed_resumes_with_its_default(tmp_path, monkeypatch):
+    """A checkpoint whose config lacks a newer field (dtype) used that field's default."""
+    real = mnist_cnn.config_to_dict
+    monkeypatch.setattr(
+        mnist_cnn, "config_to_dict", lambda c: {k: v for k, v in real(c).items() if k != "dtype"}
+    )
+    assert _run(tmp_path, "old", epochs=1)["step"] == 8
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"dtype: saved 'float32', current 'bfloat16'"):
+        _run(tmp_path, "old", dtype="bfloat16")
+    assert _run(tmp_path, "old")["step"] == 16
