@@ -29,7 +29,8 @@ from jaxnets.data.cache import default_cache_dir
 log = logging.getLogger("jaxnets.loop")
 
 CHOICE_FILE = "steps_per_call.json"
-ROUNDS = 3  # measurement rounds of each chunk length
+ROUNDS = 3  # measurement rounds of each chunk length, at most
+DECISIVE = 1.25  # a ratio of times no neighbour's noise explains: stop measuring
 
 
 def scan_candidates(devices: Sequence[Any]) -> int:
@@ -115,11 +116,12 @@ def choose_steps_per_call(
         rows = np.take(idx, np.arange(2 * k + 1) % len(idx), axis=0)  # wraps short epochs
         chunks = {c: [chunk_args(rows[i : i + c]) for i in range(0, k + c, c)] for c in programs}
         # Interleaved rounds, the fastest of each: a busy neighbour slows a round, not a choice.
-        rounds = [
-            {str(c): _time_calls(programs[c], state, chunks[c]) for c in sorted(programs)}
-            for _ in range(ROUNDS)
-        ]
-        times = {c: min(r[c] for r in rounds) for c in rounds[0]}
+        rounds: list[dict[str, float]] = []
+        while len(rounds) < ROUNDS:
+            rounds.append({str(c): _time_calls(programs[c], state, chunks[c]) for c in programs})
+            times = {c: min(r[c] for r in rounds) for c in rounds[0]}
+            if max(times.values()) > DECISIVE * min(times.values()):
+                break  # a clear winner: more rounds would not change it
         choice = min(programs, key=lambda c: times[str(c)])
         how = "measured"
         cached[cache_key] = {"steps_per_call": choice, "seconds_per_step": times}
