@@ -92,6 +92,7 @@ class Stream:
         self.num_threads = num_threads
         self.prefetch = prefetch
         self._state: dict | None = None
+        self._restored = False  # `_state` came from `set_state` (a checkpoint), not from fit
 
     def __len__(self) -> int:
         return len(self.source)
@@ -103,6 +104,10 @@ class Stream:
     def set_state(self, state: Mapping[str, Any] | None) -> None:
         """Where to read on (a `get_state` of the run being resumed)."""
         self._state = None if state is None else dict(state)
+        self._restored = state is not None
+
+    def _record(self, state: dict) -> None:
+        self._state, self._restored = state, False
 
     def read(self, rows: np.ndarray) -> Batch:
         """The examples `rows` (an index array, e.g. [batch]) as one host batch of its shape."""
@@ -119,8 +124,9 @@ class Stream:
             *examples,
         )
 
-    def batches(self, rows: np.ndarray, start: int) -> Iterator[tuple[Batch, dict]]:
-        """`(batch, grain_state)` of the steps `rows[start:]` (`[steps, batch]` indices).
+    def batches(self, rows: np.ndarray, start: int | dict) -> Iterator[tuple[Batch, dict]]:
+        """`(batch, grain_state)` of the steps `rows[start:]` (`[steps, batch]` indices);
+        `start` is a step of the epoch or a Grain iterator state (a restored position).
 
         The Grain pipeline: the epoch's steps as a `MapDataset`, each element one step's
         batch read from the source, read ahead by `num_threads` threads into a buffer of
@@ -131,7 +137,7 @@ class Stream:
             num_threads=self.num_threads, prefetch_buffer_size=self.prefetch
         )
         it = iter(ds.to_iter_dataset(options))
-        it.set_state({"next_index": start})
+        it.set_state({"next_index": start} if isinstance(start, int) else dict(start))
         try:
             for batch in it:
                 yield batch, it.get_state()
@@ -268,6 +274,7 @@ class _StreamFeed:
     def __init__(self, stream: Stream, dp: parallel.DataParallel, order_id: dict):
         self.stream, self.dp, self.order_id = stream, dp, order_id
         self._pending: list[dict] = []  # grain state after each yielded chunk, oldest first
+        self._resume: dict | None = None  # the restored Grain state, for the first epoch
 
     def runner(self, train_step: Callable) -> Callable:
         return train.make_stream_runner(train_step, self.dp)
@@ -277,7 +284,10 @@ class _StreamFeed:
         return (self.dp.shard_columns(_stack(batches)),)
 
     def chunks(self, rows: np.ndarray, start: int, plan: list[int]) -> Iterator[tuple]:
-        it = self.stream.batches(rows, start)
+        position: int | dict = start
+        if self._resume is not None:  # the first epoch of a resumed run: Grain's own state
+            position, self._resume = self._resume, None
+        it = self.stream.batches(rows, position)
         try:
             for c in plan:
                 got = [next(it) for _ in range(c)]
@@ -288,20 +298,23 @@ class _StreamFeed:
 
     def consumed(self, step: int, epoch: int) -> None:
         grain_state = self._pending.pop(0)
-        self.stream.set_state({"step": step, "epoch": epoch, "grain": grain_state, **self.order_id})
+        self.stream._record({"step": step, "epoch": epoch, "grain": grain_state, **self.order_id})
 
-    def check_position(self, step: int) -> None:
-        """A restored stream must be where the restored train state is."""
+    def check_position(self, step: int, position: int) -> None:
+        """A restored stream must be where the restored train state is (`position`: the step
+        within its epoch); its Grain state then starts the first epoch."""
         saved = self.stream.get_state()
-        if saved is None:
-            return
-        mismatch = {k: (saved.get(k), v) for k, v in self.order_id.items() if saved.get(k) != v}
-        if saved.get("step") != step or mismatch:
+        if saved is None or not self.stream._restored:
+            return  # a fresh stream, or one a previous `fit` left: the step says where
+        want = {**self.order_id, "step": step, "grain": {"next_index": position}}
+        mismatch = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
+        if mismatch:
             raise ValueError(
-                f"the stream's saved position (step {saved.get('step')}, {saved}) does not "
-                f"match the train state at step {step} (differences: {mismatch}): the "
-                "checkpoint and the data iterator state come from different runs or data"
+                f"the stream's saved position (step {saved.get('step')}) does not match the "
+                f"train state at step {step} (saved vs now: {mismatch}): the checkpoint and the "
+                "data iterator state come from different runs or data"
             )
+        self._resume = saved["grain"]
 
 
 def _stack(batches: list[Batch]) -> Batch:

@@ -156,6 +156,13 @@ def test_streamed_resume_mid_epoch_from_the_saved_position_is_bit_exact():
     wrong.set_state({**saved["data"], "step": 4})
     with pytest.raises(ValueError, match=r"saved position \(step 4.*train state at step 6"):
         test_train._run(devices=1, k=2, train_data=wrong, state=saved["state"])
+    grain = inputs.Stream(inputs.ArraySource(test_train._batch(images, labels)))
+    grain.set_state({**saved["data"], "grain": {"next_index": 5}})
+    with pytest.raises(ValueError, match=r"'grain': \(\{'next_index': 5\}, \{'next_index': 6\}\)"):
+        test_train._run(devices=1, k=2, train_data=grain, state=saved["state"])
+    # A stream a finished fit left behind starts a fresh run from step 0, not an error.
+    again, _ = test_train._run(devices=1, k=2, train_data=resumed_stream)
+    _assert_equal(full, again)
 
 
 @pytest.mark.parametrize("backend,devices,chunk", [("shard_map", 4, 50), ("pmap", 2, 1)])
