@@ -300,13 +300,16 @@ class _StreamFeed:
         grain_state = self._pending.pop(0)
         self.stream._record({"step": step, "epoch": epoch, "grain": grain_state, **self.order_id})
 
-    def check_position(self, step: int, position: int) -> None:
-        """A restored stream must be where the restored train state is (`position`: the step
-        within its epoch); its Grain state then starts the first epoch."""
+    def check_position(self, step: int, steps_per_epoch: int) -> None:
+        """A restored stream must be where the restored train state is; mid-epoch, its Grain
+        state then starts the epoch (at an epoch's end the next epoch starts afresh)."""
         saved = self.stream.get_state()
         if saved is None or not self.stream._restored:
             return  # a fresh stream, or one a previous `fit` left: the step says where
-        want = {**self.order_id, "step": step, "grain": {"next_index": position}}
+        epoch, position = divmod(step, steps_per_epoch)
+        if position == 0 and step:  # saved after the last chunk of the previous epoch
+            epoch, position = epoch - 1, steps_per_epoch
+        want = {**self.order_id, "step": step, "epoch": epoch, "grain": {"next_index": position}}
         mismatch = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
         if mismatch:
             raise ValueError(
@@ -314,7 +317,8 @@ class _StreamFeed:
                 f"train state at step {step} (saved vs now: {mismatch}): the checkpoint and the "
                 "data iterator state come from different runs or data"
             )
-        self._resume = saved["grain"]
+        if position < steps_per_epoch:
+            self._resume = saved["grain"]
 
 
 def _stack(batches: list[Batch]) -> Batch:

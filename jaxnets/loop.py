@@ -219,7 +219,7 @@ def fit(
     run = feed.runner(train_step)
     state = dp.replicate(state)
     if isinstance(feed, inputs._StreamFeed):
-        feed.check_position(step, step % steps_per_epoch)
+        feed.check_position(step, steps_per_epoch)
 
     # Every program the plan calls is compiled here, before the first step: none later.
     start_epoch, start_pos = divmod(step, steps_per_epoch)

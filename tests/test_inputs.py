@@ -160,6 +160,22 @@ def test_streamed_resume_mid_epoch_from_the_saved_position_is_bit_exact():
     grain.set_state({**saved["data"], "grain": {"next_index": 5}})
     with pytest.raises(ValueError, match=r"'grain': \(\{'next_index': 5\}, \{'next_index': 6\}\)"):
         test_train._run(devices=1, k=2, train_data=grain, state=saved["state"])
+    # Saved at an epoch's end (step 8 of 8 per epoch): the next epoch starts afresh.
+    saved.clear()
+    ended = inputs.Stream(inputs.ArraySource(test_train._batch(images, labels)))
+    action = loop.Periodic(lambda step, state: saved.update(state=state, data=ended.get_state()))
+    test_train._run(
+        devices=1,
+        k=2,
+        train_data=ended,
+        hooks=loop.Hooks(should_stop=_StopAt(8)),
+        actions=[loop.Periodic(action.fn, on_stop=True)],
+    )
+    assert saved["data"]["grain"] == {"next_index": 8} and saved["data"]["epoch"] == 0
+    at_epoch_end = inputs.Stream(inputs.ArraySource(test_train._batch(images, labels)))
+    at_epoch_end.set_state(saved["data"])
+    resumed, _ = test_train._run(devices=1, k=2, train_data=at_epoch_end, state=saved["state"])
+    _assert_equal(full, resumed)
     # A stream a finished fit left behind starts a fresh run from step 0, not an error.
     again, _ = test_train._run(devices=1, k=2, train_data=resumed_stream)
     _assert_equal(full, again)
