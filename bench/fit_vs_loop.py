@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxnets import adapters, loop, losses, metrics, parallel, train
+from jaxnets import adapters, loop, losses, metrics, sharding, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workload  # noqa: E402
@@ -67,17 +67,16 @@ def _fit(module, data, epochs, k):
         _objective(module),
         _sgd(),
     )
-    dp = parallel.make_data_parallel(devices=1)
     state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
     result = loop.fit(
         state,
-        train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name),
-        dp,
+        train.make_train_step(objective.loss_fn, tx),
         data,
         data_key=jax.random.key(1),
         epochs=epochs,
         batch_size=BATCH,
-        steps_per_dispatch=k,
+        mesh=sharding.make_mesh(1),
+        steps_per_call=k,
     )
     seconds = [r["epoch_seconds"] for r in result.history]
     return seconds, result.history[-1]["accuracy"], result.steps_per_call

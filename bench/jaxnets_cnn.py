@@ -27,8 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--steps-per-dispatch", type=int, default=None, help="default: measured by loop.fit"
     )
-    parser.add_argument("--devices", type=int, default=1, help="CPU devices (pmap over them)")
-    parser.add_argument("--parallel", default="shard_map", choices=("pmap", "shard_map"))
+    parser.add_argument("--devices", type=int, default=1, help="CPU devices (a mesh over them)")
     parser.add_argument("--epochs", type=int, default=workload.EPOCHS)
     parser.add_argument("--num-train", type=int, default=workload.NUM_TRAIN)
     parser.add_argument("--num-val", type=int, default=workload.NUM_VAL)
@@ -49,7 +48,18 @@ def main(argv=None) -> dict:
         )
     import jax
 
-    from jaxnets import adapters, checkpoint, data, loop, losses, optim, parallel, train
+    from jaxnets import (
+        adapters,
+        checkpoint,
+        data,
+        evaluation,
+        hooks,
+        loop,
+        losses,
+        optim,
+        sharding,
+        train,
+    )
     from jaxnets import metrics as jmetrics
     from jaxnets.models import MnistCNN
     from jaxnets.models.cnn import resolve_conv_impl
@@ -61,26 +71,25 @@ def main(argv=None) -> dict:
         momentum=workload.MOMENTUM,
         nesterov=True,
     )
-    dp = parallel.make_data_parallel(backend=args.parallel, devices=args.devices)
+    mesh = sharding.make_mesh(args.devices)
 
-    def make_objective(module, axis_name=dp.axis_name):
+    def make_objective(module):
         return adapters.linen(
             module,
             loss=lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none"),
             metrics={"accuracy": jmetrics.accuracy},
             preprocess=lambda x, keys: data.normalize(x),
-            axis_name=axis_name,
         )
 
     objective = make_objective(model)
     sample = {"image": train_x[:1], "label": train_y[:1]}
     state = train.create_train_state(objective.init, tx, sample, key=jax.random.key(workload.SEED))
-    step = train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
-    evaluation = loop.make_evaluation(
-        train.make_eval_step(objective.eval_fn, axis_name=dp.axis_name),
-        dp,
+    step = train.make_train_step(objective.loss_fn, tx)
+    validation = evaluation.make_evaluation(
+        train.make_eval_step(objective.eval_fn),
         {"image": val_x, "label": val_y},
         batch_size=workload.BATCH,
+        mesh=mesh,
     )
 
     extra = {}
@@ -89,7 +98,7 @@ def main(argv=None) -> dict:
         # XLA counts no FLOPs inside custom calls (the native kernels): count those of the
         # im2col twin, the same arithmetic on the same parameters.
         twin_impl = "xla" if extra["conv_impl"] == "xla" else "im2col"
-        twin = make_objective(MnistCNN(conv_impl=twin_impl), axis_name=None)
+        twin = make_objective(MnistCNN(conv_impl=twin_impl))
         single = jax.jit(train.make_train_step(twin.loss_fn, tx))
         batch = {"image": train_x[: workload.BATCH], "label": train_y[: workload.BATCH]}
         cost = single.lower(state, batch).compile().cost_analysis()
@@ -98,23 +107,22 @@ def main(argv=None) -> dict:
 
     ckpt_dir = tempfile.mkdtemp(prefix="jaxnets-bench-ckpt-") if args.save_every else None
     ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=2) if ckpt_dir else None
-    actions = []
+    fit_hooks = []
     if ckpt is not None:
-        actions.append(
-            loop.Periodic(lambda s, st: ckpt.save(s, st, metadata={}), every_steps=args.save_every)
+        fit_hooks.append(
+            hooks.Periodic(lambda s, st: ckpt.save(s, st, metadata={}), every_steps=args.save_every)
         )
     result_fit = loop.fit(
         state,
         step,
-        dp,
         {"image": train_x, "label": train_y},
         data_key=jax.random.key(workload.SEED + 1),
         epochs=args.epochs,
         batch_size=workload.BATCH,
+        hooks=fit_hooks,
+        mesh=mesh,
         input=args.input,
-        steps_per_dispatch=args.steps_per_dispatch,
-        log_every_steps=10,
-        actions=actions,
+        steps_per_call=args.steps_per_dispatch,
     )
     state = result_fit.state
     jax.block_until_ready(state)
@@ -123,7 +131,7 @@ def main(argv=None) -> dict:
     if ckpt is not None:
         ckpt.close()
         shutil.rmtree(ckpt_dir)
-    val = loop.evaluate(evaluation, state)
+    val = evaluation.evaluate(validation, state)
     last = result_fit.history[-1]
     result = workload.cnn_result(
         epoch_seconds,
@@ -133,7 +141,7 @@ def main(argv=None) -> dict:
         data=source,
         config=vars(args),
         jax_version=jax.__version__,
-        devices=[str(d) for d in dp.devices],
+        devices=[str(d) for d in mesh.devices.flat],
         **extra,
     )
     workload.emit(result)

@@ -72,7 +72,7 @@ def train(directory: str, steps: int) -> dict:
     sampler.start()
     import jax
 
-    from jaxnets import adapters, data, inputs, loop, losses, optim, parallel
+    from jaxnets import adapters, data, hooks, inputs, loop, losses, optim, sharding
     from jaxnets import metrics as jmetrics
     from jaxnets import train as jtrain
     from jaxnets.models import MnistCNN
@@ -88,35 +88,39 @@ def train(directory: str, steps: int) -> dict:
         momentum=workload.MOMENTUM,
         nesterov=True,
     )
-    dp = parallel.make_data_parallel(devices=1)
+    mesh = sharding.make_mesh(1)
     objective = adapters.linen(
         MnistCNN(),
         loss=lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none"),
         metrics={"accuracy": jmetrics.accuracy},
         preprocess=lambda x, keys: data.normalize(x),
-        axis_name=dp.axis_name,
     )
     state = jtrain.create_train_state(
         objective.init, tx, source.read_batch(np.arange(1)), key=jax.random.key(0)
     )
-    step_fn = jtrain.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
+    step_fn = jtrain.make_train_step(objective.loss_fn, tx)
     logs: list[tuple[float, int]] = []
-    done = lambda: bool(logs) and logs[-1][1] >= steps
+
+    class Timing(hooks.Hook):
+        """(time, step) every 10 steps; stops after `steps`."""
+
+        every_steps = 10
+
+        def __call__(self, ctx):
+            logs.append((time.perf_counter(), ctx.step))
+
+        def should_stop(self, ctx):
+            return ctx.step >= steps
+
     result = loop.fit(
         state,
         step_fn,
-        dp,
         inputs.Stream(source),
         data_key=jax.random.key(1),
         epochs=1,
         batch_size=workload.BATCH,
-        log_every_steps=10,
-        hooks=loop.Hooks(
-            on_log=lambda r: (
-                logs.append((time.perf_counter(), r["step"])) if r["kind"] == "train" else None
-            ),
-            should_stop=done,
-        ),
+        hooks=[Timing()],
+        mesh=mesh,
     )
     jax.block_until_ready(result.state)
     sampler.stop.set()
@@ -131,7 +135,7 @@ def train(directory: str, steps: int) -> dict:
         "peak_anon_bytes": sampler.peak["RssAnon"],
         "peak_file_bytes": sampler.peak["RssFile"],
         "peak_rss_bytes": _status()["VmHWM"],
-        "devices": [str(d) for d in dp.devices],
+        "devices": [str(d) for d in mesh.devices.flat],
     }
 
 

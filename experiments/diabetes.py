@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import adapters, loop, losses, optim, parallel, run, train
+from jaxnets import adapters, evaluation, hooks, losses, optim, run, sharding, train
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import POSITIVE_INT, TRAINING_CHECKS
 from jaxnets.config import config_to_dict, parse_config
@@ -200,7 +200,7 @@ class MLP(nn.Module):
         return nn.Dense(1)(x)
 
 
-def make_objective(config: Config, dp: parallel.DataParallel) -> adapters.Objective:
+def make_objective(config: Config) -> adapters.Objective:
     """The model's init, loss and eval functions: squared error; mae, mse and r2."""
     return adapters.linen(
         MLP(tuple(config.hidden_sizes)),
@@ -212,7 +212,6 @@ def make_objective(config: Config, dp: parallel.DataParallel) -> adapters.Object
         },
         inputs="x",
         targets="y",
-        axis_name=dp.axis_name,
     )
 
 
@@ -244,17 +243,17 @@ def main(config: Config) -> dict:
     sizes = {name: len(split["y"]) for name, split in data.items()}
     log.warning("diabetes: %(train)d train, %(validation)d validation, %(test)d test", sizes)
 
-    dp = parallel.make_data_parallel(backend=config.parallel, devices=config.devices)
-    dp.check_batch(config.batch_size)
-    objective = make_objective(config, dp)
+    mesh = sharding.make_mesh(config.devices)
+    sharding.check_batch(mesh, config.batch_size)
+    objective = make_objective(config)
     tx = make_optimizer(config)
-    train_step = train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
-    eval_step = train.make_eval_step(objective.eval_fn, axis_name=dp.axis_name)
-
-    def evaluation_of(split):
-        if not sizes[split]:
-            return None
-        return loop.make_evaluation(eval_step, dp, data[split], batch_size=config.batch_size)
+    train_step = train.make_train_step(objective.loss_fn, tx)
+    eval_step = train.make_eval_step(objective.eval_fn)
+    validate = (
+        [hooks.Evaluate(eval_step, data["validation"], batch_size=config.batch_size)]
+        if sizes["validation"]
+        else []
+    )
 
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     sample = jax.tree.map(lambda v: v[:1], data["train"])
@@ -265,26 +264,27 @@ def main(config: Config) -> dict:
         config,
         config_to_dict(config),
         state,
-        dp,
+        mesh,
         result_fields=RESULT_FIELDS,
         total_steps=config.epochs * steps_per_epoch,
     ) as work:
-        result = loop.fit(
-            work.state,
+        result = work.fit(
             train_step,
-            dp,
             data["train"],
             data_key=data_key,
             epochs=config.epochs,
             batch_size=config.batch_size,
-            evaluation=evaluation_of("validation"),
-            **work.fit_options(epochs=config.epochs),
+            hooks=validate,
         )
-        test_evaluation = evaluation_of("test")
         summary = work.summarise(
-            result, dp, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size
+            result, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size
         )
-        test = loop.evaluate(test_evaluation, result.state) if test_evaluation else {}
+        test = {}
+        if sizes["test"]:
+            test_set = evaluation.make_evaluation(
+                eval_step, data["test"], batch_size=config.batch_size, mesh=mesh
+            )
+            test = evaluation.evaluate(test_set, result.state)
         summary["dataset"] = {"name": "sklearn_diabetes", **sizes}
         summary["target"] = {"mean": float(target.mean[0]), "std": float(target.std[0])}
         summary["test"] = test
@@ -296,6 +296,7 @@ def main(config: Config) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(message)s", force=True)
+    logging.getLogger("jaxnets").setLevel(logging.INFO)  # status lines
     cfg = parse_config(get_config(), description=__doc__)
     out = main(cfg)
     wd = Path(cfg.workdir)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import metrics, parallel, train
+from jaxnets import metrics, sharding, train
 from jaxnets.checks import NONNEGATIVE, POSITIVE_INT, TRAINING_CHECKS
 from jaxnets.config import check_config, config_to_dict, parse_config
 from jaxnets.optim import inverse_time_decay, sgd
@@ -159,15 +159,19 @@ def fit_full_batch(tx: optax.GradientTransformation, penalty: Callable, x, y, st
     """
     params = {"kernel": jnp.zeros(x.shape[1]), "bias": jnp.zeros([])}
     state = train.create_train_state(params, tx, key=jax.random.key(0))
-    dp = parallel.make_data_parallel(devices=1)
+    mesh = sharding.make_mesh(1)
+    replicated = sharding.replicated_sharding(mesh)
     run = train.make_epoch_runner(
-        train.make_train_step(make_loss_fn(penalty), tx, axis_name=dp.axis_name), dp
+        train.make_train_step(make_loss_fn(penalty), tx), mesh, replicated
     )
     every_example = np.tile(np.arange(len(y), dtype=np.int32), (steps, 1))
+    data = {"x": x, "y": y}
     state, per_step = run(
-        dp.replicate(state), dp.replicate({"x": x, "y": y}), dp.shard_columns(every_example)
+        sharding.place(state, sharding.state_shardings(state, mesh)),
+        sharding.place(data, sharding.state_shardings(data, mesh)),
+        sharding.place_columns(mesh, every_example),
     )
-    return jax.device_get(dp.unreplicate(state.params)), jax.device_get(dp.unreplicate(per_step))
+    return jax.device_get(state.params), jax.device_get(per_step)
 
 
 def evaluate(params, w_true, x_train, y_train, x_test, y_test) -> dict:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import adapters, inputs, loop, losses, optim, parallel, regularizers, run, train
+from jaxnets import adapters, evaluation, hooks, losses, optim, regularizers, run, sharding, train
 from jaxnets import data as jdata
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import NONNEGATIVE, TRAINING_CHECKS, Rule
@@ -181,32 +181,28 @@ def main(config: Config) -> dict:
         import optax
 
         tx = optax.apply_if_finite(tx, max_consecutive_errors=10)
-    dp = parallel.make_data_parallel(backend=config.parallel, devices=config.devices)
-    dp.check_batch(config.batch_size)
+    mesh = sharding.make_mesh(config.devices)
+    sharding.check_batch(mesh, config.batch_size)
     objective = adapters.linen(
         model,
         loss=lambda logits, y: losses.softmax_cross_entropy(logits, y, reduction="none"),
         metrics={"accuracy": jmetrics.accuracy},
         preprocess=make_preprocess(config, x_train),
-        axis_name=dp.axis_name,
     )
-    train_step = train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
-    eval_step = train.make_eval_step(objective.eval_fn, axis_name=dp.axis_name)
-    evaluation = (
-        loop.make_evaluation(
-            eval_step,
-            dp,
-            {"image": x_val, "label": y_val},
-            batch_size=config.batch_size,
-            input=config.input,
-        )
+    train_step = train.make_train_step(objective.loss_fn, tx)
+    eval_step = train.make_eval_step(objective.eval_fn)
+    validate = (
+        [
+            hooks.Evaluate(
+                eval_step,
+                {"image": x_val, "label": y_val},
+                batch_size=config.batch_size,
+                input=config.input,
+            )
+        ]
         if len(y_val)
-        else None
+        else []
     )
-
-    train_data = inputs.resolve({"image": x_train, "label": y_train}, dp, config.input)
-    streamed = isinstance(train_data, inputs.Stream)
-    log.warning("input: %s", "streamed (Grain)" if streamed else "resident on the devices")
 
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     state = train.create_train_state(
@@ -220,28 +216,25 @@ def main(config: Config) -> dict:
         config,
         config_dict,
         state,
-        dp,
+        mesh,
         result_fields=RESULT_FIELDS,
         total_steps=config.epochs * steps_per_epoch,
     ) as work:
-        result = loop.fit(
-            work.state,
+        result = work.fit(
             train_step,
-            dp,
-            train_data,
+            {"image": x_train, "label": y_train},
             data_key=data_key,
             epochs=config.epochs,
             batch_size=config.batch_size,
-            evaluation=evaluation,
-            on_nonfinite="warn" if config.skip_nonfinite else "raise",
-            **work.fit_options(epochs=config.epochs, data=train_data),
+            hooks=validate,
+            nonfinite="warn" if config.skip_nonfinite else "raise",
         )
         test_data = {"image": test_set.images, "label": test_set.labels}
-        test_eval = loop.make_evaluation(
-            eval_step, dp, test_data, batch_size=config.batch_size, input=config.input
+        test_eval = evaluation.make_evaluation(
+            eval_step, test_data, batch_size=config.batch_size, mesh=mesh, input=config.input
         )
         summary = work.summarise(
-            result, dp, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size
+            result, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size
         )
         summary["dataset"] = {
             "name": train_set.info.name,
@@ -250,7 +243,7 @@ def main(config: Config) -> dict:
             "validation": len(y_val),
             "test": len(test_set.labels),
         }
-        summary["test"] = loop.evaluate(test_eval, result.state)
+        summary["test"] = evaluation.evaluate(test_eval, result.state)
         summary["sparsity"] = regularizers.sparsity(jax.device_get(result.state.params))
         work.finish(summary, title=f"MNIST CNN on {train_set.info.name}", metric="accuracy")
     return summary
@@ -258,6 +251,7 @@ def main(config: Config) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(message)s", force=True)
+    logging.getLogger("jaxnets").setLevel(logging.INFO)  # status lines
     cfg = parse_config(get_config(), description=__doc__)
     out = main(cfg)
     wd = Path(cfg.workdir)

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import adapters, data, losses, parallel, sweep, writers
+from jaxnets import adapters, data, losses, sharding, sweep, writers
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import NONNEGATIVE_INT, POSITIVE_INT, RUN_CHECKS, TRAINING_CHECKS, Rule
 from jaxnets.config import add_config_flags, check_config, config_to_dict
@@ -90,9 +90,6 @@ class Config:
             "help": "vmap | map | auto (map for mnist_cnn on CPU, where it measured faster; "
             "else vmap)"
         },
-    )
-    parallel: str = dataclasses.field(
-        default="shard_map", metadata={"help": "shard_map (jit over a mesh) | pmap"}
     )
     devices: int | None = dataclasses.field(
         default=None, metadata={"help": "number of devices (default: all)"}
@@ -162,7 +159,7 @@ def _cross_entropy(logits, labels):
     return losses.softmax_cross_entropy(logits, labels, reduction="none")
 
 
-def build_objective(config: Config, axis_name: str | None) -> adapters.Objective:
+def build_objective(config: Config) -> adapters.Objective:
     """The adapter of --model: its loss, accuracy and preprocessing."""
     if config.model == "two_layer":
         model = TwoLayerSigmoid(
@@ -178,7 +175,6 @@ def build_objective(config: Config, axis_name: str | None) -> adapters.Objective
         loss=loss,
         metrics={"accuracy": jmetrics.accuracy},
         preprocess=preprocess,
-        axis_name=axis_name,
     )
 
 
@@ -204,15 +200,16 @@ def main(config: Config) -> dict:
     )
     train_data = {"image": x_train, "label": y_train}
     val_data = {"image": x_val, "label": y_val} if len(y_val) else None
-    dp = parallel.make_data_parallel(backend=config.parallel, devices=config.devices)
+    mesh = sharding.make_mesh(config.devices)
+    device = mesh.devices.flat[0]
     vectorize = config.vectorize
     if vectorize == "auto":
-        on_cpu = dp.devices[0].platform == "cpu"
+        on_cpu = device.platform == "cpu"
         vectorize = "map" if config.model == "mnist_cnn" and on_cpu else "vmap"
     print(
         f"{len(configs)} {config.model} models x {len(y_train)} examples from "
-        f"{ds.info.source}, {config.epochs} epochs, on {dp.num_devices} "
-        f"{dp.devices[0].platform} device(s), vectorize={vectorize}"
+        f"{ds.info.source}, {config.epochs} epochs, on {sharding.num_devices(mesh)} "
+        f"{device.platform} device(s), vectorize={vectorize}"
     )
     start = time.perf_counter()
 
@@ -225,7 +222,7 @@ def main(config: Config) -> dict:
         )
 
     result = sweep.run_sweep(
-        build_objective(config, dp.axis_name),
+        build_objective(config),
         sweep.make_sweep_tx(sweep.DEFAULTS, nesterov=config.nesterov),
         configs,
         train_data,
@@ -233,14 +230,14 @@ def main(config: Config) -> dict:
         epochs=config.epochs,
         batch_size=config.batch_size,
         base=base,
-        dp=dp,
-        steps_per_dispatch=config.steps_per_dispatch,
+        mesh=mesh,
+        steps_per_call=config.steps_per_dispatch,
         log_every_steps=config.log_every_steps,
         vectorize=vectorize,
         on_epoch=on_epoch,
     )
     results = {**result.results, "config": config_to_dict(config), "data": ds.info.source}
-    if not parallel.is_main_process():
+    if not sharding.is_main_process():
         return results
     os.makedirs(config.workdir, exist_ok=True)
     table = sweep.format_results(results)

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-from jaxnets import metrics, parallel, train
-from jaxnets.checks import POSITIVE, POSITIVE_INT, RUN_CHECKS, Rule
+from jaxnets import metrics, sharding, train
+from jaxnets.checks import POSITIVE, POSITIVE_INT, Rule
 from jaxnets.config import check_config, config_to_dict, parse_config
 from jaxnets.models import two_layer_train_many
 from jaxnets.models.mlp import (
@@ -63,9 +64,6 @@ class Config:
     devices: int | None = dataclasses.field(
         default=1, metadata={"help": "split --nets over this many devices (none: all)"}
     )
-    parallel: str = dataclasses.field(
-        default="shard_map", metadata={"help": "shard_map (jit over a mesh) | pmap"}
-    )
     check: bool = dataclasses.field(
         default=False, metadata={"help": "assert jax.grad == hand backprop at every step"}
     )
@@ -80,7 +78,6 @@ class Config:
         "init": Rule(str, choices=INITS),
         "nets": POSITIVE_INT,
         "devices": Rule(int, low=1, optional=True),
-        "parallel": RUN_CHECKS["parallel"],
         "threshold": POSITIVE,
     }
 
@@ -147,26 +144,28 @@ def make_train_one(config: Config, x, y):
     Returns `(compiled, args)`: `compiled(*args) -> (state, per-step metrics)`.
     """
     tx = optax.sgd(config.learning_rate)
-    dp = parallel.make_data_parallel(devices=1)
-    step = train.make_train_step(make_loss_fn(check=config.check), tx, axis_name=dp.axis_name)
-    run = train.make_epoch_runner(step, dp)
+    mesh = sharding.make_mesh(1)
+    step = train.make_train_step(make_loss_fn(check=config.check), tx)
     every_example = np.tile(np.arange(len(x), dtype=np.int32), (config.iterations, 1))
+    data = {"x": x, "y": y}
 
     def start(params):
         state = train.create_train_state(params, tx, key=jax.random.key(0))
+        shardings = sharding.state_shardings(state, mesh)
         return (
-            dp.replicate(state),
-            dp.replicate({"x": x, "y": y}),
-            dp.shard_columns(every_example),
+            sharding.place(state, shardings),
+            sharding.place(data, sharding.state_shardings(data, mesh)),
+            sharding.place_columns(mesh, every_example),
         )
 
-    return run, start, dp
+    run = train.make_epoch_runner(step, mesh, sharding.replicated_sharding(mesh))
+    return run, start
 
 
 def train_one(config: Config, params) -> tuple[dict, np.ndarray, np.ndarray]:
     """`(final params, [iterations] losses before each step, [iterations] grad errors)`."""
-    run, start_fn, dp = make_train_one(config, X, Y)
-    state, per_step = jax.device_get(dp.unreplicate(run(*start_fn(params))))
+    run, start_fn = make_train_one(config, X, Y)
+    state, per_step = jax.device_get(run(*start_fn(params)))
     errors = per_step["grad_error"].total if config.check else np.zeros(config.iterations)
     return state.params, np.asarray(per_step["loss"].total), np.asarray(errors)
 
@@ -212,27 +211,28 @@ def make_train_many_on_devices(config: Config):
     (or `--devices 1`) this is the plain call. The nets are independent, so the result of a
     net does not depend on the device count.
     """
-    dp = parallel.make_data_parallel(backend=config.parallel, devices=config.devices)
+    mesh = sharding.make_mesh(config.devices)
     many = dict(iterations=config.iterations, learning_rate=config.learning_rate)
-    if dp.num_devices == 1:
+    n = sharding.num_devices(mesh)
+    if n == 1:
         return lambda p, x, y: jax.device_get(two_layer_train_many(p, x, y, **many))
-    n = dp.num_devices
     if config.nets % n:
         divisor = max(d for d in range(1, n + 1) if config.nets % d == 0 and n % d == 0)
         raise ValueError(
             f"--nets {config.nets} does not split over {n} devices; use --nets "
             f"{max(n, round(config.nets / n) * n)} (a multiple of {n}) or --devices {divisor}"
         )
-    run = dp.map(
-        lambda p, x, y: two_layer_train_many(p, x, y, **many),
-        in_specs=(parallel.ROWS, parallel.REPLICATED, parallel.REPLICATED),
-        out_specs=parallel.ROWS,
+    # Per-device code (each device runs the many-nets kernel on its share): shard_map.
+    run = jax.jit(
+        jax.shard_map(
+            lambda p, x, y: two_layer_train_many(p, x, y, **many),
+            mesh=mesh,
+            in_specs=(P(sharding.DATA), P(), P()),
+            out_specs=P(sharding.DATA),
+            check_vma=False,
+        )
     )
-
-    def train_fn(p, x, y):
-        return dp.gather_rows(run(dp.shard_rows(p), dp.replicate(x), dp.replicate(y)))
-
-    return train_fn
+    return lambda p, x, y: jax.device_get(run(p, x, y))
 
 
 def main(config: Config) -> dict:
@@ -245,14 +245,14 @@ def main(config: Config) -> dict:
 
     # The seed: one net (net 0), hand-written backprop, loss recorded at every step.
     one = jax.tree.map(lambda v: v[0], params)
-    run, start_fn, dp = make_train_one(config, x, y)
+    run, start_fn = make_train_one(config, x, y)
     args = start_fn(one)
     start = time.perf_counter()
     compiled = run.lower(*args).compile()
     one_compile_s = time.perf_counter() - start
     (state, per_step), one_run_s = _timed(compiled, *args)
-    per_step = jax.device_get(dp.unreplicate(per_step))
-    final = jax.device_get(dp.unreplicate(state.params))
+    per_step = jax.device_get(per_step)
+    final = jax.device_get(state.params)
     losses = np.asarray(per_step["loss"].total)
     errors = np.asarray(per_step["grad_error"].total) if config.check else np.zeros(0)
     if config.check:

@@ -5,23 +5,28 @@ from jaxnets import (
     checkpoint,
     config,
     data,
+    evaluation,
+    feeds,
+    hooks,
     loop,
     losses,
     metrics,
     models,
     optim,
-    parallel,
+    pmap,
     regularizers,
+    sharding,
     sweep,
     train,
     writers,
 )
 from jaxnets.adapters import Objective
 from jaxnets.checkpoint import Checkpointer
-from jaxnets.loop import Periodic, evaluate, fit, make_evaluation
+from jaxnets.evaluation import evaluate, make_evaluation
+from jaxnets.hooks import Checkpoint, Evaluate, Hook, Log, NonFinite, Periodic, Preemption, Progress
+from jaxnets.loop import Chunks, fit
 from jaxnets.models import MnistCNN, TwoLayerSigmoid
 from jaxnets.optim import inverse_time_decay, sgd
-from jaxnets.parallel import make_data_parallel
 from jaxnets.preemption import PreemptionGuard
 from jaxnets.regularizers import (
     add_decoupled_weight_decay,
@@ -31,6 +36,7 @@ from jaxnets.regularizers import (
     l2_penalty,
     sparsity,
 )
+from jaxnets.sharding import fsdp, make_mesh, replicated
 from jaxnets.train import (
     TrainState,
     create_train_state,
@@ -42,11 +48,19 @@ from jaxnets.train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpoint",
     "Checkpointer",
+    "Chunks",
+    "Evaluate",
+    "Hook",
+    "Log",
+    "NonFinite",
     "MnistCNN",
     "Objective",
     "Periodic",
+    "Preemption",
     "PreemptionGuard",
+    "Progress",
     "TrainState",
     "TwoLayerSigmoid",
     "adapters",
@@ -56,6 +70,10 @@ __all__ = [
     "create_train_state",
     "data",
     "evaluate",
+    "evaluation",
+    "feeds",
+    "fsdp",
+    "hooks",
     "fit",
     "inverse_time_decay",
     "kernel_mask",
@@ -64,16 +82,18 @@ __all__ = [
     "l2_penalty",
     "loop",
     "losses",
-    "make_data_parallel",
     "make_epoch_runner",
+    "make_mesh",
     "make_eval_step",
     "make_evaluation",
     "make_train_step",
     "metrics",
     "models",
     "optim",
-    "parallel",
+    "pmap",
     "regularizers",
+    "replicated",
+    "sharding",
     "sgd",
     "sparsity",
     "sweep",

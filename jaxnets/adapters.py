@@ -83,13 +83,6 @@ class _Parts(NamedTuple):
     metrics: dict[str, Callable]
     penalty: Callable[[Params], Array] | None
     preprocess: Preprocess | None
-    axis_name: str | None
-
-    def device_key(self, key: PRNGKey) -> PRNGKey:
-        """The key of this device's shard: each device draws its own dropout masks."""
-        if self.axis_name is None:
-            return key
-        return jax.random.fold_in(key, jax.lax.axis_index(self.axis_name))
 
     def model_inputs(self, batch: Batch, key: PRNGKey | None) -> Any:
         x = _select(batch, self.inputs, "inputs")
@@ -98,7 +91,7 @@ class _Parts(NamedTuple):
         keys = None
         if key is not None:
             n = jax.tree.leaves(x)[0].shape[0]
-            keys = train.example_keys(key, n, self.axis_name)
+            keys = train.example_keys(key, n)
         return self.preprocess(x, keys=keys)
 
     def objective(self, params, outputs, batch, mask) -> tuple[Array, dict]:
@@ -129,10 +122,17 @@ class _Parts(NamedTuple):
         return loss, out
 
 
-def _parts(inputs, targets, loss, metrics, penalty, preprocess, axis_name) -> _Parts:
+def _stream_key(key: PRNGKey) -> PRNGKey:
+    """The key the module's rng streams (dropout) are split from: `fold_in(key, 0)`, the key
+    the first device drew from when each device folded in its index, so a one-device run
+    keeps its numbers. The mask is drawn for the global batch: any device count agrees."""
+    return jax.random.fold_in(key, 0)
+
+
+def _parts(inputs, targets, loss, metrics, penalty, preprocess) -> _Parts:
     if not callable(loss):
         raise TypeError(f"loss must be a function (outputs, targets) -> losses, got {loss!r}")
-    return _Parts(inputs, targets, loss, _check_metrics(metrics), penalty, preprocess, axis_name)
+    return _Parts(inputs, targets, loss, _check_metrics(metrics), penalty, preprocess)
 
 
 def _takes_train(fn: Callable) -> bool:
@@ -152,7 +152,6 @@ def linen(
     penalty: Callable[[Params], Array] | None = None,
     preprocess: Preprocess | None = None,
     rng_streams: Sequence[str] = ("dropout",),
-    axis_name: str | None = None,
 ) -> Objective:
     """The `Objective` of a Flax Linen module.
 
@@ -169,14 +168,13 @@ def linen(
       preprocess: `(inputs, *, keys) -> model inputs`; keys `[batch]` per-example keys in
         training (augmentation), None in evaluation.
       rng_streams: the Linen rng names the module draws from in training.
-      axis_name: the data-parallel axis: per-example keys follow the example's global
-        position, and each device folds its index into the module's rng key, so that the
-        devices draw different dropout masks. (A Linen/NNX dropout mask is drawn for the
-        device's whole shard, so it depends on the device count; 1 and N devices agree to
-        rounding only without dropout. Per-example randomness, e.g. augmentation in
-        `preprocess`, does not depend on it.)
+
+    The functions are written for the global batch (jitted over a mesh by `jaxnets.loop`):
+    BatchNorm statistics are the global batch's and a dropout mask is drawn for the global
+    batch (JAX's partitionable threefry), so 1 and N devices give the same numbers; no axis
+    name is needed anywhere in the module.
     """
-    parts = _parts(inputs, targets, loss, metrics, penalty, preprocess, axis_name)
+    parts = _parts(inputs, targets, loss, metrics, penalty, preprocess)
     has_train = _takes_train(module.__call__)
     streams = tuple(rng_streams)
 
@@ -194,7 +192,7 @@ def linen(
 
     def loss_fn(params, model_state, batch, key):
         x = parts.model_inputs(batch, key)
-        rngs = dict(zip(streams, jax.random.split(parts.device_key(key), len(streams))))
+        rngs = dict(zip(streams, jax.random.split(_stream_key(key), len(streams))))
         variables = {"params": params, **model_state}
         if model_state:
             outputs, new_state = module.apply(
@@ -224,7 +222,6 @@ def nnx(
     targets: Selector = "label",
     penalty: Callable[[Params], Array] | None = None,
     preprocess: Preprocess | None = None,
-    axis_name: str | None = None,
 ) -> Objective:
     """The `Objective` of a Flax NNX module (split/merge inside the pure functions).
 
@@ -241,7 +238,7 @@ def nnx(
     """
     from flax import nnx as fnnx
 
-    parts = _parts(inputs, targets, loss, metrics, penalty, preprocess, axis_name)
+    parts = _parts(inputs, targets, loss, metrics, penalty, preprocess)
     model = fnnx.clone(module)
     model.train()
     train_def, params0, rest0 = fnnx.split(model, fnnx.Param, ...)
@@ -266,7 +263,7 @@ def nnx(
     def loss_fn(params, model_state, batch, key):
         m = _merge(train_def, params, model_state)
         if streams:
-            keys = jax.random.split(parts.device_key(key), len(streams))
+            keys = jax.random.split(_stream_key(key), len(streams))
             fnnx.reseed(m, **dict(zip(streams, keys)))
         outputs = m(parts.model_inputs(batch, key))
         loss, out = parts.objective(params, outputs, batch, None)

@@ -96,7 +96,7 @@ TRAINING_CHECKS = {
 # The flags of `run.RunConfig` (devices, cadences, checkpoints), also of configs that repeat them.
 RUN_CHECKS = {
     "devices": Rule(int, low=1, optional=True),
-    "parallel": Rule(str, choices=("pmap", "shard_map")),
+    "sharding": Rule(str, choices=("replicated", "fsdp")),
     "steps_per_dispatch": Rule(int, low=1, optional=True),
     "input": Rule(str, choices=("auto", "resident", "stream")),
     "log_every_steps": POSITIVE_INT,

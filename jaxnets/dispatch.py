@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxnets import parallel, train, writers
+from jaxnets import train, writers
 from jaxnets.data.cache import default_cache_dir
 
 log = logging.getLogger("jaxnets.loop")
@@ -48,9 +48,9 @@ def _copy(tree):
     return jax.tree.map(lambda x: x.copy(), tree)
 
 
-def _choice_key(compiled_text: str, dp: parallel.DataParallel, k: int) -> str:
-    devices = f"{dp.backend}:{dp.num_devices}x{dp.devices[0].platform}:{dp.devices[0].device_kind}"
-    digest = hashlib.sha256(f"{devices}|{k}|{jax.__version__}|".encode() + compiled_text.encode())
+def _choice_key(program_text: str, devices: Sequence[Any], k: int) -> str:
+    where = f"jit:{len(devices)}x{devices[0].platform}:{devices[0].device_kind}"
+    digest = hashlib.sha256(f"{where}|{k}|{jax.__version__}|".encode() + program_text.encode())
     return digest.hexdigest()[:32]
 
 
@@ -85,25 +85,26 @@ def _cache_dir() -> Path:
 
 
 def choose_steps_per_call(
-    programs: dict[int, Callable],
+    compile_fn: Callable[[int], Callable],
+    k: int,
     state: train.TrainState,
     chunk_args: Callable[[np.ndarray], tuple],
     idx: np.ndarray,
-    dp: parallel.DataParallel,
+    devices: Sequence[Any],
     *,
     key_text: str,
     workdir: str | os.PathLike | None = None,
 ) -> int:
-    """The faster of the chunk lengths in `programs` (1 and k), measured once and recorded.
+    """The faster of 1 and `k` steps per call, measured once and recorded.
 
     Looks first in `workdir` (the choice of the run being resumed), then in the cache
-    (keyed by `key_text`, the compiled program, and the devices); measures otherwise, on
-    copies of `state` (nothing of the run changes), and writes both records.
-    `chunk_args(rows)` gives a program's arguments after the state for the steps `rows`
-    (`[steps, batch]` example indices of this process).
+    (keyed by `key_text`, the one-step program's text, and the devices); only then compiles
+    both lengths (`compile_fn(c)`) and measures, on copies of `state` (nothing of the run
+    changes), and writes both records. `chunk_args(rows)` gives a program's arguments after
+    the state for the steps `rows` (`[steps, batch]` example indices of this process).
     """
-    k = max(programs)
-    cache_key = _choice_key(key_text, dp, k)
+    programs = (1, k)
+    cache_key = _choice_key(key_text, devices, k)
     record = Path(workdir) / CHOICE_FILE if workdir is not None else None
     if record is not None and (saved := _read_json(record)).get("steps_per_call") in programs:
         return int(saved["steps_per_call"])
@@ -118,7 +119,7 @@ def choose_steps_per_call(
         # Interleaved rounds, the fastest of each: a busy neighbour slows a round, not a choice.
         rounds: list[dict[str, float]] = []
         while len(rounds) < ROUNDS:
-            rounds.append({str(c): _time_calls(programs[c], state, chunks[c]) for c in programs})
+            rounds.append({str(c): _time_calls(compile_fn(c), state, chunks[c]) for c in programs})
             times = {c: min(r[c] for r in rounds) for c in rounds[0]}
             if max(times.values()) > DECISIVE * min(times.values()):
                 break  # a clear winner: more rounds would not change it

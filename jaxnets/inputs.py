@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 
-from jaxnets import parallel, train
 from jaxnets.data.records import ArraySource, RowFile, open_idx, open_npy
-from jaxnets.types import Batch, PRNGKey
+from jaxnets.types import Batch
 
 __all__ = ["ArraySource", "RowFile", "Stream", "open_idx", "open_npy", "resolve"]
 
@@ -38,8 +37,8 @@ INPUTS = ("auto", "resident", "stream")
 # `auto` keeps a data set resident when its copies take at most this share of free memory.
 RESIDENT_SHARE = 0.5
 STREAM_HINT = (
-    "stream it instead: loop.fit(..., input='stream') or the experiments' --input stream "
-    "(the data is then read from the host while training, in bounded memory)"
+    "stream it instead: loop.fit(..., input='stream') (the data is then read from the host "
+    "while training, in bounded memory)"
 )
 
 
@@ -72,7 +71,7 @@ class Stream:
 
     Example:
       >>> train_input = Stream(open_npy({"image": "x.npy", "label": "y.npy"}))
-      >>> loop.fit(state, step, dp, train_input, data_key=key, epochs=1, batch_size=128)
+      >>> loop.fit(state, step, train_input, data_key=key, epochs=1, batch_size=128)
     """
 
     def __init__(
@@ -106,7 +105,13 @@ class Stream:
         self._state = None if state is None else dict(state)
         self._restored = state is not None
 
-    def _record(self, state: dict) -> None:
+    @property
+    def restored(self) -> bool:
+        """Whether the position came from `set_state` (a checkpoint), not from a `fit`."""
+        return self._restored
+
+    def record(self, state: dict) -> None:
+        """Called by the feed after each chunk: the position the train state has reached."""
         self._state, self._restored = state, False
 
     def read(self, rows: np.ndarray) -> Batch:
@@ -178,28 +183,28 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def check_resident(data: Batch, dp: parallel.DataParallel, *, share: float = 0.9) -> None:
+def check_resident(data: Batch, devices: Sequence[Any], *, share: float = 0.9) -> None:
     """Raises MemoryError, pointing at streaming, when `data` cannot be put on every device.
 
     Each local device holds a whole copy; it must take at most `share` of the memory
     free for one device (host memory divided among CPU devices).
     """
-    need, free = data_bytes(data), free_bytes(dp.local_devices)
+    need, free = data_bytes(data), free_bytes(devices)
     if need > share * free:
         raise MemoryError(
-            f"the training set takes {_gib(need)} per device ({dp.num_local_devices} local "
-            f"{dp.local_devices[0].platform} devices, one copy each) but only {_gib(free)} "
+            f"the training set takes {_gib(need)} per device ({len(devices)} local "
+            f"{devices[0].platform} devices, one copy each) but only {_gib(free)} "
             f"is free per device: {STREAM_HINT}"
         )
 
 
-def resolve(train_data: Any, dp: parallel.DataParallel, input: str = "auto") -> Stream | Batch:
+def resolve(train_data: Any, devices: Sequence[Any], input: str = "auto") -> Stream | Batch:
     """What `fit` trains from: the resident batch pytree, or a `Stream`.
 
     Args:
       train_data: a batch pytree of host arrays, a `Stream`, or any random-access source
         (streamed).
-      dp: the data-parallel plan (the devices whose memory decides `auto`).
+      devices: this process's devices (whose memory decides `auto`).
       input: "resident", "stream", or "auto" (resident when the copies take at most
         `RESIDENT_SHARE` of free memory, streamed otherwise; logged).
     """
@@ -223,9 +228,9 @@ def resolve(train_data: Any, dp: parallel.DataParallel, input: str = "auto") -> 
     if input == "stream":
         return Stream(ArraySource(train_data))
     if input == "resident":
-        check_resident(train_data, dp)
+        check_resident(train_data, devices)
         return train_data
-    need, free = data_bytes(train_data), free_bytes(dp.local_devices)
+    need, free = data_bytes(train_data), free_bytes(devices)
     if need <= RESIDENT_SHARE * free:
         log.info("input: resident (%s per device, %s free)", _gib(need), _gib(free))
         return train_data
@@ -245,95 +250,16 @@ def _is_batch(tree: Any) -> bool:
     return bool(leaves) and all(isinstance(x, (np.ndarray, jax.Array)) for x in leaves)
 
 
-class _ResidentFeed:
-    """The resident path for `fit`: chunk arguments `(data, idx)` of `make_epoch_runner`."""
-
-    def __init__(self, data: Batch, dp: parallel.DataParallel):
-        self.dp = dp
-        self.data = dp.replicate(data)
-
-    def runner(self, train_step: Callable) -> Callable:
-        return train.make_epoch_runner(train_step, self.dp)
-
-    def args(self, rows: np.ndarray) -> tuple:
-        return (self.data, self.dp.shard_columns(rows))
-
-    def chunks(self, rows: np.ndarray, start: int, plan: list[int]) -> Iterator[tuple]:
-        pos = start
-        for c in plan:
-            yield self.args(rows[pos : pos + c])
-            pos += c
-
-    def consumed(self, step: int, epoch: int) -> None:
-        """Called after each chunk: nothing to remember (the step says where it is)."""
-
-
-class _StreamFeed:
-    """The streamed path for `fit`: chunk arguments `(batches,)` of `make_stream_runner`."""
-
-    def __init__(self, stream: Stream, dp: parallel.DataParallel, order_id: dict):
-        self.stream, self.dp, self.order_id = stream, dp, order_id
-        self._pending: list[dict] = []  # grain state after each yielded chunk, oldest first
-        self._resume: dict | None = None  # the restored Grain state, for the first epoch
-
-    def runner(self, train_step: Callable) -> Callable:
-        return train.make_stream_runner(train_step, self.dp)
-
-    def args(self, rows: np.ndarray) -> tuple:
-        batches = [self.stream.read(r) for r in rows]
-        return (self.dp.shard_columns(_stack(batches)),)
-
-    def chunks(self, rows: np.ndarray, start: int, plan: list[int]) -> Iterator[tuple]:
-        position: int | dict = start
-        if self._resume is not None:  # the first epoch of a resumed run: Grain's own state
-            position, self._resume = self._resume, None
-        it = self.stream.batches(rows, position)
-        try:
-            for c in plan:
-                got = [next(it) for _ in range(c)]
-                self._pending.append(got[-1][1])
-                yield (self.dp.shard_columns(_stack([b for b, _ in got])),)
-        finally:
-            it.close()
-
-    def consumed(self, step: int, epoch: int) -> None:
-        grain_state = self._pending.pop(0)
-        self.stream._record({"step": step, "epoch": epoch, "grain": grain_state, **self.order_id})
-
-    def check_position(self, step: int, steps_per_epoch: int) -> None:
-        """A restored stream must be where the restored train state is; mid-epoch, its Grain
-        state then starts the epoch (at an epoch's end the next epoch starts afresh)."""
-        saved = self.stream.get_state()
-        if saved is None or not self.stream._restored:
-            return  # a fresh stream, or one a previous `fit` left: the step says where
-        epoch, position = divmod(step, steps_per_epoch)
-        if position == 0 and step:  # saved after the last chunk of the previous epoch
-            epoch, position = epoch - 1, steps_per_epoch
-        want = {**self.order_id, "step": step, "epoch": epoch, "grain": {"next_index": position}}
-        mismatch = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
-        if mismatch:
+def check_finite(data: Batch, what: str) -> None:
+    """Once, on the host: NaN or Inf in float inputs would show up as a non-finite loss."""
+    for path, x in jax.tree_util.tree_flatten_with_path(data)[0]:
+        x = np.asarray(x)
+        if not np.issubdtype(x.dtype, np.inexact) or np.isfinite(x.sum()):
+            continue  # the sum is finite only if every value is (2x faster than isfinite)
+        if not np.all(np.isfinite(x)):  # else the sum merely overflowed
+            bad = ~np.isfinite(x.reshape(len(x), -1)).all(-1)
             raise ValueError(
-                f"the stream's saved position (step {saved.get('step')}) does not match the "
-                f"train state at step {step} (saved vs now: {mismatch}): the checkpoint and the "
-                "data iterator state come from different runs or data"
+                f"{what}{jax.tree_util.keystr(path)}: {int(bad.sum())} of {len(x)} examples "
+                f"hold NaN or Inf (the first is example {int(np.argmax(bad))}); fix or drop "
+                "them before training"
             )
-        if position < steps_per_epoch:
-            self._resume = saved["grain"]
-
-
-def _stack(batches: list[Batch]) -> Batch:
-    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
-
-
-def make_feed(
-    data: Stream | Batch, dp: parallel.DataParallel, *, data_key: PRNGKey, batch_size: int
-):
-    """The feed `fit` runs for `resolve`'s answer (a resident batch is put on the devices)."""
-    if isinstance(data, Stream):
-        order_id = {
-            "examples": len(data),
-            "batch_size": int(batch_size),
-            "data_key": np.asarray(train.raw_key(data_key)).ravel().tolist(),
-        }
-        return _StreamFeed(data, dp, order_id)
-    return _ResidentFeed(data, dp)

@@ -1,101 +1,44 @@
-"""`fit()`: a short host loop over the public parts of `jaxnets.train`, with periodic actions.
+"""`fit()`: a short loop over the chunk iterator (`Chunks`) and hooks (`jaxnets.hooks`).
 
-What the loop decides, and why it cannot change the numbers:
+What the iterator decides, and why it cannot change the numbers:
 - **Device calls.** Steps run in chunks of `k` scanned steps per call from each epoch's
-  start (the epoch's remainder as one shorter chunk), every program compiled before the
-  first step. Nothing else cuts a chunk: logging splits the per-step metrics that come out
-  of the scan into windows afterwards; checkpoints and signals wait for the next chunk
-  boundary. So the numbers depend on `k` alone, not on any log, save or stop cadence.
-- **k, when not given, is measured**: a chunk of 1 and of `k` steps are timed on a copy of
-  the state before training, and the faster kept. Scanning may round differently from
-  single steps, so the choice is recorded: in the work directory (a resumed run uses the
-  choice of the run it continues) and in the jaxnets cache, keyed by the compiled program
-  and the devices (the same command on the same machine makes the same choice).
-- Everything else (progress, logs, checkpoints) happens between device calls, on the host;
-  the metrics of a chunk are read back while the next chunk runs.
+  start (the epoch's remainder as one shorter chunk); only the chunk lengths a run calls
+  are compiled, once, before the first step. Nothing else cuts a chunk: hooks run between
+  device calls, at the first chunk boundary at or after they fall due. So the numbers
+  depend on `k` alone, not on any log, save or stop cadence.
+- **k, when not given, is looked up or measured** (`jaxnets.dispatch`): the record of the
+  run being resumed, then the jaxnets cache, and only then a timing of 1 against k steps.
+- The metrics of a chunk are read back while the next chunk runs (one chunk late); all of
+  them at an epoch's end, a stop, or before a hook that needs them (`Hook.flush`: a
+  checkpoint never holds steps the logs and the non-finite guard have not seen).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import dispatch, inputs, parallel, train
+from jaxnets import dispatch, feeds, sharding, train
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import POSITIVE_INT, Rule, check_argument
-from jaxnets.evaluation import Evaluation, _evaluate_replicated, evaluate, make_evaluation
-from jaxnets.types import Batch, PRNGKey
+from jaxnets.hooks import Hook
+from jaxnets.types import PRNGKey
 
-__all__ = ["Evaluation", "FitResult", "Hooks", "Periodic", "evaluate", "fit", "make_evaluation"]
+__all__ = ["Chunk", "Chunks", "Context", "FitResult", "chunk_plan", "fit"]
 
-log = logging.getLogger("jaxnets.loop")
-
-CHOICE_FILE = "steps_per_call.json"
-_now = time.monotonic  # the clock of `every_seconds` (replaceable in tests)
-NONFINITE = ("raise", "warn", "ignore")
-
-
-class Periodic(NamedTuple):
-    """When an action runs: every N steps, every T seconds, at epoch ends, on a stop signal.
-
-    Actions run between device calls, at the first chunk boundary at or after they fall due
-    (`every_steps`: once a multiple of N has been passed); they never cut a chunk, so they
-    cannot change the numbers. With `steps_per_dispatch` dividing N, they run at exactly
-    the multiples of N.
-    """
-
-    fn: Callable[[int, train.TrainState], None]  # (step, state as a checkpoint holds it)
-    every_steps: int = 0
-    every_seconds: float = 0.0
-    at_epoch_end: bool = False
-    on_stop: bool = False
-
-
-def _check_periodic(action: Periodic) -> None:
-    if not callable(action.fn):
-        raise TypeError(f"Periodic.fn must be a function (step, state), got {action.fn!r}")
-    if not (isinstance(action.every_steps, int) and action.every_steps >= 0):
-        raise ValueError(f"every_steps={action.every_steps!r}; use an int >= 0 (0: off)")
-    if not action.every_seconds >= 0:
-        raise ValueError(f"every_seconds={action.every_seconds!r}; use a number >= 0 (0: off)")
-
-
-class _Timers:
-    """Last run time per action (monotonic seconds)."""
-
-    def __init__(self, actions: Sequence[Periodic]):
-        now = _now()
-        self.last = [now] * len(actions)
-
-    def due(self, i: int, action: Periodic, step: int, c: int, epoch_end: bool) -> bool:
-        """Whether `action` runs after a chunk of `c` steps that ended at `step`."""
-        now = _now()
-        n = action.every_steps
-        due = (
-            (n and step // n != (step - c) // n)
-            or (action.at_epoch_end and epoch_end)
-            or (action.every_seconds and now - self.last[i] >= action.every_seconds)
-        )
-        if due:
-            self.last[i] = now
-        return bool(due)
+_now = time.monotonic  # the clock of `Hook.every_seconds` (replaceable in tests)
 
 
 def chunk_plan(start: int, stop: int, k: int) -> list[int]:
     """Chunk lengths from position `start` to `stop` (the epoch's length) of an epoch.
 
-    Chunks of `k` from the epoch's start, the remainder `stop % k` as one chunk. Nothing
-    else cuts a chunk (logs, checkpoints and signals wait for the next boundary), so the
-    calls, and with them the rounding, depend only on `k`: a run with any log or save
-    cadence, and a resumed run, make the calls of an uninterrupted one. A start that is
-    not a boundary (a resume with another `k`) is reached with single steps.
+    Chunks of `k` from the epoch's start, the remainder `stop % k` as one chunk; a start
+    that is not a boundary (a resume with another `k`) is reached with single steps. A
+    resumed run makes the calls of an uninterrupted one.
     """
     plan, pos = [], start
     to_boundary = min(-pos % k, stop - pos)
@@ -107,293 +50,267 @@ def chunk_plan(start: int, stop: int, k: int) -> list[int]:
     return plan
 
 
-class Hooks(NamedTuple):
-    """Optional host-side functions `fit` calls; none of them changes what a step computes.
+class Chunk(NamedTuple):
+    """One device call's worth of steps, as the iterator yields it (after dispatch)."""
 
-    Attributes:
-      on_log: `(record)` at each log point (`record["kind"] == "train"`) and after each
-        epoch's evaluation (`"epoch"`).
-      should_stop: `() -> bool`, polled at chunk boundaries (preemption).
-      progress: `(epoch, steps_per_epoch, start_in_epoch) -> bar` with `update(n, **postfix)`
-        and `close()`; None for no progress bar.
+    step: int  # optimiser steps done after this chunk
+    epoch: int  # the chunk's epoch (0-based)
+    position: int  # steps of the epoch done after this chunk
+    length: int  # steps in this chunk
+    state: train.TrainState  # global arrays on the rule's shardings
+    metrics: Any  # per-step metrics on the devices, leading [length]
+
+
+class Chunks:
+    """The fast part of training as an iterator: `for chunk in Chunks(...)` trains.
+
+    Args:
+      state: the train state (host values or global arrays); its step says where to start.
+      train_step: `train.make_train_step(loss_fn, tx)`.
+      feed: the input (`feeds.make_feed`).
+      epochs: total epochs (a finished run given more epochs continues).
+      mesh: the devices; rule: the state's sharding rule (`sharding.replicated`/`fsdp`).
+      steps_per_call: steps per device call; None: recorded or measured (module docstring),
+        `dispatch.scan_candidates` with several processes (they must make the same calls).
+      workdir: where the measured choice is recorded (a resumed run uses it).
     """
 
-    on_log: Callable[[dict], None] | None = None
-    should_stop: Callable[[], bool] | None = None
-    progress: Callable[..., Any] | None = None
+    def __init__(
+        self,
+        state: train.TrainState,
+        train_step: Callable,
+        feed: feeds.Feed,
+        *,
+        epochs: int,
+        mesh: Any,
+        rule: sharding.Rule = sharding.replicated,
+        steps_per_call: int | None = None,
+        workdir: Any = None,
+    ):
+        check_argument("steps_per_call", steps_per_call, Rule(int, low=1, optional=True))
+        self.feed, self.train_step, self.mesh, self.workdir = feed, train_step, mesh, workdir
+        self.steps_per_epoch = len(feed.rows(0))
+        self.total_steps = epochs * self.steps_per_epoch
+        self.epochs = epochs
+        self.shardings = sharding.state_shardings(state, mesh, rule)
+        self.state = state
+        self.step = int(np.max(jax.device_get(state.step)))  # a sweep holds one per model
+        self.requested = steps_per_call
+        self.steps_per_call = steps_per_call or 1
+
+    def _programs(self, run: Callable, state: Any, rows: np.ndarray, start: int) -> dict:
+        """The compiled programs of the chunk lengths this run calls (k chosen first)."""
+        spe, devices = self.steps_per_epoch, list(self.mesh.devices.flat)
+        compiled: dict[int, Any] = {}
+
+        def compile_fn(c: int):
+            if c not in compiled:
+                compiled[c] = run.lower(state, *self.feed.chunk_args(rows[:c])).compile()
+            return compiled[c]
+
+        k = min(self.requested or dispatch.scan_candidates(devices), spe)
+        if self.requested is None and k > 1 and jax.process_count() == 1:
+            key_text = run.lower(state, *self.feed.chunk_args(rows[:1])).as_text()
+            k = dispatch.choose_steps_per_call(
+                compile_fn,
+                k,
+                state,
+                self.feed.chunk_args,
+                rows,
+                devices,
+                key_text=key_text,
+                workdir=self.workdir,
+            )
+        self.steps_per_call = k
+        epoch0 = self.step // spe
+        lengths = set(chunk_plan(start, spe, k))
+        if epoch0 + 1 < self.epochs:
+            lengths |= set(chunk_plan(0, spe, k))
+        return {c: compile_fn(c) for c in sorted(lengths)}
+
+    def __iter__(self) -> Iterator[Chunk]:
+        feed, spe, step = self.feed, self.steps_per_epoch, self.step
+        if step >= self.total_steps:
+            return
+        feed.check_position(step, spe)
+        state = sharding.place(self.state, self.shardings)
+        run = feed.train_program(self.train_step, self.shardings)
+        programs = self._programs(run, state, feed.rows(step // spe), step % spe)
+        while step < self.total_steps:
+            epoch, pos = divmod(step, spe)
+            plan = chunk_plan(pos, spe, self.steps_per_call)
+            args = feed.epoch(epoch, pos, plan)
+            try:
+                ahead = next(args)
+                for c in plan:
+                    state, metrics = programs[c](state, *ahead)
+                    ahead = next(args, None)  # the host reads the next chunk while this runs
+                    pos, step = pos + c, step + c
+                    feed.consumed(step, epoch)
+                    self.state, self.step = state, step
+                    yield Chunk(step, epoch, pos, c, state, metrics)
+            finally:
+                args.close()
 
 
 class FitResult(NamedTuple):
-    state: train.TrainState  # plain (device 0's copy): what a checkpoint saves
+    state: train.TrainState  # global arrays on the rule's shardings
     history: list[dict]  # one record per epoch
     stopped_early: bool
     steps_per_call: int  # the chunk length used
 
 
-def _check_fit_args(
-    data_key, epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite
-):
-    train.check_key(data_key, "data_key")
-    check_argument("epochs", epochs, POSITIVE_INT)
-    check_argument("batch_size", batch_size, POSITIVE_INT)
-    check_argument("log_every_steps", log_every_steps, POSITIVE_INT)
-    check_argument("steps_per_dispatch", steps_per_dispatch, Rule(int, low=1, optional=True))
-    check_argument("on_nonfinite", on_nonfinite, Rule(str, choices=NONFINITE))
+class Context:
+    """What hooks see after each chunk (one object for the whole `fit`, updated in place).
+
+    Attributes:
+      step, epoch, position, steps_per_epoch, total_steps: where training is.
+      epoch_end: the chunk ended an epoch; stopping: a hook asked to stop (a signal).
+      state: the current train state (global arrays; donated to the next chunk: read or
+        save it in the hook, do not keep it).
+      feed, mesh: the input and the devices.
+      new_metrics: `[(first_step, per-step host metrics [steps])]` read back since the
+        last hook round (a hook due every chunk sees every step once).
+      record: at an epoch's end, the epoch's record (`kind="epoch"`, epoch means, seconds);
+        evaluation adds `val_` entries before the loggers write it.
+      history: the epoch records so far.
+    """
+
+    def __init__(self, chunks: Chunks, hooks: Sequence[Hook]):
+        self.chunks, self.feed, self.mesh = chunks, chunks.feed, chunks.mesh
+        self.hooks = sorted(hooks, key=lambda h: h.order)
+        self.steps_per_epoch, self.total_steps = chunks.steps_per_epoch, chunks.total_steps
+        self.step, self.epoch, self.position, self.length = chunks.step, 0, 0, 0
+        self.state = chunks.state
+        self.epoch_end = self.stopping = self.stop_requested = False
+        self.new_metrics: list[tuple[int, Any]] = []
+        self.record: dict | None = None
+        self.history: list[dict] = []
+        self._pending: list[Chunk] = []
+        self._epoch_sums: Any = None
+        self._epoch_start = time.perf_counter()
+        self._last = [_now()] * len(self.hooks)
+
+    def request_stop(self) -> None:
+        """Ends training after this round of hooks (early stopping)."""
+        self.stop_requested = True
+
+    def advance(self, chunk: Chunk) -> list[Hook]:
+        """Takes a chunk, reads back metrics, and returns the hooks due now."""
+        self.step, self.epoch, self.position, self.length = (
+            chunk.step,
+            chunk.epoch,
+            chunk.position,
+            chunk.length,
+        )
+        self.state, self.epoch_end = chunk.state, chunk.position == self.steps_per_epoch
+        self._pending.append(chunk)
+        self.stopping = any(h.should_stop(self) for h in self.hooks)
+        due = [h for i, h in enumerate(self.hooks) if self._due(i, h)]
+        flush = self.epoch_end or self.stopping or any(h.flush for h in due)
+        self._read(self._pending if flush else self._pending[:-1])
+        self.record = self._epoch_record() if self.epoch_end else None
+        return due
+
+    def _due(self, i: int, hook: Hook) -> bool:
+        now, n, c = _now(), hook.every_steps, self.length
+        due = (
+            (n and self.step // n != (self.step - c) // n)
+            or (hook.at_epoch_end and self.epoch_end)
+            or (hook.on_stop and self.stopping)
+            or (hook.every_seconds and now - self._last[i] >= hook.every_seconds)
+        )
+        if due:
+            self._last[i] = now
+        return bool(due)
+
+    def _read(self, ready: list[Chunk]) -> None:
+        self.new_metrics = []
+        if not ready:
+            return
+        host = sharding.to_host([c.metrics for c in ready])
+        for chunk, metrics in zip(ready, host):
+            self.new_metrics.append((chunk.step - chunk.length, metrics))
+            sums = jmetrics.sum_steps(metrics)
+            self._epoch_sums = (
+                sums if self._epoch_sums is None else jmetrics.merge(self._epoch_sums, sums)
+            )
+        self._pending = self._pending[len(ready) :]
+
+    def _epoch_record(self) -> dict:
+        record = {"kind": "epoch", "epoch": self.epoch + 1, "step": self.step}
+        if self._epoch_sums is not None:
+            record.update(jmetrics.compute(self._epoch_sums))
+        record["epoch_seconds"] = time.perf_counter() - self._epoch_start
+        self._epoch_sums, self._epoch_start = None, time.perf_counter()
+        self.history.append(record)
+        return record
 
 
 def fit(
     state: train.TrainState,
     train_step: Callable,
-    dp: parallel.DataParallel,
-    train_data: Batch | inputs.Stream | Any,
+    data: Any,
     *,
     data_key: PRNGKey,
     epochs: int,
     batch_size: int,
+    hooks: Sequence[Hook] = (),
+    mesh: Any = None,
+    rule: sharding.Rule = sharding.replicated,
     input: str = "auto",
-    evaluation: Evaluation | None = None,
-    steps_per_dispatch: int | None = None,
-    log_every_steps: int = 10,
-    actions: Sequence[Periodic] = (),
-    hooks: Hooks = Hooks(),
-    on_nonfinite: str = "raise",
-    workdir: str | os.PathLike | None = None,
-    epoch_indices: Callable[[int], np.ndarray] | None = None,
+    steps_per_call: int | None = None,
+    workdir: Any = None,
+    order: Callable[[int], np.ndarray] | None = None,
 ) -> FitResult:
     """Trains until `epochs` epochs are done, resuming from `state.step`.
 
     Args:
-      state: the TrainState (as `create_train_state` or a checkpoint restore gives it; `fit`
-        replicates it over `dp`); its step says where to start.
-      train_step: `train.make_train_step(loss_fn, tx, axis_name=dp.axis_name)`.
-      dp: the data-parallel plan.
-      train_data: the training set: a host batch pytree (`{"image": x, "label": y}`),
-        put on the devices once or streamed (`input`); an `inputs.Stream`; or any
-        random-access source (`__len__`, `__getitem__`: streamed).
+      state: the TrainState (`create_train_state`, or a checkpoint's); its step says where
+        to start.
+      train_step: `train.make_train_step(loss_fn, tx)`, a function of the global batch.
+      data: the training set: a batch pytree of host arrays, an `inputs.Stream`, or any
+        random-access source (`feeds.make_feed`).
       data_key: key of the data order (epoch e uses `fold_in(data_key, e)`).
-      epochs: total epochs (a finished run given more epochs continues).
-      batch_size: global batch.
-      input: "auto" (resident when the data fits with a margin, else streamed; logged),
-        "resident", or "stream" (`jaxnets.inputs`). Both give the same numbers.
-      evaluation: evaluated after every epoch (`make_evaluation`); its metrics get `val_`.
-      steps_per_dispatch: steps per device call; None: measured (module docstring), or
-        `dispatch.scan_candidates` with several processes (they must all make the same
-        calls).
-      log_every_steps: a "train" record (means over the window) every this many steps.
-      actions: `Periodic` actions (checkpoints), run at chunk boundaries.
-      hooks: host-side logging, progress and stop hooks.
-      on_nonfinite: "raise": a non-finite training loss stops training with
-        FloatingPointError naming the step range (checked at log points, no extra sync);
-        "warn": log a warning and go on (the optimiser must skip such updates:
-        `optax.apply_if_finite`; if the parameters have become non-finite, it did not,
-        and FloatingPointError says so); "ignore": go on silently (a sweep, where one diverged
-        model must not stop the others).
-      workdir: where the measured steps-per-call choice is recorded (for resume).
-      epoch_indices: `epoch -> [steps, batch, ...]` example indices (default:
-        `train.epoch_indices(data_key, epoch, n, batch_size)`); a sweep gives each model
-        its own order `[steps, batch, models]`.
+      epochs: total epochs; batch_size: the global batch.
+      hooks: `jaxnets.hooks` run between device calls when due (logs, evaluation,
+        checkpoints, the non-finite guard, preemption, your own `Hook`).
+      mesh: the devices (`sharding.make_mesh()`, default: all); rule: how the state is
+        placed (`sharding.replicated`, default, or `sharding.fsdp()`).
+      input: "auto", "resident" or "stream" (`feeds.make_feed`): the same numbers.
+      steps_per_call, workdir: as `Chunks`.
+      order: `epoch -> [steps, batch, ...]` example indices (a sweep's per-model order).
 
     Returns:
       FitResult(state, history, stopped_early, steps_per_call).
     """
-    _check_fit_args(data_key, epochs, batch_size, log_every_steps, steps_per_dispatch, on_nonfinite)
-    for action in actions:
-        _check_periodic(action)
-    data = inputs.resolve(train_data, dp, input)
-    if isinstance(data, inputs.Stream):
-        n = len(data)
-    else:
-        n = train.num_examples(data, "training data")
-        _check_data_finite(data, "training data")
-    dp.check_batch(batch_size)
-    steps_per_epoch = n // batch_size
-    train.epoch_indices(data_key, 0, n, batch_size)  # validates the batch size
-    if epoch_indices is None:
-        epoch_indices = lambda epoch: train.epoch_indices(data_key, epoch, n, batch_size)
-    step = int(np.max(jax.device_get(state.step)))  # a sweep holds one step per model
-    total_steps = epochs * steps_per_epoch
-    history: list[dict] = []
-    if step >= total_steps:
-        return FitResult(state, history, False, steps_per_dispatch or 1)
-    feed = inputs.make_feed(data, dp, data_key=data_key, batch_size=batch_size)
-    run = feed.runner(train_step)
-    state = dp.replicate(state)
-    if isinstance(feed, inputs._StreamFeed):
-        feed.check_position(step, steps_per_epoch)
-
-    # Every program the plan calls is compiled here, before the first step: none later.
-    start_epoch, start_pos = divmod(step, steps_per_epoch)
-    first = dp.process_columns(epoch_indices(start_epoch))
-    k = min(steps_per_dispatch or dispatch.scan_candidates(dp.devices), steps_per_epoch)
-
-    def compile_for(k):
-        lengths = set(chunk_plan(start_pos, steps_per_epoch, k))
-        if start_epoch + 1 < epochs:
-            lengths |= set(chunk_plan(0, steps_per_epoch, k))
-        return {c: run.lower(state, *feed.args(first[:c])) for c in lengths}
-
-    lowered = compile_for(k)
-    programs = {c: lo.compile() for c, lo in lowered.items()}
-    # With several processes every one must make the same calls: no measured (local) choice.
-    if steps_per_dispatch is None and k > 1 and jax.process_count() == 1:
-        single = programs.get(1) or run.lower(state, *feed.args(first[:1])).compile()
-        k = dispatch.choose_steps_per_call(
-            {1: single, k: programs[k]},
-            state,
-            feed.args,
-            first,
-            dp,
-            key_text=lowered[k].as_text(),
-            workdir=workdir,
-        )
-        if k == 1:
-            programs = {1: single}
-    timers = _Timers(actions)
-    stopping = False
-    while step < total_steps and not stopping:
-        epoch, pos = divmod(step, steps_per_epoch)
-        idx = dp.process_columns(epoch_indices(epoch))
-        bar = hooks.progress(epoch, steps_per_epoch, pos) if hooks.progress else None
-        logger = _WindowLogger(epoch, step, pos, log_every_steps, hooks, bar, on_nonfinite)
-        pending: list[Any] = []  # per-step metrics of chunks not yet read back
-        t0 = time.perf_counter()
-        plan = chunk_plan(pos, steps_per_epoch, k)
-        chunks = feed.chunks(idx, pos, plan)
-        ahead = next(chunks)
-        for c in plan:
-            state, metrics = programs[c](state, *ahead)
-            # The host reads and places the next chunk while this one runs.
-            ahead = next(chunks, None)
-            pos, step = pos + c, step + c
-            feed.consumed(step, epoch)
-            pending.append(metrics)
-            epoch_end = pos == steps_per_epoch
-            stopping = bool(hooks.should_stop and hooks.should_stop())
-            due = [
-                j
-                for j, action in enumerate(actions)
-                if timers.due(j, action, step, c, epoch_end) or (stopping and action.on_stop)
-            ]
-            # Metrics are read back one chunk late, while the next chunk runs (the host never
-            # stalls the device for a log); all of them at an epoch end, a stop, or before an
-            # action (a checkpoint never holds steps the logs lack).
-            flush = epoch_end or stopping
-            ready = pending if flush or due else pending[:-1]
-            if ready:
-                logger.add(jax.device_get([dp.unreplicate(m) for m in ready]), flush=flush)
-                pending = pending[len(ready) :]
-                if logger.warned is not None:  # "warn": were those updates really skipped?
-                    _check_skipped(dp.unreplicate(state.params), logger.warned)
-                    logger.warned = None
-            for j in due:
-                actions[j].fn(step, dp.to_checkpoint(state))
-            if stopping:
-                break
-        chunks.close()
-        if bar is not None:
-            bar.close()
-        if stopping and pos != steps_per_epoch:
-            return FitResult(dp.to_checkpoint(state), history, True, k)
-        record = {"kind": "epoch", "epoch": epoch + 1, "step": step}
-        if logger.epoch_sums is not None:
-            record.update(jmetrics.compute(logger.epoch_sums))
-        record["epoch_seconds"] = time.perf_counter() - t0
-        if evaluation is not None:
-            val = _evaluate_replicated(evaluation, state)
-            record.update({f"val_{name}": v for name, v in val.items()})
-        history.append(record)
-        if hooks.on_log:
-            hooks.on_log(record)
-    return FitResult(dp.to_checkpoint(state), history, stopping, k)
-
-
-class _WindowLogger:
-    """Splits per-step metrics into log windows of `every` steps (aligned within the epoch)."""
-
-    def __init__(self, epoch, step, pos, every, hooks, bar, on_nonfinite):
-        self.epoch, self.every, self.hooks, self.bar = epoch, every, hooks, bar
-        self.on_nonfinite = on_nonfinite
-        self.step0 = step - pos  # global step of the epoch's start
-        self.pos = pos  # epoch position of the first step in `self.window`
-        self.window = None  # stacked per-step host metrics, leading [steps]
-        self.epoch_sums = None
-        self.warned = None  # (first, last) step of a non-finite loss let through by "warn"
-
-    def add(self, chunks: list, *, flush: bool) -> None:
-        chunks = ([self.window] if self.window is not None else []) + list(chunks)
-        self.window = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
-        have = len(jax.tree.leaves(self.window)[0])
-        used = 0
-        while used < have:
-            room = self.every - (self.pos + used) % self.every
-            if room > have - used and not flush:
-                break
-            size = min(room, have - used)
-            part = jax.tree.map(lambda x, a=used, b=used + size: x[a:b], self.window)
-            self._log(jmetrics.sum_steps(part), self.pos + used, self.pos + used + size)
-            used += size
-        self.window = jax.tree.map(lambda x: x[used:], self.window) if used < have else None
-        self.pos += used
-
-    def _log(self, sums: dict, lo: int, hi: int) -> None:
-        warned = _check_finite(sums, self.step0 + lo, self.step0 + hi, self.on_nonfinite)
-        if warned and self.warned is None:  # the first window let through, for the message
-            self.warned = (self.step0 + lo, self.step0 + hi)
-        self.epoch_sums = sums if self.epoch_sums is None else jmetrics.merge(self.epoch_sums, sums)
-        record = {"kind": "train", "step": self.step0 + hi, "epoch": self.epoch}
-        record.update(jmetrics.compute(sums))
-        if self.hooks.on_log:
-            self.hooks.on_log(record)
-        if self.bar is not None:
-            self.bar.update(hi - lo, **_scalars(jmetrics.compute(self.epoch_sums)))
-
-
-def _scalars(values: dict) -> dict:
-    return {k: v for k, v in values.items() if isinstance(v, float)}
-
-
-def _check_finite(sums: dict, first_step: int, last_step: int, on_nonfinite: str) -> bool:
-    """Raises on a non-finite loss ("raise"); returns True when "warn" let one through."""
-    loss = sums.get("loss")
-    if on_nonfinite == "ignore" or loss is None or np.all(np.isfinite(loss.compute())):
-        return False
-    where = f"non-finite training loss between steps {first_step + 1} and {last_step}"
-    if on_nonfinite == "warn":
-        log.warning("%s", where)
-        return True
-    raise FloatingPointError(
-        f"{where}: lower the learning rate, or check the labels (class ids outside the "
-        "model's classes give NaN: jaxnets.data.check_labels); to skip such updates instead, "
-        "wrap the optimiser in optax.apply_if_finite and pass on_nonfinite='warn'. The last "
-        "checkpoint saved before this is intact"
+    check_argument("epochs", epochs, POSITIVE_INT)
+    check_argument("batch_size", batch_size, POSITIVE_INT)
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    feed = feeds.make_feed(
+        data, mesh, batch_size=batch_size, data_key=data_key, input=input, order=order
     )
-
-
-def _check_data_finite(data: Batch, what: str) -> None:
-    """Once, on the host: NaN or Inf in float inputs would show up as a non-finite loss."""
-    for path, x in jax.tree_util.tree_flatten_with_path(data)[0]:
-        x = np.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.inexact) or np.isfinite(x.sum()):
-            continue  # the sum is finite only if every value is (2x faster than isfinite)
-        if not np.all(np.isfinite(x)):  # else the sum merely overflowed
-            bad = ~np.isfinite(x.reshape(len(x), -1)).all(-1)
-            raise ValueError(
-                f"{what}{jax.tree_util.keystr(path)}: {int(bad.sum())} of {len(x)} examples "
-                f"hold NaN or Inf (the first is example {int(np.argmax(bad))}); fix or drop "
-                "them before training"
-            )
-
-
-NOT_SKIPPED = (
-    "on_nonfinite='warn' goes on past a non-finite loss (between steps {first} and {last}) "
-    "only when the optimiser skips such updates, but the parameters are now non-finite: "
-    "wrap it in optax.apply_if_finite(tx, max_consecutive_errors=...), or use "
-    "on_nonfinite='raise'"
-)
-
-
-def _check_skipped(params: Any, steps: tuple[int, int]) -> None:
-    """After "warn" let a non-finite loss through: the parameters must still be finite."""
-    leaves = jax.device_get(jax.tree.leaves(params))
-    if not all(np.all(np.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)):
-        raise FloatingPointError(NOT_SKIPPED.format(first=steps[0] + 1, last=steps[1]))
+    chunks = Chunks(
+        state,
+        train_step,
+        feed,
+        epochs=epochs,
+        mesh=mesh,
+        rule=rule,
+        steps_per_call=steps_per_call,
+        workdir=workdir,
+    )
+    ctx = Context(chunks, hooks)
+    for hook in ctx.hooks:
+        hook.start(ctx)
+    try:
+        for chunk in chunks:
+            for hook in ctx.advance(chunk):
+                hook(ctx)
+            if ctx.stopping or ctx.stop_requested:
+                break
+    finally:
+        for hook in ctx.hooks:
+            hook.end(ctx)
+    stopped = ctx.stopping or (ctx.stop_requested and chunks.step < chunks.total_steps)
+    return FitResult(chunks.state, ctx.history, stopped, chunks.steps_per_call)

@@ -8,8 +8,9 @@ reads config, data, model, optimiser, state, fit, test:
   that change the result are the saved run's, and says so, or that the run has finished;
 - writes `config.json`, and opens `metrics.jsonl` and TensorBoard events (`tb/`) for
   appending, dropping what an interrupted run logged after the checkpoint it resumes from;
-- gives `loop.fit` its checkpoint action (epoch ends, every N steps, every T minutes, on
-  SIGTERM) and its hooks (log sinks, progress bar, stop signal);
+- trains with `Run.fit`: `loop.fit` with the run's hooks (the non-finite guard, JSONL and
+  TensorBoard logs, the progress bar, checkpoints at epoch ends / every N steps / every T
+  minutes / on SIGTERM, with the feed's position) and the run's flags;
 - at the end writes `summary.json` and `curves.png`.
 Only process 0 writes files; every process restores and saves (Orbax saves collectively).
 
@@ -18,11 +19,11 @@ Example:
     ... class Config(run.RunConfig):        # the experiment's own fields, then the run's
     ...     epochs: int = 10
     ...     workdir: str = "runs/mine"
-    >>> with run.open_run(config, config_dict, state, dp, result_fields=FIELDS,
+    >>> with run.open_run(config, config_dict, state, mesh, result_fields=FIELDS,
     ...                   total_steps=epochs * steps_per_epoch) as work:
-    ...     result = loop.fit(work.state, train_step, dp, data, data_key=key, epochs=epochs,
-    ...                       batch_size=batch, **work.fit_options(epochs=epochs))
-    ...     summary = work.summarise(result, dp, steps_per_epoch=steps_per_epoch,
+    ...     result = work.fit(train_step, data, data_key=key, epochs=epochs, batch_size=batch,
+    ...                       hooks=[hooks.Evaluate(eval_step, val_data, batch_size=batch)])
+    ...     summary = work.summarise(result, steps_per_epoch=steps_per_epoch,
     ...                              batch_size=batch)
     ...     work.finish(summary, title="my run", metric="accuracy")
 """
@@ -42,7 +43,8 @@ import jax
 import numpy as np
 
 from jaxnets import checkpoint as ckpt
-from jaxnets import inputs, loop, parallel, train, writers
+from jaxnets import hooks as jhooks
+from jaxnets import loop, sharding, train, writers
 from jaxnets.checks import RUN_CHECKS, Rule
 from jaxnets.config import check_config
 from jaxnets.lock import WorkdirLock, claim_workdir
@@ -65,8 +67,9 @@ class RunConfig:
     devices: int | None = dataclasses.field(
         default=None, metadata={"help": "number of devices (default: all)"}
     )
-    parallel: str = dataclasses.field(
-        default="shard_map", metadata={"help": "shard_map (jit over a mesh) | pmap"}
+    sharding: str = dataclasses.field(
+        default="replicated",
+        metadata={"help": "replicated | fsdp (parameters and optimiser state split over devices)"},
     )
     steps_per_dispatch: int | None = dataclasses.field(
         default=None, metadata={"help": "steps per device call (default: measured)"}
@@ -97,6 +100,9 @@ class RunConfig:
         check_config(self)
 
 
+# The `sharding` flag's rules.
+RULES: dict[str, sharding.Rule] = {"replicated": sharding.replicated, "fsdp": sharding.fsdp()}
+
 # Fields of an epoch record that are bookkeeping, not metrics.
 _NOT_METRICS = ("kind", "epoch", "step", "epoch_seconds")
 
@@ -123,10 +129,13 @@ class Run:
         flags: RunConfig | None = None,
         metadata: dict | None = None,
         *,
+        mesh: Any = None,
         total_steps: int | None = None,
         lock: WorkdirLock | None = None,
     ):
         self.flags = flags or RunConfig(workdir=str(path))
+        self.mesh = sharding.make_mesh() if mesh is None else mesh
+        self.rule = RULES[self.flags.sharding]
         self.lock = lock
         self.guard = PreemptionGuard()
         self.path = path
@@ -135,8 +144,7 @@ class Run:
         self.start_step = start_step
         self.checkpointer = checkpointer
         self.metadata = metadata or {}  # the restored checkpoint's
-        self._stream: inputs.Stream | None = None
-        self.is_main = parallel.is_main_process()
+        self.is_main = sharding.is_main_process()
         self._started = time.perf_counter()
         self._sinks: list[Any] = []
         # A finished run trains nothing, so it opens no writer (and purges no event).
@@ -149,61 +157,70 @@ class Run:
 
     @property
     def fit_workdir(self) -> Path | None:
-        """What `loop.fit(workdir=...)` records its steps-per-call choice in (process 0)."""
+        """Where `loop.fit` records its steps-per-call choice (process 0)."""
         return self.path if self.is_main else None
 
-    def log(self, record: dict) -> None:
-        """Writes one record to metrics.jsonl and TensorBoard (`loop.Hooks.on_log`)."""
-        for sink in self._sinks:
-            sink.write(record)
-
-    def save(self, step: int, state: train.TrainState) -> None:
-        """Checkpoints `state` at `step` with the config as metadata (no-op when off)."""
+    def hooks(self, *, epochs: int, nonfinite: str = "raise") -> list[jhooks.Hook]:
+        """The run's hooks: the non-finite guard, JSONL + TensorBoard logs and the progress
+        bar (process 0), checkpoints (with the feed's position; resumed from the restored
+        one), and the stop signal (SIGTERM/SIGINT: save, then stop)."""
+        flags = self.flags
+        out: list[jhooks.Hook] = [
+            jhooks.NonFinite(nonfinite),
+            jhooks.Log(*self._sinks, every_steps=flags.log_every_steps, close=False),
+            jhooks.Progress(epochs, disable=not (flags.progress and self.is_main)),
+            jhooks.Preemption(self.guard),
+        ]
         if self.checkpointer is not None:
-            metadata = {"config": self.config}
-            if self._stream is not None:
-                metadata["data"] = self._stream.get_state()
-            self.checkpointer.save(step, state, metadata=metadata, force=True)
-
-    def save_action(self, *, every_steps: int = 0, every_minutes: float = 0.0) -> loop.Periodic:
-        """The checkpoint action of `loop.fit`: epoch ends, stop signals, and the cadences.
-
-        With several processes the wall-clock cadence is off: each process's clock could
-        decide differently, and Orbax saves collectively.
-        """
-        minutes = every_minutes if jax.process_count() == 1 else 0.0
-        return loop.Periodic(
-            self.save,
-            every_steps=every_steps,
-            every_seconds=60.0 * minutes,
-            at_epoch_end=True,
-            on_stop=True,
-        )
-
-    def hooks(
-        self, *, should_stop: Callable[[], bool], epochs: int, progress: bool = True
-    ) -> loop.Hooks:
-        """`loop.Hooks` writing to this directory, with a progress bar on process 0."""
-
-        def progress_fn(epoch, steps, start):
-            return writers.ProgressBar(
-                epoch, epochs, steps, start, disable=not (progress and self.is_main)
+            # With several processes the wall-clock cadence is off: each process's clock
+            # could decide differently, and Orbax saves collectively.
+            minutes = flags.checkpoint_every_minutes if jax.process_count() == 1 else 0.0
+            out.append(
+                jhooks.Checkpoint(
+                    self.checkpointer,
+                    every_steps=flags.checkpoint_every_steps,
+                    every_seconds=60.0 * minutes,
+                    metadata={"config": self.config},
+                    position=self.metadata.get("data"),
+                )
             )
+        return out
 
-        return loop.Hooks(on_log=self.log, should_stop=should_stop, progress=progress_fn)
+    def fit(
+        self,
+        train_step: Callable,
+        data: Any,
+        *,
+        data_key: Any,
+        epochs: int,
+        batch_size: int,
+        hooks: Sequence[jhooks.Hook] = (),
+        nonfinite: str = "raise",
+        order: Callable | None = None,
+    ) -> loop.FitResult:
+        """`loop.fit` from the run's state, with the run's hooks, mesh, sharding rule and
+        flags (input, steps per call), and `hooks` (e.g. `hooks.Evaluate`)."""
+        return loop.fit(
+            self.state,
+            train_step,
+            data,
+            data_key=data_key,
+            epochs=epochs,
+            batch_size=batch_size,
+            hooks=[*self.hooks(epochs=epochs, nonfinite=nonfinite), *hooks],
+            mesh=self.mesh,
+            rule=self.rule,
+            input=self.flags.input,
+            steps_per_call=self.flags.steps_per_dispatch,
+            workdir=self.fit_workdir,
+            order=order,
+        )
 
     def records(self) -> list[dict]:
         """Everything metrics.jsonl holds (this run and the runs it resumed); [] off process 0."""
         return writers.read_jsonl(self.path / "metrics.jsonl") if self.is_main else []
 
-    def summarise(
-        self,
-        result: loop.FitResult,
-        dp: parallel.DataParallel,
-        *,
-        steps_per_epoch: int,
-        batch_size: int,
-    ) -> dict:
+    def summarise(self, result: loop.FitResult, *, steps_per_epoch: int, batch_size: int) -> dict:
         """The part of summary.json every run has; an experiment adds its data and test.
 
         `train` and `validation` are the last epoch's metrics (from metrics.jsonl, so a run
@@ -215,6 +232,7 @@ class Run:
         seconds = [r["epoch_seconds"] for r in epochs[1:]] or [r["epoch_seconds"] for r in epochs]
         steady = float(np.median(seconds)) if seconds else None
         step = int(np.asarray(jax.device_get(result.state.step)))
+        devices = list(self.mesh.devices.flat)
         return {
             "config": self.config,
             "step": step,
@@ -229,11 +247,11 @@ class Run:
             "examples_per_second": steps_per_epoch * batch_size / steady if steady else None,
             "wall_seconds": time.perf_counter() - self._started,
             "devices": {
-                "kind": dp.devices[0].device_kind,
-                "platform": dp.devices[0].platform,
-                "count": dp.num_devices,
+                "kind": devices[0].device_kind,
+                "platform": devices[0].platform,
+                "count": len(devices),
                 "processes": jax.process_count(),
-                "backend": dp.backend,
+                "sharding": self.flags.sharding,
             },
             "params_sha256": train.params_sha256(result.state.params),
         }
@@ -258,39 +276,6 @@ class Run:
             if self.lock is not None:
                 self.lock.release()
 
-    def fit_options(self, *, epochs: int, data: Any = None) -> dict[str, Any]:
-        """`loop.fit`'s keyword arguments for this run's flags: steps per call, log cadence,
-        the checkpoint action, the hooks (logs, progress bar, SIGTERM/SIGINT), the record of
-        the measured steps per call. Use inside `with open_run(...)` (the signal guard).
-
-        Args:
-          epochs: the run's epochs (the progress bar).
-          data: the training input given to `fit`; a `inputs.Stream` is positioned where
-            the restored checkpoint left it, and its position is saved in every checkpoint.
-        """
-        flags = self.flags
-        choice = flags.input
-        if isinstance(data, inputs.Stream):
-            self._stream, choice = data, "stream"
-            data.set_state(self.metadata.get("data"))
-        elif data is not None:
-            choice = "resident"  # as `inputs.resolve` decided for it
-        return {
-            "input": choice,
-            "steps_per_dispatch": flags.steps_per_dispatch,
-            "log_every_steps": flags.log_every_steps,
-            "actions": [
-                self.save_action(
-                    every_steps=flags.checkpoint_every_steps,
-                    every_minutes=flags.checkpoint_every_minutes,
-                )
-            ],
-            "hooks": self.hooks(
-                should_stop=lambda: self.guard.should_stop, epochs=epochs, progress=flags.progress
-            ),
-            "workdir": self.fit_workdir,
-        }
-
     def __enter__(self) -> Run:
         self.guard.__enter__()
         return self
@@ -306,7 +291,7 @@ def open_run(
     flags: RunConfig,
     config: Mapping[str, Any],
     state: train.TrainState,
-    dp: parallel.DataParallel,
+    mesh: Any = None,
     *,
     result_fields: Sequence[str],
     total_steps: int,
@@ -316,12 +301,13 @@ def open_run(
     Args:
       flags: the run's `RunConfig` (the experiment's config): `workdir` (created if
         missing), `checkpoint` (off: always a fresh run), `restart` (discard the directory's
-        checkpoints and events), `keep_checkpoints`, and what `Run.fit_options` passes on.
+        checkpoints and events), `keep_checkpoints`, `sharding`, and what `Run.fit` passes on.
       config: the run's JSON-serialisable config (`config.config_to_dict`), saved in
         config.json and in every checkpoint.
       state: the freshly initialised state (plain, on the host): the layout to restore into
         and the state to start from when there is no checkpoint.
-      dp: the data-parallel plan (where restored arrays go).
+      mesh: the devices (default: all); a restored state is placed on them by the
+        `sharding` flag's rule (any device count, whatever the saving run used).
       result_fields: config fields that change the numbers; a checkpoint saved with other
         values is not resumed (ValueError naming each field and `--restart`).
       total_steps: the steps of the whole run, to say when the checkpoint has them all.
@@ -332,7 +318,8 @@ def open_run(
     path = Path(flags.workdir)
     lock = claim(path)
     try:
-        return _open(flags, config, state, dp, result_fields, total_steps, path, lock)
+        mesh = sharding.make_mesh() if mesh is None else mesh
+        return _open(flags, config, state, mesh, result_fields, total_steps, path, lock)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -347,10 +334,10 @@ def claim(workdir: str | Path) -> WorkdirLock | None:
     before loading data; `open_run` calls it again (the same lock) and releases it at close.
     """
     check_workdir_writable(workdir)
-    return claim_workdir(workdir) if parallel.is_main_process() else None
+    return claim_workdir(workdir) if sharding.is_main_process() else None
 
 
-def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> Run:
+def _open(flags, config, state, mesh, result_fields, total_steps, path, lock) -> Run:
     config = dict(config)
     checkpoints = path / CHECKPOINTS
     if flags.restart:  # every process: each may have its own disk
@@ -362,7 +349,14 @@ def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> R
         if manager.latest_step() is not None:
             try:
                 state, meta, start_step = _restore(
-                    manager, state, dp, config, result_fields, path, _defaults(flags)
+                    manager,
+                    state,
+                    mesh,
+                    RULES[flags.sharding],
+                    config,
+                    result_fields,
+                    path,
+                    _defaults(flags),
                 )
             except BaseException:
                 manager.close()
@@ -385,10 +379,19 @@ def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> R
         except BaseException:
             manager.close()
             raise
-    if parallel.is_main_process():
+    if sharding.is_main_process():
         writers.write_json(path / "config.json", config)
     return Run(
-        path, config, state, start_step, manager, flags, meta, total_steps=total_steps, lock=lock
+        path,
+        config,
+        state,
+        start_step,
+        manager,
+        flags,
+        meta,
+        mesh=mesh,
+        total_steps=total_steps,
+        lock=lock,
     )
 
 
@@ -411,10 +414,14 @@ def _defaults(flags: RunConfig) -> dict:
         return {}
 
 
-def _restore(manager, state, dp, config, result_fields, path, defaults):
+def _restore(manager, state, mesh, rule, config, result_fields, path, defaults):
     with_defaults = lambda saved: {**defaults, **saved}
+    shardings = sharding.state_shardings(state, mesh, rule)
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, shardings
+    )
     try:
-        state, meta, step = manager.restore(dp.checkpoint_target(state))
+        state, meta, step = manager.restore(target)
     except ValueError as e:
         # A changed model size fails the layout check first: name the changed field instead.
         try:

@@ -11,10 +11,11 @@ sweeps `learning_rate`, `b1`, `weight_decay`...; `make_sweep_tx` is the seed's S
 `lax.map`: the same numbers, faster for the CNN on XLA:CPU; see `make_sweep_train_step`.)
 Any model the adapters support sweeps: the loss function is the train step's.
 
-Composition with devices: every device holds all K models and a slice of every model's
-batch; gradients are averaged over devices per model (`lax.pmean` inside the vmapped step),
-exactly as `train.py` splits one model's batch. This works for any K and any device count
-that divides the batch, and a K-model sweep on N devices equals K separate runs on 1.
+Composition with devices: the vmapped step is a function of every model's global batch,
+jitted over the mesh; every device holds all K models and a slice of every model's batch,
+and XLA averages each model's gradients over devices, exactly as for one model. This works
+for any K and any device count that divides the batch, and a K-model sweep on N devices
+equals K separate runs on 1.
 
 A configuration is a dict over `seed` and the injected names; missing entries come from the
 transform's own values. Its `seed` decides the model's initialisation, its per-step
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import loop, optim, parallel, train, writers
+from jaxnets import hooks, loop, optim, sharding, train, writers
 from jaxnets.checks import POSITIVE_INT, check_argument
 from jaxnets.types import Batch, PRNGKey
 
@@ -283,13 +284,12 @@ def make_sweep_train_step(
     loss_fn: train.LossFn,
     tx: optax.GradientTransformation,
     *,
-    axis_name: str | None = None,
     vectorize: str = "vmap",
 ) -> Callable:
     """`train.make_train_step` over K models at once: `(states, batch) -> (states, metrics)`.
 
     Args:
-      loss_fn, tx, axis_name: as in `train.make_train_step`.
+      loss_fn, tx: as in `train.make_train_step`.
       vectorize: "vmap" batches the K models' arithmetic (wide matmuls: fast on GPU/TPU and
         for small dense nets everywhere); "map" runs the K steps one after the other inside
         the same compiled program (`lax.map`), which on XLA:CPU is faster for the CNN,
@@ -298,12 +298,12 @@ def make_sweep_train_step(
 
     The returned step takes `states` with a leading model axis `[K, ...]` and a batch whose
     leaves are `[batch, K, ...]` (batch first: the layout in which
-    `DataParallel.shard_columns` splits `[steps, batch, K]` example indices over devices),
+    `sharding.place_columns` splits `[steps, batch, K]` example indices over devices),
     and returns the states and metrics with a `[K]` axis. `train.make_epoch_runner` runs it.
     """
     if vectorize not in VECTORIZE:
         raise ValueError(f"vectorize={vectorize!r}: use one of {VECTORIZE}")
-    step = train.make_train_step(loss_fn, tx, axis_name=axis_name)
+    step = train.make_train_step(loss_fn, tx)
     if vectorize == "vmap":
         step_fn = jax.vmap(step, in_axes=(0, 1))
     else:
@@ -312,16 +312,12 @@ def make_sweep_train_step(
             batch = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batch)
             return jax.lax.map(lambda args: step(*args), (states, batch))
 
-    step_fn.axis_name = axis_name
     return step_fn
 
 
-def make_sweep_eval_step(eval_fn: train.EvalFn, *, axis_name: str | None = None) -> Callable:
+def make_sweep_eval_step(eval_fn: train.EvalFn) -> Callable:
     """`train.make_eval_step` vmapped over K models' states (the same batch for all)."""
-    step = train.make_eval_step(eval_fn, axis_name=axis_name)
-    step_fn = jax.vmap(step, in_axes=(0, None, None))
-    step_fn.axis_name = axis_name
-    return step_fn
+    return jax.vmap(train.make_eval_step(eval_fn), in_axes=(0, None, None))
 
 
 def sweep_epoch_indices(
@@ -331,6 +327,15 @@ def sweep_epoch_indices(
     return np.stack(
         [train.epoch_indices(k, epoch, num_examples, batch_size) for k in data_keys], axis=-1
     )
+
+
+class _Sink(NamedTuple):
+    """A `hooks.Log` sink calling a function."""
+
+    write: Callable[[dict], None]
+
+    def close(self) -> None:
+        pass
 
 
 class SweepResult(NamedTuple):
@@ -361,18 +366,17 @@ def run_sweep(
     epochs: int,
     batch_size: int,
     base: Mapping[str, Any] = {},  # noqa: B006 - read only
-    dp: parallel.DataParallel | None = None,
-    steps_per_dispatch: int | None = None,
+    mesh: Any = None,
+    steps_per_call: int | None = None,
     log_every_steps: int = 10,
     vectorize: str = "vmap",
     on_epoch: Callable[[int, list[dict]], None] | None = None,
-    progress: Callable[..., Any] | None = None,
+    progress: bool = False,
 ) -> SweepResult:
     """Trains every configuration for `epochs` epochs as one vmapped, device-parallel program.
 
     Args:
-      objective: an adapter's `Objective` (`init`, `loss_fn`, `eval_fn`); its
-        `axis_name` must be `dp.axis_name` when it uses per-example keys.
+      objective: an adapter's `Objective` (`init`, `loss_fn`, `eval_fn`).
       tx: the optimiser, hyperparameters injected (`make_sweep_tx`, or any chain built
         with `optax.inject_hyperparams`); configs may set any of them.
       configs: dicts over `seed` and the injected names (e.g. from `grid`); missing entries
@@ -382,12 +386,12 @@ def run_sweep(
       epochs: epochs per model.
       batch_size: global batch per model (divisible by the device count).
       base: values for entries the configs leave out.
-      dp: the data-parallel plan (default: every device, jit + shard_map).
-      steps_per_dispatch: steps per device call (None: measured by `loop.fit`).
+      mesh: the devices (`sharding.make_mesh()`, default: all).
+      steps_per_call: steps per device call (None: measured by `loop.fit`).
       log_every_steps: train curves get one point (the mean over the interval) this often.
       vectorize: "vmap" or "map" (`make_sweep_train_step`); the numbers are the same.
       on_epoch: `(epoch, records)` after each epoch, one record per model (host-side logging).
-      progress: as `loop.Hooks.progress`.
+      progress: show a progress bar per epoch.
 
     Returns:
       `SweepResult(state, results)`: the final states (host, `[K, ...]`) and a dict with
@@ -410,21 +414,21 @@ def run_sweep(
             "optax.inject_hyperparams(...) (e.g. sweep.make_sweep_tx)"
         )
     full = complete_configs(configs, {**injected, **base}, names=tuple(sorted(injected)))
-    dp = dp or parallel.make_data_parallel(backend="shard_map")
-    dp.check_batch(batch_size)
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    sharding.check_batch(mesh, batch_size)
     train.epoch_indices(jax.random.key(0), 0, n, batch_size)  # validates the batch
     start = time.perf_counter()
     state = create_sweep_state(objective.init, tx, full, sample)
-    step = make_sweep_train_step(objective.loss_fn, tx, axis_name=dp.axis_name, vectorize=vectorize)
-    evaluation = None
+    step = make_sweep_train_step(objective.loss_fn, tx, vectorize=vectorize)
+    fit_hooks: list[hooks.Hook] = []
     if val_data is not None:
-        eval_step = make_sweep_eval_step(objective.eval_fn, axis_name=dp.axis_name)
-        evaluation = loop.make_evaluation(eval_step, dp, val_data, batch_size=batch_size)
+        eval_step = make_sweep_eval_step(objective.eval_fn)
+        fit_hooks.append(hooks.Evaluate(eval_step, val_data, batch_size=batch_size))
     data_keys = [run_keys(c["seed"])[1] for c in full]
     curves: list[list[dict]] = [[] for _ in full]
     histories: list[list[dict]] = [[] for _ in full]
 
-    def on_log(record):
+    def write(record):
         per_model = _per_model(record, len(full))
         if record["kind"] == "train":
             for curve, r in zip(curves, per_model):
@@ -435,20 +439,21 @@ def run_sweep(
         if on_epoch is not None:
             on_epoch(record["epoch"] - 1, [h[-1] for h in histories])
 
+    # No NonFinite guard: one diverged model must not stop the others.
+    fit_hooks.append(hooks.Log(_Sink(write), every_steps=log_every_steps))
+    if progress:
+        fit_hooks.append(hooks.Progress(epochs))
     result = loop.fit(
         state,
         step,
-        dp,
         train_data,
         data_key=data_keys[0],
         epochs=epochs,
         batch_size=batch_size,
-        evaluation=evaluation,
-        steps_per_dispatch=steps_per_dispatch,
-        log_every_steps=log_every_steps,
-        hooks=loop.Hooks(on_log=on_log, progress=progress),
-        on_nonfinite="ignore",
-        epoch_indices=lambda epoch: sweep_epoch_indices(data_keys, epoch, n, batch_size),
+        hooks=fit_hooks,
+        mesh=mesh,
+        steps_per_call=steps_per_call,
+        order=lambda epoch: sweep_epoch_indices(data_keys, epoch, n, batch_size),
     )
     final_state = jax.device_get(result.state)
     axes = [name for name in full[0] if len({c[name] for c in full}) > 1]
@@ -468,7 +473,7 @@ def run_sweep(
         "axes": axes,
         "metric": metric,
         "num_models": len(full),
-        "devices": dp.num_devices,
+        "devices": sharding.num_devices(mesh),
         "epochs": epochs,
         "batch_size": batch_size,
         "vectorize": vectorize,

@@ -19,17 +19,21 @@ key of step s is `fold_in(key, s)`, the data order of epoch e is a permutation d
 
 A complete loop from the public parts (what `jaxnets.loop.fit` does, without logging):
 
-    objective = adapters.linen(model, loss=..., metrics={...}, axis_name=dp.axis_name)
+    mesh = sharding.make_mesh()
+    objective = adapters.linen(model, loss=..., metrics={...})
     state = create_train_state(objective.init, tx, sample_batch, key=jax.random.key(0))
-    run = make_epoch_runner(make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name), dp)
-    state, data = dp.replicate(state), dp.replicate({"image": x, "label": y})
+    shardings = sharding.state_shardings(state, mesh)    # or rule=sharding.fsdp()
+    run = make_epoch_runner(make_train_step(objective.loss_fn, tx), mesh, shardings)
+    state = sharding.place(state, shardings)
+    data = sharding.place(train_set, sharding.state_shardings(train_set, mesh))
     for epoch in range(epochs):
-        idx = epoch_indices(data_key, epoch, len(y), batch_size)
-        state, metrics = run(state, data, dp.shard_columns(dp.process_columns(idx)))
+        idx = epoch_indices(data_key, epoch, num_examples(train_set), batch_size)
+        state, metrics = run(state, data, sharding.place_columns(mesh, idx))
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -38,8 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxnets import parallel
 from jaxnets.regularizers import check_l1_last
 from jaxnets.types import Array, Batch, Params, PRNGKey, PyTree
 
@@ -49,12 +54,6 @@ LossFn = Callable[[Params, PyTree, Batch, PRNGKey], tuple[Array, tuple[dict, PyT
 EvalFn = Callable[[Params, PyTree, Batch, Array], dict]
 # (key, sample_batch) -> (params, model_state)
 InitFn = Callable[[PRNGKey, Batch], tuple[Params, PyTree]]
-
-NO_AXIS = (
-    "this train step was built without axis_name but runs on {n} devices, where each replica "
-    "would take its own step and the replicas would drift apart; build it with "
-    "make_train_step(..., axis_name=dp.axis_name)"
-)
 
 
 class TrainState(NamedTuple):
@@ -117,88 +116,67 @@ def create_train_state(
     return TrainState(jnp.zeros((), jnp.int32), params, opt_state, model_state, raw_key(state_key))
 
 
-def example_keys(key: PRNGKey, batch: int, axis_name: str | None = None) -> Array:
+# The pmap adapter (`jaxnets.pmap`) sets this while tracing its per-device step (`per_device`):
+# the offset of the device's first example in the global batch. Under `jax.jit` the batch is
+# global and the offset is 0.
+_device_offset: Callable[[int], Array] | None = None
+
+
+@contextlib.contextmanager
+def per_device(offset: Callable[[int], Array]):
+    """While tracing a per-device step (pmap): `offset(local_batch)` is the device's first
+    example's global position, so `example_keys` stays a function of global positions."""
+    global _device_offset
+    previous, _device_offset = _device_offset, offset
+    try:
+        yield
+    finally:
+        _device_offset = previous
+
+
+def example_keys(key: PRNGKey, batch: int) -> Array:
     """`[batch]` keys, one per example, from the example's global position in the batch.
 
-    `fold_in(key, position)`, where the position counts across devices (device d of a
-    batch split over `axis_name` starts at `d * batch`): the same example gets the same key
-    whatever the device count.
+    `fold_in(key, position)`: the same example gets the same key whatever the device count.
     """
-    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * batch
+    offset = 0 if _device_offset is None else _device_offset(batch)
     positions = offset + jnp.arange(batch)
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(positions)
 
 
-def _pmean_floats(tree: PyTree, axis_name: str) -> PyTree:
-    """Averages float leaves over devices; other leaves (counters) are equal on all of them."""
-    return jax.tree.map(
-        lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        tree,
-    )
-
-
 def make_train_step(
-    loss_fn: LossFn,
-    tx: optax.GradientTransformation,
-    *,
-    axis_name: str | None = None,
+    loss_fn: LossFn, tx: optax.GradientTransformation
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`, big_vision's `update_fn`.
 
-    Gradients of `loss_fn`'s loss are taken with respect to `state.params`; with
-    `axis_name` they are averaged over devices (`lax.pmean`), metrics summed (`lax.psum`)
-    and the new model state averaged (BatchNorm running statistics: the mean of the
-    devices'), so every replica takes the same step. N devices with batch B/N each take the
-    step of one device with B when the loss is a mean over examples.
+    A function of the **global** batch: jitted over a mesh (`jaxnets.sharding`), the
+    gradient of a mean over the batch is the global mean and BatchNorm statistics are the
+    global batch's; XLA inserts the collectives. Gradients of `loss_fn`'s loss are taken
+    with respect to `state.params`; the key of step s is `fold_in(state.key, s)`.
 
     Args:
       loss_fn: `(params, model_state, batch, key) -> (loss, (metrics, new_model_state))`.
       tx: the Optax transformation.
-      axis_name: the collective axis when run under `DataParallel.map` (required there on
-        more than one device: `make_epoch_runner` checks).
     """
 
     def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, key)
-        if axis_name is not None:
-            grads = jax.lax.pmean(grads, axis_name)
-            metrics = jax.lax.psum(metrics, axis_name)
-            model_state = _pmean_floats(model_state, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state, model_state, state.key), metrics
 
-    step_fn.axis_name = axis_name
     return step_fn
 
 
-def make_eval_step(
-    eval_fn: EvalFn, *, axis_name: str | None = None
-) -> Callable[[TrainState, Batch, Array], dict]:
-    """Builds `eval_step(state, batch, mask) -> metrics` (summed over devices with axis_name)."""
+def make_eval_step(eval_fn: EvalFn) -> Callable[[TrainState, Batch, Array], dict]:
+    """Builds `eval_step(state, batch, mask) -> metrics` (sums over the global batch)."""
 
     def step_fn(state: TrainState, batch: Batch, mask: Array) -> dict:
-        metrics = eval_fn(state.params, state.model_state, batch, mask)
-        if axis_name is not None:
-            metrics = jax.lax.psum(metrics, axis_name)
-        return metrics
+        return eval_fn(state.params, state.model_state, batch, mask)
 
-    step_fn.axis_name = axis_name
     return step_fn
-
-
-def check_axis(step: Callable, dp: parallel.DataParallel) -> None:
-    """Raises when a step built without `dp`'s collective axis would run on several devices."""
-    axis = getattr(step, "axis_name", None)
-    if dp.num_devices > 1 and axis != dp.axis_name:
-        if axis is None:
-            raise ValueError(NO_AXIS.format(n=dp.num_devices))
-        raise ValueError(
-            f"the step reduces over axis {axis!r} but the data-parallel plan's axis is "
-            f"{dp.axis_name!r}; build it with axis_name=dp.axis_name"
-        )
 
 
 def gather(data: Batch, ix: Array) -> Batch:
@@ -206,111 +184,78 @@ def gather(data: Batch, ix: Array) -> Batch:
     return jax.tree.map(lambda x: x[ix], data)
 
 
-def make_epoch_runner(train_step: Callable, dp: parallel.DataParallel) -> Callable:
-    """Runs many train steps per device call, the data set resident on every device.
+def _scan_or_call(step: Callable, state: Any, xs: Any) -> tuple[Any, Any]:
+    """`lax.scan(step, state, xs)`, or one direct call for a chunk of one step."""
+    if jax.tree.leaves(xs)[0].shape[0] == 1:
+        state, metrics = step(state, jax.tree.map(lambda x: x[0], xs))
+        return state, jax.tree.map(lambda m: m[None], metrics)
+    return jax.lax.scan(step, state, xs)
 
-    Returns `run(state, data, idx) -> (state, metrics)` where `state` and `data` (a batch
-    pytree of the whole data set) come from `dp.replicate`, `idx` is `[steps, global_batch]`
-    example indices from `dp.shard_columns`, and `metrics` are the per-step metrics with a
-    leading `[steps]` axis (replicated). With one step per call the step is called
-    directly; with more it runs inside `lax.scan`. The state buffer is donated.
 
-    Raises:
-      ValueError: on several devices, for a step built without `axis_name=dp.axis_name`.
+def _jit_runner(run_fn: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
+    """`run_fn(state, ...) -> (state, metrics)` jitted: the state stays on its shardings
+    (donated), the per-step metrics come back replicated."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(run_fn, out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def make_epoch_runner(train_step: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
+    """Runs many train steps per device call, the data set resident on the devices.
+
+    Returns `run(state, data, idx) -> (state, metrics)` where `state` is placed on
+    `state_shardings`, `data` (a batch pytree of the whole data set) is replicated, `idx`
+    is `[steps, global_batch]` example indices split over the data axis along axis 1, and
+    `metrics` are the per-step metrics with a leading `[steps]` axis. The state is donated.
     """
-    check_axis(train_step, dp)
 
     def run_fn(state, data, idx):
-        def body(state, ix):
-            return train_step(state, gather(data, ix))
+        return _scan_or_call(lambda s, ix: train_step(s, gather(data, ix)), state, idx)
 
-        if idx.shape[0] == 1:
-            state, metrics = body(state, idx[0])
-            return state, jax.tree.map(lambda m: m[None], metrics)
-        return jax.lax.scan(body, state, idx)
-
-    return dp.map(
-        run_fn,
-        in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.COLUMNS),
-        out_specs=(parallel.REPLICATED, parallel.REPLICATED),
-        donate_argnums=(0,),
-    )
+    return _jit_runner(run_fn, mesh, state_shardings)
 
 
-def make_stream_runner(train_step: Callable, dp: parallel.DataParallel) -> Callable:
+def make_stream_runner(train_step: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
     """Runs many train steps per device call on batches streamed from the host.
 
-    Returns `run(state, batches) -> (state, metrics)` where `batches` is a batch pytree with
-    a leading `[steps, global_batch, ...]` (from `dp.shard_columns`, split over devices along
-    axis 1): the same steps as `make_epoch_runner` on the batches it would gather. The state
-    buffer is donated.
-
-    Raises:
-      ValueError: on several devices, for a step built without `axis_name=dp.axis_name`.
+    Returns `run(state, batches) -> (state, metrics)` where `batches` has a leading
+    `[steps, global_batch, ...]` (split over the data axis along axis 1): the same steps as
+    `make_epoch_runner` on the batches it would gather. The state is donated.
     """
-    check_axis(train_step, dp)
-
-    def run_fn(state, batches):
-        if jax.tree.leaves(batches)[0].shape[0] == 1:
-            state, metrics = train_step(state, jax.tree.map(lambda x: x[0], batches))
-            return state, jax.tree.map(lambda m: m[None], metrics)
-        return jax.lax.scan(train_step, state, batches)
-
-    return dp.map(
-        run_fn,
-        in_specs=(parallel.REPLICATED, parallel.COLUMNS),
-        out_specs=(parallel.REPLICATED, parallel.REPLICATED),
-        donate_argnums=(0,),
+    return _jit_runner(
+        lambda state, batches: _scan_or_call(train_step, state, batches), mesh, state_shardings
     )
 
 
-def make_eval_runner(eval_step: Callable, dp: parallel.DataParallel) -> Callable:
+def _summed(eval_step: Callable, state: Any, xs: Any) -> dict:
+    def body(total, x):
+        return jax.tree.map(jnp.add, total, eval_step(state, *x)), None
+
+    first = jax.tree.map(lambda x: x[0], xs)
+    zero = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(eval_step, state, *first)
+    )
+    return jax.lax.scan(body, zero, xs)[0]
+
+
+def make_eval_runner(eval_step: Callable, mesh: Mesh) -> Callable:
     """`run(state, data, idx) -> metrics` summed over all of `idx` ([steps, batch]; -1 = pad)."""
-    check_axis(eval_step, dp)
 
     def run_fn(state, data, idx):
-        def metrics_of(ix):
-            return eval_step(state, gather(data, jnp.maximum(ix, 0)), ix >= 0)
-
-        def body(total, ix):
-            return jax.tree.map(jnp.add, total, metrics_of(ix)), None
-
-        zero = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(metrics_of, idx[0])
+        return _summed(
+            lambda s, ix: eval_step(s, gather(data, jnp.maximum(ix, 0)), ix >= 0), state, (idx,)
         )
-        total, _ = jax.lax.scan(body, zero, idx)
-        return total
 
-    return dp.map(
-        run_fn,
-        in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.COLUMNS),
-        out_specs=parallel.REPLICATED,
-    )
+    return jax.jit(run_fn, out_shardings=NamedSharding(mesh, P()))
 
 
-def make_stream_eval_runner(eval_step: Callable, dp: parallel.DataParallel) -> Callable:
+def make_stream_eval_runner(eval_step: Callable, mesh: Mesh) -> Callable:
     """`run(state, batches, mask) -> metrics` summed over streamed `[steps, batch, ...]`.
 
-    The batches come from the host (`dp.shard_columns`); `mask` ([steps, batch] bool) is
-    False on the padding of the last batch. The streamed twin of `make_eval_runner`.
+    `mask` ([steps, batch] bool) is False on the padding of the last batch.
     """
-    check_axis(eval_step, dp)
-
-    def run_fn(state, batches, mask):
-        def body(total, xs):
-            return jax.tree.map(jnp.add, total, eval_step(state, *xs)), None
-
-        first = (jax.tree.map(lambda x: x[0], batches), mask[0])
-        zero = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(eval_step, state, *first)
-        )
-        total, _ = jax.lax.scan(body, zero, (batches, mask))
-        return total
-
-    return dp.map(
-        run_fn,
-        in_specs=(parallel.REPLICATED, parallel.COLUMNS, parallel.COLUMNS),
-        out_specs=parallel.REPLICATED,
+    return jax.jit(
+        lambda state, batches, mask: _summed(eval_step, state, (batches, mask)),
+        out_shardings=NamedSharding(mesh, P()),
     )
 
 

@@ -146,7 +146,7 @@ def time_epochs(images, labels, batches, steps_per_call, dtypes=("float32",)) ->
     import jax.numpy as jnp
     import optax
 
-    from jaxnets import loop, parallel, train
+    from jaxnets import loop, sharding, train
     from jaxnets.models import MnistCNN
 
     data = {"image": images, "label": labels}
@@ -157,21 +157,20 @@ def time_epochs(images, labels, batches, steps_per_call, dtypes=("float32",)) ->
         tx = optax.sgd(0.05, momentum=0.9, nesterov=True)
         for batch in batches:
             devices = max(d for d in range(1, n + 1) if batch % d == 0 and n % d == 0)
-            dp = parallel.make_data_parallel(devices=devices)
-            step = train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
+            mesh = sharding.make_mesh(devices)
+            step = train.make_train_step(objective.loss_fn, tx)
             for k in steps_per_call:
                 sample = {"image": images[:1], "label": labels[:1]}
                 state = train.create_train_state(objective.init, tx, sample, key=jax.random.key(0))
                 result = loop.fit(
                     state,
                     step,
-                    dp,
                     data,
                     data_key=jax.random.key(1),
                     epochs=2,
                     batch_size=batch,
-                    steps_per_dispatch=k,
-                    log_every_steps=10,
+                    mesh=mesh,
+                    steps_per_call=k,
                 )
                 seconds = result.history[-1]["epoch_seconds"]
                 rows.append(

@@ -12,11 +12,11 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxnets import parallel  # noqa: E402
+from jaxnets import sharding  # noqa: E402
 
 if __name__ == "__main__":
     process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    parallel.initialize(f"127.0.0.1:{port}", 2, process_id, cpu_collectives="gloo")
+    sharding.initialize(f"127.0.0.1:{port}", 2, process_id, cpu_collectives="gloo")
     assert jax.device_count() == 4 and jax.local_device_count() == 2
     mode = sys.argv[4] if len(sys.argv) > 4 else "train"
     if mode == "train":
@@ -30,7 +30,7 @@ if __name__ == "__main__":
         stream = test_inputs.inputs.Stream(source, transform=test_inputs._drop_name)
         streamed, _ = test_train._run(devices=None, epochs=2, train_data=stream)
         np.save(f"{out}.reads{process_id}.npy", np.asarray(source.reads))
-        if parallel.is_main_process():
+        if sharding.is_main_process():
             leaves = jax.tree.leaves(state.params)
             np.savez(out, *leaves, val_loss=result.history[-1]["val_loss"])
             np.savez(f"{out}.streamed.npz", *jax.tree.leaves(streamed.params))
@@ -43,7 +43,7 @@ if __name__ == "__main__":
         config = dataclasses.replace(test_mnist_cnn.TINY, devices=None, workdir=out)
         first = test_mnist_cnn.mnist_cnn.main(dataclasses.replace(config, epochs=1))
         second = test_mnist_cnn.mnist_cnn.main(config)
-        if parallel.is_main_process():
+        if sharding.is_main_process():
             with open(os.path.join(out, "steps.json"), "w") as f:
                 json.dump([first["step"], second["step"], second["test"]["loss"]], f)
     jax.distributed.shutdown()

@@ -10,21 +10,28 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxnets import adapters, checkpoint, loop, losses, metrics, parallel, train, writers
+from jaxnets import (
+    adapters,
+    checkpoint,
+    hooks,
+    loop,
+    losses,
+    metrics,
+    sharding,
+    train,
+    writers,
+)
 
 
 class _BnDropNet(nn.Module):
-    """Conv -> BatchNorm (synchronised over the data-parallel axis) -> Dropout -> Dense."""
+    """Conv -> BatchNorm -> Dropout -> Dense, no axis name: the global batch's statistics."""
 
     dropout: float = 0.5
-    bn_axis: str | None = "batch"  # None: per-device statistics (no collective)
 
     @nn.compact
     def __call__(self, x, train: bool):
         x = nn.Conv(4, (3, 3), use_bias=False)(x)
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=0.8, axis_name=self.bn_axis if train else None
-        )(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.8)(x)
         x = nn.relu(x).reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(3)(x)
@@ -40,34 +47,38 @@ def _ce(logits, y):
     return losses.softmax_cross_entropy(logits, y, reduction="none")
 
 
-def _linen(dropout=0.5, axis_name="batch"):
-    return adapters.linen(
-        _BnDropNet(dropout, bn_axis=axis_name),
-        loss=_ce,
-        metrics={"accuracy": metrics.accuracy},
-        axis_name=axis_name,
-    )
+def _linen(dropout=0.5):
+    return adapters.linen(_BnDropNet(dropout), loss=_ce, metrics={"accuracy": metrics.accuracy})
 
 
 TX = optax.sgd(0.05, momentum=0.9)
 
 
-def _fit(objective, data, *, devices=1, backend="shard_map", epochs=2, k=2, state=None, **kw):
-    dp = parallel.make_data_parallel(backend=backend, devices=devices)
+class _StopAfter(hooks.Hook):
+    """Asks to stop at the n-th poll (a stand-in for SIGTERM)."""
+
+    def __init__(self, n):
+        self.n, self.polls = n, 0
+
+    def should_stop(self, ctx):
+        self.polls += 1
+        return self.polls >= self.n
+
+
+def _fit(objective, data, *, devices=1, epochs=2, k=2, state=None, **kw):
     if state is None:
         sample = jax.tree.map(lambda x: x[:1], data)
         state = train.create_train_state(objective.init, TX, sample, key=jax.random.key(0))
-    step = train.make_train_step(objective.loss_fn, TX, axis_name=dp.axis_name)
+    step = train.make_train_step(objective.loss_fn, TX)
     return loop.fit(
         state,
         step,
-        dp,
         data,
         data_key=jax.random.key(1),
         epochs=epochs,
         batch_size=16,
-        steps_per_dispatch=k,
-        log_every_steps=2,
+        mesh=sharding.make_mesh(devices),
+        steps_per_call=k,
         **kw,
     )
 
@@ -99,7 +110,7 @@ def test_batchnorm_statistics_train_and_are_used_at_eval():
 
 def test_dropout_differs_between_steps_and_is_off_at_eval():
     data = _images(16)
-    objective = _linen(dropout=0.5, axis_name=None)
+    objective = _linen(dropout=0.5)
     params, model_state = objective.init(jax.random.key(0), data)
     loss_at = lambda key: float(objective.loss_fn(params, model_state, data, key)[0])
     a, b = loss_at(jax.random.key(1)), loss_at(jax.random.key(2))
@@ -135,30 +146,24 @@ def test_regression_logged_loss_is_the_true_mean_and_custom_metric_is_everywhere
     jsonl = writers.JsonlWriter(tmp_path / "metrics.jsonl")
     tb = writers.TensorBoardWriter(tmp_path / "tb")
 
-    def on_log(record):
-        records.append(record)
-        jsonl.write(record)
-        tb.write(record)
+    class Keep:
+        write, close = records.append, lambda self=None: None
 
-    dp = parallel.make_data_parallel(devices=1)
     state = train.create_train_state(objective.init, TX, data, key=jax.random.key(0))
-    ev = loop.make_evaluation(train.make_eval_step(objective.eval_fn), dp, data, batch_size=40)
     tx = optax.sgd(0.01)
     result = loop.fit(
         state,
         train.make_train_step(objective.loss_fn, tx),
-        dp,
         data,
         data_key=jax.random.key(1),
         epochs=1,
         batch_size=96,
-        evaluation=ev,
-        steps_per_dispatch=1,
-        log_every_steps=1,
-        hooks=loop.Hooks(on_log=on_log),
+        hooks=[
+            hooks.Evaluate(train.make_eval_step(objective.eval_fn), data, batch_size=40),
+            hooks.Log(Keep(), jsonl, tb, every_steps=1),
+        ],
+        steps_per_call=1,
     )
-    jsonl.close()
-    tb.close()
     # The one step's logged loss is the mean of the per-example losses at the initial params.
     pred0 = np.asarray(nn.Dense(1).apply({"params": state.params}, x))
     first = records[0]
@@ -226,25 +231,17 @@ def test_penalty_on_params_is_added_and_reported():
 
 
 @pytest.mark.slow
-def test_batchnorm_model_on_8_devices_equals_1_and_pmap_equals_shard_map():
+def test_batchnorm_dropout_model_on_8_devices_equals_1_and_fsdp_equals_replicated():
     data = _images(64)
-    objective = _linen(dropout=0.0)
+    objective = _linen(dropout=0.5)
     one = _fit(objective, data, devices=1)
     eight = _fit(objective, data, devices=8)
-    pmapped = _fit(objective, data, devices=8, backend="pmap")
+    fsdp = _fit(objective, data, devices=8, rule=sharding.fsdp(min_bytes=256))
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(fsdp.state.params))
     _close(eight.state, one.state, 1e-5)
-    _close(pmapped.state, eight.state, 1e-6)
+    _close(fsdp.state, eight.state, 1e-6)
     for name in ("loss", "accuracy"):
         assert eight.history[-1][name] == pytest.approx(one.history[-1][name], abs=1e-5)
-
-
-def test_a_step_without_its_axis_cannot_run_on_several_devices():
-    objective = _linen(dropout=0.0, axis_name=None)
-    dp = parallel.make_data_parallel(devices=8)
-    with pytest.raises(ValueError, match="built without axis_name but runs on 8 devices"):
-        train.make_epoch_runner(train.make_train_step(objective.loss_fn, TX), dp)
-    with pytest.raises(ValueError, match="reduces over axis 'data'"):
-        train.make_epoch_runner(train.make_train_step(objective.loss_fn, TX, axis_name="data"), dp)
 
 
 @pytest.mark.slow
@@ -254,7 +251,6 @@ def test_batchnorm_dropout_model_resumes_bit_for_bit(tmp_path):
     objective = _linen(dropout=0.5)
     full = _fit(objective, data, devices=2, epochs=2, k=2)
     with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
-        polls = []
 
         def save(step, state):
             ckpt.save(step, state, metadata={})
@@ -265,8 +261,7 @@ def test_batchnorm_dropout_model_resumes_bit_for_bit(tmp_path):
             devices=2,
             epochs=2,
             k=2,
-            actions=[loop.Periodic(save, every_steps=5, on_stop=True)],
-            hooks=loop.Hooks(should_stop=lambda: polls.append(1) or len(polls) >= 3),
+            hooks=[hooks.Periodic(save, every_steps=5, on_stop=True), _StopAfter(3)],
         )
     assert part.stopped_early and int(part.state.step) == 6  # mid-epoch (4 steps per epoch)
     sample = jax.tree.map(lambda x: x[:1], data)
@@ -386,29 +381,3 @@ def test_metrics_are_mergeable_sums_against_numpy():
         metrics.mean_absolute_error(pred, target[:, 0])
     bf16 = metrics.Mean.from_values(jnp.full((1000,), 0.23, jnp.bfloat16))
     assert bf16.total.dtype == jnp.float32  # sums never in the model's low precision
-
-
-class _Drop(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool):
-        return nn.Dropout(0.5, deterministic=not train)(x)
-
-
-def test_devices_draw_their_own_dropout_masks():
-    """The same shard on two devices: different masks with the axis, the same without."""
-    from jax.sharding import PartitionSpec as P
-
-    dp = parallel.make_data_parallel(devices=2)
-    batch = {"image": jnp.ones((4, 64)), "label": jnp.zeros(4)}
-
-    def per_device_loss(axis_name):
-        obj = adapters.linen(_Drop(), loss=lambda out, t: out.sum(-1), axis_name=axis_name)
-        fn = lambda b: obj.loss_fn({}, {}, b, jax.random.key(0))[0][None]
-        spec = P(dp.axis_name)
-        return np.asarray(
-            jax.jit(jax.shard_map(fn, mesh=dp.mesh, in_specs=spec, out_specs=spec))(batch)
-        )
-
-    with_axis, without = per_device_loss(dp.axis_name), per_device_loss(None)
-    assert with_axis[0] != with_axis[1]
-    assert without[0] == without[1]

@@ -14,7 +14,7 @@ import pytest
 from experiments import diabetes
 from jaxnets import checkpoint as ckpt
 from jaxnets import metrics as jmetrics
-from jaxnets import parallel, train, writers
+from jaxnets import train, writers
 
 # 266 training examples, batch 32: 8 steps an epoch, on 2 devices.
 TINY = dataclasses.replace(
@@ -35,8 +35,7 @@ def _run(tmp_path, name, **overrides):
 def _predictions(summary: dict) -> dict[str, np.ndarray]:
     """The final checkpoint's predictions `[n, 1]` on every split, from one model apply."""
     config = TINY
-    dp = parallel.make_data_parallel(backend=config.parallel, devices=1)
-    objective = diabetes.make_objective(config, dp)
+    objective = diabetes.make_objective(config)
     data, _ = diabetes.load_data(validation_split=0.2, test_split=0.2, seed=config.seed)
     sample = jax.tree.map(lambda v: v[:1], data["train"])
     target = train.create_train_state(

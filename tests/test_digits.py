@@ -14,7 +14,7 @@ import pytest
 
 from experiments import digits
 from jaxnets import checkpoint as ckpt
-from jaxnets import parallel, train, writers
+from jaxnets import train, writers
 
 # 1,079 training digits, batch 64: 16 steps an epoch, on 2 devices.
 TINY = dataclasses.replace(
@@ -35,8 +35,7 @@ def _run(tmp_path, name, **overrides):
 def _final_state(summary: dict) -> train.TrainState:
     """The last checkpoint of a run, restored into a freshly built state."""
     config = dataclasses.replace(TINY, **summary["config"])
-    dp = parallel.make_data_parallel(backend=config.parallel, devices=1)
-    objective = digits.make_objective(config, dp)
+    objective = digits.make_objective(config)
     sample = {"image": np.zeros((1, 8, 8, 1), np.float32), "label": np.zeros((1,), np.int32)}
     target = train.create_train_state(
         objective.init, digits.make_optimizer(config), sample, key=jax.random.key(0)
@@ -122,10 +121,11 @@ def test_a_finished_run_says_so(full, caplog):
     assert again["params_sha256"] == full["params_sha256"] and again["test"] == full["test"]
 
 
-def test_one_device_equals_eight_without_dropout(tmp_path):
-    """BatchNorm is synced over the devices; dropout masks are per device, hence off."""
-    one = _run(tmp_path, "one", devices=1, dropout_rate=0.0, epochs=1)
-    eight = _run(tmp_path, "eight", devices=8, dropout_rate=0.0, epochs=1)
+def test_one_device_equals_eight_with_dropout_and_batchnorm(tmp_path):
+    """The step is a function of the global batch: BatchNorm statistics and dropout masks
+    are the global batch's, so the device count does not change the numbers."""
+    one = _run(tmp_path, "one", devices=1, epochs=1)
+    eight = _run(tmp_path, "eight", devices=8, epochs=1)
     a, b = _final_state(one), _final_state(eight)
     chex.assert_trees_all_close(a.params, b.params, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(a.model_state, b.model_state, atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import test_train
 
-from jaxnets import evaluation, inputs, loop
+from jaxnets import evaluation, feeds, hooks, inputs, sharding
 
 
 def _assert_equal(a, b):
@@ -17,12 +17,10 @@ def _assert_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize(
-    "backend,devices,k", [("shard_map", 1, 4), ("shard_map", 4, 1), ("pmap", 2, 3)]
-)
-def test_streamed_equals_resident_bit_for_bit(backend, devices, k):
-    resident, r_result = test_train._run(backend, devices, k, train_input="resident")
-    streamed, s_result = test_train._run(backend, devices, k, train_input="stream")
+@pytest.mark.parametrize("devices,k", [(1, 4), (4, 1), (2, 3)])
+def test_streamed_equals_resident_bit_for_bit(devices, k):
+    resident, r_result = test_train._run(devices, k, train_input="resident")
+    streamed, s_result = test_train._run(devices, k, train_input="stream")
     _assert_equal(resident, streamed)
     assert [h["loss"] for h in s_result.history] == [h["loss"] for h in r_result.history]
 
@@ -121,29 +119,35 @@ def test_bad_inputs_are_named():
         inputs.Stream(inputs.ArraySource({"x": np.zeros(3)}), prefetch=0)
 
 
-class _StopAt:
+class _StopAt(hooks.Hook):
     def __init__(self, step):
-        self.step, self.calls = step, 0
+        self.step = step
 
-    def __call__(self):
-        self.calls += 1
-        return self.calls * 2 >= self.step  # chunks of 2 steps
+    def should_stop(self, ctx):
+        return ctx.step >= self.step
+
+
+class _Save(hooks.Hook):
+    """Keeps the state (a host copy: the device state is donated to the next chunk) and the
+    feed's position when training stops."""
+
+    on_stop = True
+
+    def __init__(self):
+        self.saved = {}
+
+    def __call__(self, ctx):
+        self.saved.update(state=jax.device_get(ctx.state), data=ctx.feed.state())
 
 
 def test_streamed_resume_mid_epoch_from_the_saved_position_is_bit_exact():
     images, labels = test_train._data()
     full, _ = test_train._run(devices=1, k=2, train_input="stream")
 
-    saved = {}
     stream = inputs.Stream(inputs.ArraySource(test_train._batch(images, labels)))
-    action = loop.Periodic(lambda step, state: saved.update(state=state, data=stream.get_state()))
-    half, result = test_train._run(
-        devices=1,
-        k=2,
-        train_data=stream,
-        hooks=loop.Hooks(should_stop=_StopAt(6)),
-        actions=[loop.Periodic(action.fn, on_stop=True)],
-    )
+    save = _Save()
+    saved = save.saved
+    half, result = test_train._run(devices=1, k=2, train_data=stream, extra=[_StopAt(6), save])
     assert result.stopped_early and saved["data"]["step"] == 6
     assert saved["data"]["grain"] == {"next_index": 6}  # Grain's iterator state, in epoch 0
 
@@ -163,14 +167,7 @@ def test_streamed_resume_mid_epoch_from_the_saved_position_is_bit_exact():
     # Saved at an epoch's end (step 8 of 8 per epoch): the next epoch starts afresh.
     saved.clear()
     ended = inputs.Stream(inputs.ArraySource(test_train._batch(images, labels)))
-    action = loop.Periodic(lambda step, state: saved.update(state=state, data=ended.get_state()))
-    test_train._run(
-        devices=1,
-        k=2,
-        train_data=ended,
-        hooks=loop.Hooks(should_stop=_StopAt(8)),
-        actions=[loop.Periodic(action.fn, on_stop=True)],
-    )
+    test_train._run(devices=1, k=2, train_data=ended, extra=[_StopAt(8), save])
     assert saved["data"]["grain"] == {"next_index": 8} and saved["data"]["epoch"] == 0
     at_epoch_end = inputs.Stream(inputs.ArraySource(test_train._batch(images, labels)))
     at_epoch_end.set_state(saved["data"])
@@ -181,20 +178,19 @@ def test_streamed_resume_mid_epoch_from_the_saved_position_is_bit_exact():
     _assert_equal(full, again)
 
 
-@pytest.mark.parametrize("backend,devices,chunk", [("shard_map", 4, 50), ("pmap", 2, 1)])
-def test_streamed_evaluation_equals_resident(backend, devices, chunk, monkeypatch):
+@pytest.mark.parametrize("devices,chunk", [(4, 50), (2, 1)])
+def test_streamed_evaluation_equals_resident(devices, chunk, monkeypatch):
     """A padded last batch (50 examples, batch 32), in one call or one step per call."""
-    monkeypatch.setattr(evaluation, "EVAL_STEPS_PER_CALL", chunk)
-    state, _ = test_train._run(backend, devices, epochs=1, evaluate=False)
-    dp = test_train.parallel.make_data_parallel(backend=backend, devices=devices)
-    eval_step = test_train.train.make_eval_step(
-        test_train._objective().eval_fn, axis_name=dp.axis_name
-    )
+    monkeypatch.setattr(feeds, "EVAL_STEPS_PER_CALL", chunk)
+    state, _ = test_train._run(devices, epochs=1, evaluate=False)
+    mesh = sharding.make_mesh(devices)
+    eval_step = test_train.train.make_eval_step(test_train._objective().eval_fn)
     images, labels = test_train._data(50, seed=3)
     data = test_train._batch(images, labels)
     got = {
-        how: loop.evaluate(
-            loop.make_evaluation(eval_step, dp, data, batch_size=32, input=how), state
+        how: evaluation.evaluate(
+            evaluation.make_evaluation(eval_step, data, batch_size=32, mesh=mesh, input=how),
+            state,
         )
         for how in ("resident", "stream")
     }

@@ -90,7 +90,7 @@ def test_notebook_runs_on_8_then_1_devices_and_resumes(tmp_path):
     assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["step"] == 16 and summary["epochs_completed"] == 2
-    assert summary["devices"]["count"] == 8 and summary["devices"]["backend"] == "pmap"
+    assert summary["devices"]["count"] == 8 and summary["devices"]["sharding"] == "replicated"
     assert summary["dataset"]["train"] == 320
     printed = _printed(nb)
     assert "8 x cpu: global batch 40, 5 per device" in printed

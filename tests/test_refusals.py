@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnets import adapters, loop, losses, parallel, run, train, writers
+from jaxnets import adapters, hooks, loop, losses, run, sharding, train, writers
 from jaxnets import metrics as jmetrics
 from jaxnets.lock import WorkdirLock
 
@@ -37,10 +37,24 @@ def _tiny(n=48, classes=3):
     return {"image": x, "label": y}
 
 
+class _SignalOnce(hooks.Hook):
+    """Sends `signum` to this process after the first chunk (a real signal while training)."""
+
+    every_steps = 1
+
+    def __init__(self, signum):
+        self.signum, self.sent = signum, False
+
+    def __call__(self, ctx):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
 def _tiny_run(workdir, *, epochs=2, data=None, signum=None, summaries=None, **flags):
     """A 3-class Dense model trained through `run.open_run` + `loop.fit` (6 steps per epoch).
 
-    `signum`: sent to this process at the first log point (a real signal while training);
+    `signum`: sent to this process after the first chunk (a real signal while training);
     `summaries`: a list that gets the run's summary.
     """
     data = _tiny() if data is None else data
@@ -50,7 +64,6 @@ def _tiny_run(workdir, *, epochs=2, data=None, signum=None, summaries=None, **fl
         metrics={"accuracy": jmetrics.accuracy},
     )
     tx = optax.sgd(0.1)
-    dp = parallel.make_data_parallel(devices=1)
     state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
     flags = run.RunConfig(
         workdir=str(workdir),
@@ -64,32 +77,20 @@ def _tiny_run(workdir, *, epochs=2, data=None, signum=None, summaries=None, **fl
         flags,
         {"epochs": epochs},
         state,
-        dp,
+        sharding.make_mesh(1),
         result_fields=(),
         total_steps=epochs * steps_per_epoch,
     ) as work:
-        options = work.fit_options(epochs=epochs)
-        if signum is not None:
-            log, sent = options["hooks"].on_log, []
-
-            def on_log(record):
-                log(record)
-                if not sent:
-                    sent.append(os.kill(os.getpid(), signum))
-
-            options["hooks"] = options["hooks"]._replace(on_log=on_log)
-        result = loop.fit(
-            work.state,
+        result = work.fit(
             train.make_train_step(objective.loss_fn, tx),
-            dp,
             data,
             data_key=jax.random.key(1),
             epochs=epochs,
             batch_size=8,
-            **options,
+            hooks=[] if signum is None else [_SignalOnce(signum)],
         )
         if summaries is not None:
-            summaries.append(work.summarise(result, dp, steps_per_epoch=6, batch_size=8))
+            summaries.append(work.summarise(result, steps_per_epoch=6, batch_size=8))
     return result
 
 
@@ -208,7 +209,7 @@ class TestFlagsAndArguments:
             ("validation_split", 1.5, "--validation-split 1.5: must be a finite number in [0, 1)"),
             ("keep_checkpoints", 0, "--keep-checkpoints 0: must be an int >= 1"),
             ("devices", 0, "--devices 0: must be an int >= 1 (or none)"),
-            ("parallel", "vmap", "--parallel vmap: must be one of 'pmap', 'shard_map'"),
+            ("sharding", "zero3", "--sharding zero3: must be one of 'replicated', 'fsdp'"),
             ("limit_train", 0, "--limit-train 0: must be an int >= 1 (or none)"),
             ("nesterov", 1, "--nesterov 1: must be a bool"),
         ],
@@ -258,9 +259,8 @@ class TestFlagsAndArguments:
             ({"batch_size": 0}, ValueError, "batch_size=0: must be an int >= 1"),
             ({"batch_size": 8.0}, ValueError, "batch_size=8.0: must be an int >= 1"),
             ({"epochs": 0}, ValueError, "epochs=0: must be an int >= 1"),
-            ({"log_every_steps": 0}, ValueError, "log_every_steps=0: must be an int >= 1"),
-            ({"steps_per_dispatch": 0}, ValueError, "steps_per_dispatch=0: must be an int >= 1"),
-            ({"on_nonfinite": "skip"}, ValueError, "on_nonfinite='skip': must be one of"),
+            ({"steps_per_call": 0}, ValueError, "steps_per_call=0: must be an int >= 1"),
+            ({"input": "disk"}, ValueError, "input='disk'; use one of"),
             ({"data_key": 1}, TypeError, "data_key must be a PRNG key, e.g. data_key=jax.random"),
         ],
     )
@@ -277,14 +277,13 @@ class TestFlagsAndArguments:
             loop.fit(
                 state,
                 train.make_train_step(objective.loss_fn, tx),
-                parallel.make_data_parallel(devices=1),
                 data,
                 **args,
             )
         assert str(e.value).startswith(message)
         assert "--" not in str(e.value)  # a library user has no flags
 
-    def test_make_data_parallel_and_sweep_arguments(self):
+    def test_make_mesh_and_sweep_arguments(self):
         from jaxnets import sweep
 
         for devices, error, message in [
@@ -295,7 +294,7 @@ class TestFlagsAndArguments:
             ([0, 1], TypeError, "devices=[0, 1]: a non-empty sequence of jax devices"),
         ]:
             with pytest.raises(error) as e:
-                parallel.make_data_parallel(devices=devices)
+                sharding.make_mesh(devices=devices)
             assert str(e.value).startswith(message) and "--" not in str(e.value)
         objective = adapters.linen(
             nn.Dense(3),
@@ -313,7 +312,7 @@ class TestFlagsAndArguments:
 
 
 class TestModesDoWhatTheySay:
-    def _fit(self, tx, on_nonfinite):
+    def _fit(self, tx, mode):
         data = _tiny()
         objective = adapters.linen(  # every step's loss and gradient are NaN: sqrt(< 0)
             nn.Dense(3), loss=lambda logits, y: jnp.sqrt(logits[:, 0] - 1e6)
@@ -322,21 +321,20 @@ class TestModesDoWhatTheySay:
         return loop.fit(
             state,
             train.make_train_step(objective.loss_fn, tx),
-            parallel.make_data_parallel(devices=1),
             data,
             data_key=jax.random.key(1),
             epochs=1,
             batch_size=8,
-            steps_per_dispatch=1,
-            log_every_steps=2,
-            on_nonfinite=on_nonfinite,
+            hooks=[hooks.NonFinite(mode)],
+            mesh=sharding.make_mesh(1),
+            steps_per_call=1,
         )
 
     def test_warn_without_skipping_updates_raises(self, caplog):
         with pytest.raises(FloatingPointError) as e:
             self._fit(optax.sgd(0.1), "warn")
         assert str(e.value).startswith(
-            "on_nonfinite='warn' goes on past a non-finite loss (between steps 1 and 2)"
+            "NonFinite('warn') goes on past a non-finite loss (between steps 1 and 1)"
         )
         assert "optax.apply_if_finite" in str(e.value)
 
@@ -344,12 +342,12 @@ class TestModesDoWhatTheySay:
         result = self._fit(optax.apply_if_finite(optax.sgd(0.1), 100), "warn")
         leaves = jax.tree.leaves(result.state.params)
         assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
-        assert "non-finite training loss between steps 1 and 2" in caplog.text
+        assert "non-finite training loss at step 1 (of steps 1..1)" in caplog.text
 
     def test_raise_names_the_api_fix_not_a_flag(self):
         with pytest.raises(FloatingPointError) as e:
             self._fit(optax.sgd(0.1), "raise")
-        assert "non-finite training loss between steps 1 and 2" in str(e.value)
+        assert "non-finite training loss at step 1 (of steps 1..1)" in str(e.value)
         assert "--" not in str(e.value) and "optax.apply_if_finite" in str(e.value)
 
     def test_l1_proximal_not_last_is_refused(self):

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnets import adapters, loop, metrics, optim, parallel, sweep, train
+from jaxnets import adapters, evaluation, hooks, loop, metrics, optim, sharding, sweep, train
 
 
 class _TinyNet(nn.Module):
@@ -42,17 +42,16 @@ class _BatchNormNet(nn.Module):
     def __call__(self, x, train: bool):
         # No bias before BatchNorm: its gradient is rounding noise, which adam would amplify.
         x = nn.Dense(16, use_bias=False)(x.reshape(x.shape[0], -1))
-        x = nn.BatchNorm(use_running_average=not train, axis_name="batch" if train else None)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
         return nn.Dense(10)(nn.tanh(x))
 
 
-def _objective(module=None, axis_name="batch"):
+def _objective(module=None):
     return adapters.linen(
         module or _TinyNet(),
         loss=_loss,
         metrics={"accuracy": metrics.accuracy},
         preprocess=_preprocess,
-        axis_name=axis_name,
     )
 
 
@@ -73,26 +72,22 @@ EPOCHS, BATCH = 2, 32
 def _separate_run(tx, seed, train_data, val_data, module=None):
     """One configuration through the ordinary single-model path: loop.fit on 1 device."""
     model_key, data_key = sweep.run_keys(seed)
-    dp = parallel.make_data_parallel(backend="pmap", devices=1)
     objective = _objective(module)
     state = train.create_train_state(objective.init, tx, _batch(train_data), key=model_key)
-    step = train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
-    evaluation = loop.make_evaluation(
-        train.make_eval_step(objective.eval_fn, axis_name=dp.axis_name),
-        dp,
-        _batch(val_data),
-        batch_size=BATCH,
+    step = train.make_train_step(objective.loss_fn, tx)
+    evaluate = hooks.Evaluate(
+        train.make_eval_step(objective.eval_fn), _batch(val_data), batch_size=BATCH
     )
     result = loop.fit(
         state,
         step,
-        dp,
         _batch(train_data),
         data_key=data_key,
         epochs=EPOCHS,
         batch_size=BATCH,
-        evaluation=evaluation,
-        steps_per_dispatch=1,
+        hooks=[evaluate],
+        mesh=sharding.make_mesh(1),
+        steps_per_call=1,
     )
     return result.state, result.history
 
@@ -134,11 +129,11 @@ def test_sweep_on_several_devices_equals_separate_runs_on_1():
             _batch(val_data),
             epochs=EPOCHS,
             batch_size=BATCH,
-            dp=parallel.make_data_parallel(backend=backend, devices=devices),
-            steps_per_dispatch=k,  # k=2: chunks of 2, 2, 1 steps, the scanned and direct paths
+            mesh=sharding.make_mesh(devices),
+            steps_per_call=k,  # k=2: chunks of 2, 2, 1 steps, the scanned and direct paths
             vectorize=vectorize,
         )
-        for vectorize, backend, devices, k in [("vmap", "pmap", 4, 2), ("map", "shard_map", 2, 1)]
+        for vectorize, devices, k in [("vmap", 4, 2), ("map", 2, 1)]
     ]
     _assert_sweep_equals_runs(
         results,
@@ -173,8 +168,8 @@ def test_sweep_of_any_injected_chain_and_a_batchnorm_model():
         _batch(val_data),
         epochs=EPOCHS,
         batch_size=BATCH,
-        dp=parallel.make_data_parallel(backend="shard_map", devices=2),
-        steps_per_dispatch=2,
+        mesh=sharding.make_mesh(2),
+        steps_per_call=2,
     )
     assert result.results["axes"] == ["seed", "b1", "learning_rate"]
 
@@ -238,19 +233,18 @@ def test_best_is_lowest_validation_loss_and_table_marks_it():
         _batch(val_data),
         epochs=2,
         batch_size=BATCH,
-        dp=parallel.make_data_parallel(backend="shard_map", devices=2),
+        mesh=sharding.make_mesh(2),
     )
     results = result.results
     # Independent of the sweep's own bookkeeping: evaluate each final model separately.
-    dp = parallel.make_data_parallel(backend="pmap", devices=1)
-    evaluation = loop.make_evaluation(
-        train.make_eval_step(_objective().eval_fn, axis_name="batch"),
-        dp,
+    evaluation_set = evaluation.make_evaluation(
+        train.make_eval_step(_objective().eval_fn),
         _batch(val_data),
         batch_size=16,
+        mesh=sharding.make_mesh(1),
     )
     val = [
-        loop.evaluate(evaluation, jax.tree.map(lambda x, k=k: x[k], result.state))["loss"]
+        evaluation.evaluate(evaluation_set, jax.tree.map(lambda x, k=k: x[k], result.state))["loss"]
         for k in range(len(configs))
     ]
     expected = int(np.nanargmin(val))

@@ -1,4 +1,4 @@
-"""The training engine: steps, epoch runner, fit, and data parallelism over fake CPU devices."""
+"""The training engine: steps, the chunk iterator, fit and its hooks, over fake CPU devices."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnets import adapters, dispatch, loop, metrics, parallel, train
+from jaxnets import adapters, dispatch, evaluation, hooks, loop, metrics, pmap, sharding, train
 
 
 class _TinyNet(nn.Module):
@@ -42,13 +42,12 @@ def _preprocess(images, *, keys):
 TX = optax.sgd(0.1, momentum=0.9, nesterov=True)
 
 
-def _objective(loss=_loss, axis_name="batch"):
+def _objective(loss=_loss, model=None):
     return adapters.linen(
-        _TinyNet(),
+        model or _TinyNet(),
         loss=loss,
         metrics={"accuracy": metrics.accuracy},
         preprocess=_preprocess,
-        axis_name=axis_name,
     )
 
 
@@ -56,58 +55,79 @@ def _batch(images, labels):
     return {"image": images, "label": labels}
 
 
+class _Records:
+    """A Log sink keeping the records."""
+
+    def __init__(self):
+        self.records = []
+
+    def write(self, record):
+        self.records.append(record)
+
+    def close(self):
+        pass
+
+
+class _Stop(hooks.Hook):
+    """Asks to stop at the `after`-th poll (a stand-in for SIGTERM); `tick` runs each poll."""
+
+    def __init__(self, after=None, tick=None):
+        self.after, self.tick, self.polls = after, tick, 0
+
+    def should_stop(self, ctx):
+        self.polls += 1
+        if self.tick is not None:
+            self.tick()
+        return self.after is not None and self.polls >= self.after
+
+
 def _run(
-    backend="pmap",
     devices=1,
     k=1,
     epochs=2,
     batch=32,
     data=None,
-    hooks=loop.Hooks(),
+    extra=(),
     state=None,
     tx=TX,
     evaluate=True,
     loss=_loss,
-    on_nonfinite="raise",
-    actions=(),
+    nonfinite="raise",
     workdir=None,
     train_input="auto",
     train_data=None,
+    rule=sharding.replicated,
+    model=None,
 ):
     images, labels = data if data is not None else _data()
-    dp = parallel.make_data_parallel(backend=backend, devices=devices)
-    objective = _objective(loss)
+    mesh = sharding.make_mesh(devices)
+    objective = _objective(loss, model)
     if state is None:
         state = train.create_train_state(
             objective.init, tx, _batch(images[:1], labels[:1]), key=jax.random.key(0)
         )
-    step = train.make_train_step(objective.loss_fn, tx, axis_name=dp.axis_name)
-    ev = None
+    step = train.make_train_step(objective.loss_fn, tx)
+    fit_hooks = [hooks.NonFinite(nonfinite)] if nonfinite else []
     if evaluate:
-        ev = loop.make_evaluation(
-            train.make_eval_step(_objective().eval_fn, axis_name=dp.axis_name),
-            dp,
-            _batch(images[:50], labels[:50]),
-            batch_size=batch,
+        eval_step = train.make_eval_step(_objective(model=model).eval_fn)
+        fit_hooks.append(
+            hooks.Evaluate(eval_step, _batch(images[:50], labels[:50]), batch_size=batch)
         )
     result = loop.fit(
         state,
         step,
-        dp,
         _batch(images, labels) if train_data is None else train_data,
         data_key=jax.random.key(1),
         epochs=epochs,
         batch_size=batch,
+        hooks=[*fit_hooks, *extra],
+        mesh=mesh,
+        rule=rule,
         input=train_input,
-        evaluation=ev,
-        steps_per_dispatch=k,
-        log_every_steps=4,
-        hooks=hooks,
-        actions=actions,
-        on_nonfinite=on_nonfinite,
+        steps_per_call=k,
         workdir=workdir,
     )
-    return jax.device_get(result.state), result
+    return sharding.to_host(result.state), result
 
 
 def _assert_close(a, b, rtol):
@@ -147,17 +167,108 @@ def test_n_devices_equal_one_device(devices):
     _assert_close(got.params, ref.params, 1e-5)
 
 
-def test_pmap_and_shard_map_backends_agree():
-    a, ra = _run("pmap", devices=4)
-    b, rb = _run("shard_map", devices=4)
-    _assert_close(a.params, b.params, 1e-6)
-    assert ra.history[-1]["val_loss"] == pytest.approx(rb.history[-1]["val_loss"], rel=1e-6)
+class _DropoutBatchNormNet(nn.Module):
+    """BatchNorm and Dropout with no axis name: the global batch's statistics and mask."""
+
+    hidden: int = 32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dense(self.hidden)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.Dropout(0.3, deterministic=not train)(nn.relu(x))
+        return nn.Dense(10)(x)
+
+
+def test_one_and_eight_devices_agree_with_dropout_and_batchnorm():
+    """The step is a function of the global batch: the dropout mask and BatchNorm statistics
+    do not depend on the device count (and dropout is really on: the masks differ per step)."""
+    model = _DropoutBatchNormNet()
+    ref, r1 = _run(devices=1, epochs=2, model=model)
+    got, r8 = _run(devices=8, epochs=2, model=model)
+    _assert_close(got.params, ref.params, 1e-5)
+    _assert_close(got.model_state, ref.model_state, 1e-5)
+    assert r8.history[-1]["val_loss"] == pytest.approx(r1.history[-1]["val_loss"], rel=1e-5)
+    # Dropout changes the numbers (it is not silently off).
+    objective = _objective(model=model)
+    images, labels = _data(32)
+    state = train.create_train_state(
+        objective.init, TX, _batch(images, labels), key=jax.random.key(0)
+    )
+    loss_a = objective.loss_fn(
+        state.params, state.model_state, _batch(images, labels), jax.random.key(1)
+    )[0]
+    loss_b = objective.loss_fn(
+        state.params, state.model_state, _batch(images, labels), jax.random.key(2)
+    )[0]
+    assert float(loss_a) != float(loss_b)
+
+
+def test_fsdp_equals_replicated_with_an_eighth_of_the_state_per_device(tmp_path):
+    """FSDP on 8 devices: the replicated run's numbers, 1/8 of params + optimiser state per
+    device (the arrays' own shard sizes); its checkpoint restores onto 1 device and onto 4."""
+    model = _DropoutBatchNormNet(hidden=512)
+    rule = sharding.fsdp(min_bytes=2**10)
+    replicated, rep = _run(devices=8, epochs=1, model=model)
+    sharded, fs = _run(devices=8, epochs=1, model=model, rule=rule)
+    _assert_close(sharded.params, replicated.params, 1e-6)
+    _assert_close(sharded.model_state, replicated.model_state, 1e-6)
+    kernel = fs.state.params["Dense_0"]["kernel"]  # [36, 512]: split along 512
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, sharding.DATA)
+    rep_bytes = sharding.per_device_bytes((rep.state.params, rep.state.opt_state))
+    fs_bytes = sharding.per_device_bytes((fs.state.params, fs.state.opt_state))
+    assert fs_bytes < 1.02 * rep_bytes / 8, (fs_bytes, rep_bytes)
+    from jaxnets import checkpoint
+
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(int(sharded.step), fs.state, metadata={})
+    for devices, target_rule in [(1, sharding.replicated), (4, rule)]:
+        mesh = sharding.make_mesh(devices)
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            sharded,
+            sharding.state_shardings(sharded, mesh, target_rule),
+        )
+        with checkpoint.Checkpointer(tmp_path / "ckpt", read_only=True) as ckpt:
+            restored, _, _ = ckpt.restore(target)
+        got = restored.params["Dense_0"]["kernel"]
+        assert len(got.sharding.device_set) == devices
+        assert got.addressable_shards[0].data.shape == (36, 512 // devices)
+        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(sharded)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_pmap_adapter_equals_the_jit_path():
+    """The mission's pmapped step (per-device code, the only axis name) gives the jitted
+    global step's numbers, per-example keys included."""
+    images, labels = _data(64)
+    objective = _objective()
+    state = train.create_train_state(
+        objective.init, TX, _batch(images[:1], labels[:1]), key=jax.random.key(0)
+    )
+    idx = train.epoch_indices(jax.random.key(1), 0, 64, 16)  # 4 steps of 16
+    batches = _batch(images[idx], labels[idx])
+    run = pmap.pmapped_steps(pmap.make_train_step(objective.loss_fn, TX), devices=jax.devices()[:4])
+    got, got_metrics = run(state, batches)
+    mesh = sharding.make_mesh(4)
+    shardings = sharding.state_shardings(state, mesh)
+    jit_run = train.make_stream_runner(
+        train.make_train_step(objective.loss_fn, TX), mesh, shardings
+    )
+    want, want_metrics = jit_run(
+        sharding.place(state, shardings), sharding.place_columns(mesh, batches)
+    )
+    _assert_close(got.params, jax.device_get(want.params), 1e-6)
+    np.testing.assert_allclose(
+        got_metrics["loss"].total, np.asarray(want_metrics["loss"].total), rtol=1e-6
+    )
 
 
 def test_scanned_chunks_equal_single_steps():
-    loop, _ = _run(k=1)
+    single, _ = _run(k=1)
     scanned, _ = _run(k=8)
-    _assert_close(scanned.params, loop.params, 1e-6)
+    _assert_close(scanned.params, single.params, 1e-6)
 
 
 def test_same_seed_is_bit_identical():
@@ -170,10 +281,7 @@ def test_same_seed_is_bit_identical():
 
 def test_resume_mid_epoch_is_bit_identical():
     full, _ = _run(devices=2, epochs=2)
-    calls = []
-    stop_after = loop.Hooks(should_stop=lambda: len(calls) >= 2)  # polled before the action
-    every = loop.Periodic(lambda step, state: calls.append(step), every_steps=1)
-    part, res = _run(devices=2, epochs=2, hooks=stop_after, actions=[every])
+    part, res = _run(devices=2, epochs=2, extra=[_Stop(after=3)])
     assert res.stopped_early and int(part.step) == 3
     resumed, _ = _run(devices=2, epochs=2, state=part)
     assert train.params_sha256(resumed.params) == train.params_sha256(full.params)
@@ -181,31 +289,32 @@ def test_resume_mid_epoch_is_bit_identical():
 
 
 def test_history_and_logs():
-    records = []
-    _, res = _run(epochs=2, hooks=loop.Hooks(on_log=records.append))
+    sink = _Records()
+    _, res = _run(epochs=2, extra=[hooks.Log(sink, every_steps=4)])
     assert [r["epoch"] for r in res.history] == [1, 2]
-    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    train_steps = [r["step"] for r in sink.records if r["kind"] == "train"]
     assert train_steps == [4, 8, 12, 16]
-    assert all(0 <= r["accuracy"] <= 1 and np.isfinite(r["loss"]) for r in records)
+    assert all(0 <= r["accuracy"] <= 1 and np.isfinite(r["loss"]) for r in sink.records)
     assert {"val_loss", "val_accuracy"} <= set(res.history[-1])
+    epochs = [r for r in sink.records if r["kind"] == "epoch"]
+    assert epochs == res.history  # the epoch records the loggers wrote, val_ included
 
 
 def test_evaluation_counts_every_example_once():
     """Padding in the last eval batch is masked: accuracy == numpy argmax on all 50."""
     images, labels = _data(50)
-    dp = parallel.make_data_parallel(devices=2)
     model = _TinyNet()
     objective = _objective()
     state = train.create_train_state(
         objective.init, TX, _batch(images[:1], labels[:1]), key=jax.random.key(3)
     )
-    ev = loop.make_evaluation(
-        train.make_eval_step(objective.eval_fn, axis_name="batch"),
-        dp,
+    ev = evaluation.make_evaluation(
+        train.make_eval_step(objective.eval_fn),
         _batch(images, labels),
         batch_size=16,
+        mesh=sharding.make_mesh(2),
     )
-    got = loop.evaluate(ev, state)
+    got = evaluation.evaluate(ev, state)
     logits = model.apply({"params": state.params}, _preprocess(images, keys=None))
     np.testing.assert_allclose(got["accuracy"], np.mean(np.argmax(logits, -1) == labels))
     np.testing.assert_allclose(got["loss"], float(_loss(logits, labels).mean()), rtol=1e-5)
@@ -214,8 +323,7 @@ def test_evaluation_counts_every_example_once():
 def test_batch_not_divisible_by_devices_is_a_clear_error():
     with pytest.raises(
         ValueError,
-        match=r"global batch 30 is not divisible by 8 devices.*"
-        r"--batch-size 32",
+        match=r"global batch 30 is not divisible by 8 devices.*batch_size=32",
     ):
         _run(devices=8, batch=30)
 
@@ -225,8 +333,8 @@ def test_batch_larger_than_data_is_a_clear_error():
         _run(batch=512, evaluate=False)
 
 
-def test_non_finite_loss_stops_with_the_step_range():
-    with pytest.raises(FloatingPointError, match=r"non-finite training loss between steps"):
+def test_non_finite_loss_stops_with_the_step():
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 2 "):
         _run(tx=optax.sgd(1e38), epochs=1)
 
 
@@ -241,15 +349,23 @@ def test_skip_nonfinite_skips_the_poisoned_step_and_warns(caplog):
     labels = labels.copy()
     labels[7] = 99  # lands in exactly one batch of each epoch
     data = (images, labels)
-    with pytest.raises(FloatingPointError, match="non-finite training loss between steps 1 and 4"):
+    poisoned = [
+        s + 1
+        for e in range(2)
+        for s, rows in enumerate(train.epoch_indices(jax.random.key(1), e, 256, 32))
+        if 7 in rows
+    ]
+    with pytest.raises(
+        FloatingPointError, match=f"non-finite training loss at step {poisoned[0]} "
+    ):
         _run(data=data, loss=_poisoned_loss, evaluate=False, epochs=1)
     skip_tx = optax.apply_if_finite(TX, max_consecutive_errors=5)
     state, _ = _run(
-        data=data, loss=_poisoned_loss, evaluate=False, epochs=2, tx=skip_tx, on_nonfinite="warn"
+        data=data, loss=_poisoned_loss, evaluate=False, epochs=2, tx=skip_tx, nonfinite="warn"
     )
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
     assert int(state.opt_state.total_notfinite) == 2  # one poisoned step per epoch, skipped
-    assert "non-finite training loss between steps" in caplog.text
+    assert f"non-finite training loss at step {poisoned[1] + 8} " in caplog.text
 
 
 @contextlib.contextmanager
@@ -267,13 +383,10 @@ def _count_compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-@pytest.mark.parametrize("backend", parallel.BACKENDS)
-def test_fit_compiles_before_the_first_step_and_never_again(backend):
+def test_fit_compiles_before_the_first_step_and_never_again():
     """Any log/save cadence, a fresh start and a resumed mid-epoch start: no compile after
-    fit's first device call (the two chunk programs are compiled up front)."""
-    polls = []
-    stop = loop.Hooks(should_stop=lambda: polls.append(1) or len(polls) >= 2)
-    part, _ = _run(backend, devices=2, k=3, epochs=1, hooks=stop, evaluate=False)
+    fit's first device call (the chunk programs are compiled up front)."""
+    part, _ = _run(devices=2, k=3, epochs=1, extra=[_Stop(after=2)], evaluate=False)
     assert int(part.step) == 6  # mid-epoch (8 steps per epoch: chunks 3, 3, 2)
     for state in (None, part):
         seen = []
@@ -281,16 +394,20 @@ def test_fit_compiles_before_the_first_step_and_never_again(backend):
         def spy(step, state, seen=seen):
             seen.append(step)
 
+        sink = _Records()
+        sink.write = lambda r, seen=seen: seen.append(("log", len(compiles)))
         with _count_compiles() as compiles:
             _run(
-                backend,
                 devices=2,
                 k=3,
                 epochs=3,
                 state=state,
                 evaluate=False,
-                actions=[loop.Periodic(spy, every_steps=3), loop.Periodic(spy, every_steps=5)],
-                hooks=loop.Hooks(on_log=lambda r, seen=seen: seen.append(("log", len(compiles)))),
+                extra=[
+                    hooks.Periodic(spy, every_steps=3),
+                    hooks.Periodic(spy, every_steps=5),
+                    hooks.Log(sink, every_steps=1),
+                ],
             )
         # Every compile happened before the first log record (i.e. before training).
         first_log = next(n for s_, n in (x for x in seen if isinstance(x, tuple)))
@@ -311,9 +428,10 @@ def test_arrays_of_different_length_are_a_clear_error():
     images, labels = _data()
     with pytest.raises(ValueError, match=r"training data: every array needs the same leading"):
         _run(data=(images, labels[:-1]), evaluate=False)
-    dp = parallel.make_data_parallel(devices=1)
     with pytest.raises(ValueError, match=r"evaluation data: .*\['image'\]: 50, \['label'\]: 3200"):
-        loop.make_evaluation(None, dp, _batch(images[:50], np.zeros(3200, np.int32)), batch_size=10)
+        evaluation.make_evaluation(
+            None, _batch(images[:50], np.zeros(3200, np.int32)), batch_size=16
+        )
 
 
 def test_measured_steps_per_call_is_recorded_and_reused(tmp_path, monkeypatch):
@@ -332,42 +450,41 @@ def test_measured_steps_per_call_is_recorded_and_reused(tmp_path, monkeypatch):
     entries = json.loads(cache.read_text())
     assert len(entries) == 1
     cache.write_text(json.dumps({key: {"steps_per_call": other} for key in entries}))
-    second, res2 = _run(k=None, epochs=1, evaluate=False, workdir=tmp_path / "b")
+    with _count_compiles() as compiles:
+        second, res2 = _run(k=None, epochs=1, evaluate=False, workdir=tmp_path / "b")
     assert res2.steps_per_call == other
+    assert len(compiles) == 1  # the recorded choice's program only (one epoch: one length)
     assert json.loads((tmp_path / "b" / dispatch.CHOICE_FILE).read_text())["how"] == "cached"
     forced, _ = _run(k=other, epochs=1, evaluate=False)
     assert train.params_sha256(second.params) == train.params_sha256(forced.params)
     # A resumed run keeps its own choice, even after the cache changed back.
     cache.write_text(json.dumps({key: {"steps_per_call": res.steps_per_call} for key in entries}))
-    polls = []
-    stop = loop.Hooks(should_stop=lambda: polls.append(1) or len(polls) >= 1)
-    part, _ = _run(k=None, epochs=2, evaluate=False, hooks=stop, workdir=tmp_path / "b")
+    part, _ = _run(k=None, epochs=2, evaluate=False, extra=[_Stop(after=1)], workdir=tmp_path / "b")
     resumed, res3 = _run(k=None, epochs=2, state=part, evaluate=False, workdir=tmp_path / "b")
     full, _ = _run(k=other, epochs=2, evaluate=False)
     assert res3.steps_per_call == other
     assert train.params_sha256(resumed.params) == train.params_sha256(full.params)
 
 
-def test_periodic_actions_every_seconds_and_at_epoch_end(monkeypatch):
+def test_periodic_hooks_every_seconds_and_at_epoch_end(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(loop, "_now", lambda: now[0])
 
     def tick():
         now[0] += 7.0  # seconds per chunk
-        return False
 
     timed, ends = [], []
     _run(
         k=2,
         epochs=2,
         evaluate=False,
-        hooks=loop.Hooks(should_stop=tick),
-        actions=[
-            loop.Periodic(lambda step, state: timed.append(step), every_seconds=20.0),
-            loop.Periodic(lambda step, state: ends.append(int(state.step)), at_epoch_end=True),
+        extra=[
+            _Stop(tick=tick),
+            hooks.Periodic(lambda step, state: timed.append(step), every_seconds=20.0),
+            hooks.Periodic(lambda step, state: ends.append(int(state.step)), at_epoch_end=True),
         ],
     )
     assert timed == [6, 12]  # due at 21 s and 42 s: after the 3rd and 6th chunk of 2 steps
     assert ends == [8, 16]
     with pytest.raises(ValueError, match=r"every_steps=-1; use an int >= 0"):
-        _run(actions=[loop.Periodic(lambda s, st: None, every_steps=-1)])
+        hooks.Periodic(lambda s, st: None, every_steps=-1)

@@ -285,12 +285,10 @@ def test_config_errors_name_the_fix(tmp_path):
     assert not (tmp_path / "loss.png").exists()  # refused before the seed net trained
 
 
-@pytest.mark.parametrize(("backend", "devices"), [("pmap", 8), ("shard_map", 2)])
-def test_nets_split_over_devices_equal_one_device(backend, devices):
+@pytest.mark.parametrize("devices", [8, 2])
+def test_nets_split_over_devices_equal_one_device(devices):
     """--nets N --devices D: each net's result does not depend on where it was trained."""
-    config = dataclasses.replace(
-        exp.get_config(), nets=16, iterations=50, init="jax", parallel=backend
-    )
+    config = dataclasses.replace(exp.get_config(), nets=16, iterations=50, init="jax")
     params = exp.init_params(config)
     x, y = jnp.asarray(exp.X), jnp.asarray(exp.Y)
     one = exp.make_train_many_on_devices(dataclasses.replace(config, devices=1))
