@@ -23,7 +23,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA = "data"  # the mesh axis the batch (and FSDP's state) is split over
+from jaxnets.types import DATA_AXIS
+
+DATA = DATA_AXIS  # the mesh axis the batch (and FSDP's state) is split over
 
 # (mesh, shape, dtype) -> PartitionSpec of one state leaf.
 Rule = Callable[[Mesh, tuple, Any], P]

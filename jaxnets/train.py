@@ -196,7 +196,20 @@ def _jit_runner(run_fn: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
     """`run_fn(state, ...) -> (state, metrics)` jitted: the state stays on its shardings
     (donated), the per-step metrics come back replicated."""
     replicated = NamedSharding(mesh, P())
-    return jax.jit(run_fn, out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    return jax.jit(
+        in_mesh(run_fn, mesh), out_shardings=(state_shardings, replicated), donate_argnums=(0,)
+    )
+
+
+def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` traced with `mesh` as the abstract mesh in context, so per-device code inside a
+    model (`shard_map` over the data axis) finds the devices the batch is split over."""
+
+    def fn_in_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return fn_in_mesh
 
 
 def make_epoch_runner(train_step: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
@@ -245,7 +258,7 @@ def make_eval_runner(eval_step: Callable, mesh: Mesh) -> Callable:
             lambda s, ix: eval_step(s, gather(data, jnp.maximum(ix, 0)), ix >= 0), state, (idx,)
         )
 
-    return jax.jit(run_fn, out_shardings=NamedSharding(mesh, P()))
+    return jax.jit(in_mesh(run_fn, mesh), out_shardings=NamedSharding(mesh, P()))
 
 
 def make_stream_eval_runner(eval_step: Callable, mesh: Mesh) -> Callable:
@@ -254,7 +267,7 @@ def make_stream_eval_runner(eval_step: Callable, mesh: Mesh) -> Callable:
     `mask` ([steps, batch] bool) is False on the padding of the last batch.
     """
     return jax.jit(
-        lambda state, batches, mask: _summed(eval_step, state, (batches, mask)),
+        in_mesh(lambda state, batches, mask: _summed(eval_step, state, (batches, mask)), mesh),
         out_shardings=NamedSharding(mesh, P()),
     )
 

@@ -202,3 +202,41 @@ def test_turned_off_by_environment_falls_back_and_says_why():
     assert lines[1] == "False"  # 'auto' lowered to the im2col twin: no kernel call
     assert "unavailable (turned off by JAXNETS_NATIVE_CONV=0)" in lines[2]
     assert "conv_impl='im2col'" in lines[2]
+
+
+@pytest.mark.parametrize("impl", ["native", "im2col"])
+def test_the_cnn_on_a_mesh_runs_its_kernels_per_device_with_the_one_device_gradients(impl):
+    """Under the engine's mesh the seed CNN's per-device convolutions run inside shard_map
+    (no device gathers the whole batch) and give the one-device gradients."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxnets import adapters, losses, sharding, train
+    from jaxnets.models import MnistCNN
+
+    objective = adapters.linen(
+        MnistCNN(conv_impl=impl),
+        loss=lambda z, y: losses.softmax_cross_entropy(z, y, reduction="none"),
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.uniform(size=(32, 28, 28, 1)).astype(np.float32),
+        "label": rng.integers(0, 10, 32).astype(np.int32),
+    }
+    params, model_state = objective.init(jax.random.key(0), batch)
+
+    def grads(p, b):
+        return jax.grad(lambda p: objective.loss_fn(p, model_state, b, jax.random.key(1))[0])(p)
+
+    got = {}
+    for n in (1, 8):
+        mesh = sharding.make_mesh(n)
+        fn = jax.jit(train.in_mesh(grads, mesh))
+        b = jax.device_put(batch, NamedSharding(mesh, P(sharding.DATA)))
+        p = jax.device_put(params, NamedSharding(mesh, P()))
+        got[n] = jax.device_get(fn(p, b))
+        if n == 8:
+            hlo = fn.lower(p, b).compile().as_text()
+            assert "all-gather" not in hlo  # each device convolves its own 4 examples
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(got[8])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
