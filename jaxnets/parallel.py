@@ -31,6 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxnets.platform import check_backend
+
 BACKENDS = ("pmap", "shard_map")
 
 # in_specs/out_specs vocabulary shared by both backends.
@@ -270,6 +272,7 @@ def make_data_parallel(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown parallel backend {backend!r}; choose one of {BACKENDS}")
+    check_backend()  # JAX_PLATFORMS naming a backend that cannot start: say why
     all_devices = jax.devices()
     if devices is None:
         chosen = list(all_devices)

@@ -46,6 +46,7 @@ from jaxnets import inputs, loop, parallel, train, writers
 from jaxnets.checks import RUN_CHECKS, Rule
 from jaxnets.config import check_config
 from jaxnets.lock import WorkdirLock, claim_workdir
+from jaxnets.platform import check_backend
 from jaxnets.preemption import PreemptionGuard
 from jaxnets.workdir import START_FRESH, check_resumable, check_workdir_writable
 
@@ -346,6 +347,7 @@ def claim(workdir: str | Path) -> WorkdirLock | None:
     second run on the directory stops here with the other run's pid. An experiment calls it
     before loading data; `open_run` calls it again (the same lock) and releases it at close.
     """
+    check_backend()  # a backend that cannot start says why before anything is written
     check_workdir_writable(workdir)
     return claim_workdir(workdir) if parallel.is_main_process() else None
 

@@ -52,13 +52,8 @@ def _tiny_run(workdir, *, epochs=2, data=None, signum=None, summaries=None, **fl
     tx = optax.sgd(0.1)
     dp = parallel.make_data_parallel(devices=1)
     state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
-    flags = run.RunConfig(
-        workdir=str(workdir),
-        progress=False,
-        checkpoint_every_minutes=0.0,
-        steps_per_dispatch=1,
-        **flags,
-    )
+    defaults = {"progress": False, "checkpoint_every_minutes": 0.0, "steps_per_dispatch": 1}
+    flags = run.RunConfig(workdir=str(workdir), **(defaults | flags))
     steps_per_epoch = len(data["label"]) // 8
     with run.open_run(
         flags,
