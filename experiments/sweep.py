@@ -47,6 +47,7 @@ from jaxnets.config import add_config_flags, check_config, config_to_dict
 from jaxnets.models import MnistCNN, TwoLayerSigmoid
 from jaxnets.models.cnn import CONV_IMPLS
 from jaxnets.sweep import VECTORIZE
+from jaxnets.workdir import check_workdir_writable
 
 MODELS = ("two_layer", "mnist_cnn")
 
@@ -187,6 +188,7 @@ def main(config: Config) -> dict:
     configs = sweep.grid(**sweep.parse_sweep(config.sweep))
     base = {name: getattr(config, name) for name in sweep.SWEEPABLE}
     sweep.complete_configs(configs, base)  # fail on bad values before loading data
+    check_workdir_writable(config.workdir)  # not after training: where the results go
     if config.model not in MODELS:
         raise ValueError(f"--model {config.model!r}: use one of {', '.join(MODELS)}")
     if config.limit < 0:

@@ -40,6 +40,7 @@ from jaxnets.models.mlp import (
     two_layer_forward,
     uniform_01,
 )
+from jaxnets.workdir import check_workdir_writable
 
 INITS = ("numpy", "jax")
 # Largest allowed |hand-written - jax.grad| per step, relative to 1 + max|jax.grad|: float32
@@ -239,7 +240,7 @@ def main(config: Config) -> dict:
     """Trains the seed net (and `config.nets` nets at once); returns the numbers it reports."""
     # The nets' device split is checked now, not after the seed net has trained.
     train_many = make_train_many_on_devices(config) if config.nets > 1 else None
-    os.makedirs(config.workdir, exist_ok=True)
+    check_workdir_writable(config.workdir)  # creates it, or says why it cannot hold results
     x, y = jnp.asarray(X), jnp.asarray(Y)
     params = init_params(config)
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -48,7 +47,14 @@ from jaxnets.config import check_config
 from jaxnets.lock import WorkdirLock, claim_workdir
 from jaxnets.platform import check_backend
 from jaxnets.preemption import PreemptionGuard
-from jaxnets.workdir import START_FRESH, check_resumable, check_workdir_writable
+from jaxnets.workdir import (
+    START_FRESH,
+    check_resumable,
+    check_workdir_path,
+    check_workdir_writable,
+    discard_run,
+    keep_previous_logs,
+)
 
 log = logging.getLogger("jaxnets.run")
 
@@ -330,6 +336,7 @@ def open_run(
     Returns:
       The open `Run`; `run.state` is what to train from.
     """
+    check_workdir_path(flags.workdir)  # '' (the current directory) before Path makes it '.'
     path = Path(flags.workdir)
     lock = claim(path)
     try:
@@ -356,8 +363,7 @@ def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> R
     config = dict(config)
     checkpoints = path / CHECKPOINTS
     if flags.restart:  # every process: each may have its own disk
-        for old in (checkpoints, path / "tb"):
-            shutil.rmtree(old, ignore_errors=True)
+        discard_run(path)  # refuses a directory holding files jaxnets did not write
     manager, start_step, meta = None, 0, None
     if flags.checkpoint:
         manager = ckpt.Checkpointer(checkpoints, max_to_keep=flags.keep_checkpoints)
@@ -388,6 +394,8 @@ def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> R
             manager.close()
             raise
     if parallel.is_main_process():
+        if start_step == 0 and not flags.restart and (kept := keep_previous_logs(path)):
+            log.warning("this run starts at step 0: the earlier run's logs are kept in %s", kept)
         writers.write_json(path / "config.json", config)
     return Run(
         path, config, state, start_step, manager, flags, meta, total_steps=total_steps, lock=lock

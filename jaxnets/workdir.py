@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,6 +74,89 @@ def check_resumable(
     )
 
 
+NO_WORKDIR = (
+    "workdir={path!r}: an empty work directory would be the current directory ({cwd}), whose "
+    "own checkpoints/, tb/ and config.json a run overwrites; name a directory for the run, "
+    "e.g. workdir='runs/mine'"
+)
+WORKDIR_IS_FILE = (
+    "workdir={path!r} is a file ({kind}), not a directory: the run could not write its "
+    "results there after training; remove it or name another directory"
+)
+FOREIGN_FILES = (
+    "restart would delete {where}, but it holds {name!r}, which jaxnets did not write: "
+    "{where} is not (only) a jaxnets run's, so nothing was deleted. Move your files out of it "
+    "or give the run a work directory of its own"
+)
+
+# What a run writes under `checkpoints/` (Orbax steps, their in-progress saves, the
+# quarantined unreadable steps) and under `tb/` (event files): all `restart` may delete.
+_RUN_ENTRIES = {
+    "checkpoints": re.compile(r"\d+(\.orbax-checkpoint-tmp-.*)?|corrupted"),
+    "tb": re.compile(r"events\.out\.tfevents\..*"),
+}
+# The logs of a run; kept under `previous/<n>/` when a fresh run starts over them.
+_LOGS = ("config.json", "metrics.jsonl", "tb", "summary.json", "curves.png")
+
+
+def check_workdir_path(path: str | os.PathLike) -> None:
+    """Raises ValueError for a work directory that is no place for a run: an empty string
+    (the current directory) or an existing file. Checked before anything is written."""
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise ValueError(NO_WORKDIR.format(path=text, cwd=os.getcwd()))
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise NotADirectoryError(
+            errno.ENOTDIR, WORKDIR_IS_FILE.format(path=str(text), kind=_kind(text))
+        )
+
+
+def _kind(path: str) -> str:
+    return f"{os.path.getsize(path)} bytes" if os.path.isfile(path) else "not a regular file"
+
+
+def discard_run(path: str | os.PathLike) -> None:
+    """Deletes a run's `checkpoints/` and `tb/` (`restart`), after checking that everything in
+    them is what a run writes: a directory jaxnets did not fill is refused, nothing deleted."""
+    path = os.fspath(path)
+    found = [
+        os.path.join(path, name)
+        for name in _RUN_ENTRIES
+        if os.path.lexists(os.path.join(path, name))
+    ]
+    for where in found:
+        pattern = _RUN_ENTRIES[os.path.basename(where)]
+        if os.path.islink(where) or not os.path.isdir(where):
+            raise FileExistsError(FOREIGN_FILES.format(where=where, name=os.path.basename(where)))
+        for name in sorted(os.listdir(where)):
+            if not pattern.fullmatch(name):
+                raise FileExistsError(FOREIGN_FILES.format(where=where, name=name))
+    for where in found:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def keep_previous_logs(path: str | os.PathLike) -> str | None:
+    """Moves the logs of an earlier run that this fresh run would overwrite or mix with
+    (config.json, metrics.jsonl, tb/, summary.json, curves.png) to `previous/<n>/`.
+
+    A run that starts at step 0 in a directory with logs (checkpoints off, or killed before
+    its first save) keeps them rather than deleting them. Returns the directory they went to.
+    """
+    path = os.fspath(path)
+    present = [n for n in _LOGS if os.path.lexists(os.path.join(path, n))]
+    if "metrics.jsonl" not in present and "tb" not in present:
+        return None  # nothing logged: a config.json alone is rewritten
+    n = 1
+    while os.path.lexists(target := os.path.join(path, "previous", str(n))):
+        n += 1
+    os.makedirs(target)
+    for name in present:
+        os.replace(os.path.join(path, name), os.path.join(target, name))
+    with open(os.path.join(target, "moved"), "w") as f:
+        f.write(f"moved here by a fresh run at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    return target
+
+
 def check_workdir_writable(path: str | os.PathLike, *, required_bytes: int = 0) -> None:
     """Raises a clear error now if `path` cannot hold checkpoints, instead of mid-training.
 
@@ -81,6 +166,7 @@ def check_workdir_writable(path: str | os.PathLike, *, required_bytes: int = 0) 
       path: the directory checkpoints (or a whole run) will be written to.
       required_bytes: the free space needed (e.g. a few times the state's size).
     """
+    check_workdir_path(path)
     path = os.path.abspath(os.fspath(path))
     try:
         os.makedirs(path, exist_ok=True)

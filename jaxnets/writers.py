@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,16 +32,28 @@ def _json_default(x):
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records of a metrics.jsonl file; a torn last line (crash mid-write) is ignored."""
+    """Records of a metrics.jsonl file; a torn line (crash mid-write) is skipped, not the
+    records after it, and named in one warning unless it is the last line."""
     path = Path(path)
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    records, torn = [], []
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            break
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif line.strip():
+            torn.append(number)
+    if torn and torn != [len(lines)]:  # a torn last line is what a crash leaves: expected
+        warnings.warn(
+            f"{path}: skipped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}"
+            f"{', ...' if len(torn) > 5 else ''}); the other {len(records)} records are kept",
+            stacklevel=2,
+        )
     return records
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 ROOT = Path(__file__).parent.parent
 
 # A tiny run through `run.open_run` + `loop.fit` in a fresh process (tests/test_refusals.py's
@@ -90,3 +92,105 @@ def test_jax_platforms_without_its_device_names_the_cause_and_fix(tmp_path):
     assert last.startswith("RuntimeError: JAX_PLATFORMS='cuda' asks for a backend"), last
     assert "JAX_PLATFORMS=cpu" in last and "AssertionError" not in proc.stderr
     assert not (tmp_path / "wd").exists()  # refused before the work directory
+
+
+def _user_files(root):
+    """A directory as a user has it: their own checkpoints/, tb/ and config.json."""
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "model.pt").write_bytes(b"the user's weights")
+    (root / "tb").mkdir()
+    (root / "tb" / "notes.txt").write_text("the user's notes")
+    (root / "config.json").write_text('{"mine": true}')
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+class TestDangerousWorkdir:
+    def test_an_empty_workdir_is_refused_before_the_current_directory_is_touched(self, tmp_path):
+        """Before: '' meant the current directory; --restart deleted its checkpoints/ and tb/."""
+        before = _user_files(tmp_path)
+        code = TINY_RUN.format(
+            tests=str(ROOT / "tests"), workdir="", epochs=1, flags={"restart": True}
+        )
+        proc = _python(code, cwd=tmp_path)
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("ValueError: workdir='': an empty work directory"), last
+        assert "workdir='runs/mine'" in last
+        assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+        assert (tmp_path / "config.json").read_text() == '{"mine": true}'
+
+    def test_restart_refuses_a_directory_jaxnets_did_not_fill(self, tmp_path):
+        """Before: --restart deleted whatever checkpoints/ and tb/ held."""
+        from test_refusals import _tiny_run
+
+        before = _user_files(tmp_path / "wd")
+        with pytest.raises(FileExistsError, match=r"holds 'model.pt', which jaxnets did not"):
+            _tiny_run(tmp_path / "wd", epochs=1, restart=True)
+        after = sorted(str(p.relative_to(tmp_path / "wd")) for p in (tmp_path / "wd").rglob("*"))
+        assert after == sorted([*before, ".lock"])  # the lock only: nothing deleted or written
+        assert (tmp_path / "wd" / "checkpoints" / "model.pt").read_bytes() == b"the user's weights"
+        assert (tmp_path / "wd" / "tb" / "notes.txt").exists()
+
+    def test_restart_still_discards_a_run_jaxnets_wrote(self, tmp_path):
+        from test_refusals import _tiny_run
+
+        _tiny_run(tmp_path / "wd", epochs=1)
+        assert _tiny_run(tmp_path / "wd", epochs=1).state.step == 6  # finished: resumed
+        result = _tiny_run(tmp_path / "wd", epochs=1, restart=True)
+        assert int(result.state.step) == 6
+        assert not (tmp_path / "wd" / "previous").exists()  # restart asked to discard
+
+    def test_a_sweep_whose_workdir_is_a_file_is_refused_before_training(self, tmp_path):
+        """Before: the sweep trained fully, then lost its results to FileExistsError."""
+        import dataclasses
+
+        from experiments import sweep as sweep_experiment
+
+        target = tmp_path / "results"
+        target.write_text("a file")
+        config = dataclasses.replace(
+            sweep_experiment.get_config(),
+            model="two_layer",
+            dataset="mnist_sample",
+            limit=200,
+            epochs=1,
+            sweep=("seed=0:2",),
+            workdir=str(target),
+        )
+        with pytest.raises(NotADirectoryError, match="is a file .* not a directory"):
+            sweep_experiment.main(config)
+        assert target.read_text() == "a file"
+
+
+class TestLogsKept:
+    def test_a_run_without_checkpoints_keeps_the_earlier_runs_log(self, tmp_path):
+        """Before: the second run deleted metrics.jsonl (and mixed its events into tb/)."""
+        from test_refusals import _tiny_run
+
+        from jaxnets import writers
+
+        _tiny_run(tmp_path / "wd", epochs=2, checkpoint=False)
+        first = writers.read_jsonl(tmp_path / "wd" / "metrics.jsonl")
+        assert first and first[-1]["step"] == 12
+        _tiny_run(tmp_path / "wd", epochs=1, checkpoint=False)
+        assert writers.read_jsonl(tmp_path / "wd" / "previous" / "1" / "metrics.jsonl") == first
+        assert (tmp_path / "wd" / "previous" / "1" / "tb").is_dir()
+        second = writers.read_jsonl(tmp_path / "wd" / "metrics.jsonl")
+        assert second[-1]["step"] == 6 and all(r["step"] <= 6 for r in second)
+
+    def test_one_torn_line_drops_only_itself_on_resume(self, tmp_path):
+        """Before: reading stopped at the torn line, so the resume dropped every later record."""
+        from test_refusals import _tiny_run
+
+        from jaxnets import writers
+
+        _tiny_run(tmp_path / "wd", epochs=2)
+        path = tmp_path / "wd" / "metrics.jsonl"
+        lines = path.read_text().splitlines(keepends=True)
+        assert len(lines) == 4  # steps 6 and 12: a train and an epoch record each
+        lines[0] = lines[0][:10] + "\n"  # a line torn by a crash (or a disk fault)
+        path.write_text("".join(lines))
+        with pytest.warns(UserWarning, match="1 unreadable line"):
+            _tiny_run(tmp_path / "wd", epochs=3)
+        steps = [r["step"] for r in writers.read_jsonl(path)]
+        assert steps == [6, 12, 12, 18, 18]  # all but the torn one

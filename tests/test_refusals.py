@@ -546,6 +546,11 @@ class TestHints:
 
         (tmp_path / "file").write_text("a file where the cache directory should be")
         monkeypatch.setenv("JAXNETS_CACHE_DIR", str(tmp_path / "file" / "cache"))
+
+        def no_temporary_directory(**_):  # the fallback (a temporary directory) fails too
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(native_conv.tempfile, "mkdtemp", no_temporary_directory)
         with pytest.raises(native_conv._Unavailable) as e:
             native_conv._build()
         reason, fix = e.value.args
