@@ -21,8 +21,11 @@ TINY_RUN = textwrap.dedent(
     import sys
     sys.path.insert(0, {tests!r})
     from test_refusals import _tiny_run
-    result = _tiny_run({workdir!r}, epochs={epochs}, **{flags!r})
+    from jaxnets import run
+    summaries = []
+    result = _tiny_run({workdir!r}, epochs={epochs}, summaries=summaries, **{flags!r})
     print("STEP", int(result.state.step), flush=True)
+    sys.exit(run.exit_status(summaries[0]))
     """
 )
 
@@ -194,3 +197,19 @@ class TestLogsKept:
             _tiny_run(tmp_path / "wd", epochs=3)
         steps = [r["step"] for r in writers.read_jsonl(path)]
         assert steps == [6, 12, 12, 18, 18]  # all but the torn one
+
+
+def test_sighup_gets_the_save_sigterm_gets(tmp_path):
+    """Before: a closed terminal (SIGHUP) killed the run with nothing saved since the last
+    checkpoint. A real SIGHUP at the first log point of a real process."""
+    import signal
+
+    proc = _tiny_process(tmp_path / "wd", epochs=3, log_every_steps=1, signum=int(signal.SIGHUP))
+    assert proc.returncode == 128 + signal.SIGHUP, proc.stderr[-3000:]  # 129: stopped, saved
+    step = int(proc.stdout.split("STEP")[1])
+    assert 1 <= step < 18
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "wd" / "checkpoints") if s.isdigit())
+    assert saved[-1] == step  # saved where it stopped
+    again = _tiny_process(tmp_path / "wd", epochs=3)
+    assert again.returncode == 0 and "STEP 18" in again.stdout, again.stderr[-3000:]
+    assert f"resuming from step {step} of 18" in again.stderr
