@@ -404,8 +404,9 @@ def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> R
 
 def exit_status(summary: Mapping[str, Any]) -> int:
     """The process exit status of a run: 0 when it finished; 128 + the signal's number
-    (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP) when a signal stopped it after saving, as a shell
-    reports a process the signal killed, so schedulers and `&&` know it did not finish."""
+    (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP) when a signal stopped it after saving,
+    as a shell reports a process the signal killed, so schedulers and `&&` know it did not
+    finish."""
     signum = summary.get("stop_signal")
     return 128 + int(signum) if summary.get("stopped_early") and signum else 0
 
