@@ -213,3 +213,91 @@ def test_sighup_gets_the_save_sigterm_gets(tmp_path):
     again = _tiny_process(tmp_path / "wd", epochs=3)
     assert again.returncode == 0 and "STEP 18" in again.stdout, again.stderr[-3000:]
     assert f"resuming from step {step} of 18" in again.stderr
+
+
+class TestAdapterModeSwitch:
+    """Before: only an argument named `train` was found; `training`/`deterministic` modules
+    trained in evaluation mode (BatchNorm statistics frozen, no dropout), without a word."""
+
+    @staticmethod
+    def _module(name, *, field=False):
+        import flax.linen as nn
+
+        def body(self, x, value):
+            training = not value if name == "deterministic" else value
+            x = nn.Dense(4)(x)
+            x = nn.BatchNorm(use_running_average=not training)(x)
+            return nn.Dropout(0.5, deterministic=not training)(x)
+
+        if field:
+            return type(
+                "Net",
+                (nn.Module,),
+                {
+                    "__annotations__": {name: bool},
+                    name: False,
+                    "__call__": nn.compact(lambda self, x: body(self, x, getattr(self, name))),
+                },
+            )()
+        ns = {}
+        exec(
+            f"def __call__(self, x, {name}: bool):\n    return body(self, x, {name})",
+            {"body": body},
+            ns,
+        )
+        return type("Net", (nn.Module,), {"__call__": nn.compact(ns["__call__"])})()
+
+    def _train_once(self, module, **kwargs):
+        import jax
+        import jax.numpy as jnp
+
+        from jaxnets import adapters, losses
+
+        objective = adapters.linen(
+            module,
+            loss=lambda y, t: losses.mean_squared_error(y, t, reduction="none"),
+            **kwargs,
+        )
+        batch = {"image": jnp.arange(24.0).reshape(6, 4), "label": jnp.zeros((6, 4))}
+        params, state = objective.init(jax.random.key(0), batch)
+        _, (_, new_state) = objective.loss_fn(params, state, batch, jax.random.key(1))
+        train_out = objective.loss_fn(params, state, batch, jax.random.key(2))[0]
+        moved = not jnp.allclose(
+            new_state["batch_stats"]["BatchNorm_0"]["mean"],
+            state["batch_stats"]["BatchNorm_0"]["mean"],
+        )
+        dropout = not jnp.allclose(
+            objective.loss_fn(params, state, batch, jax.random.key(1))[0], train_out
+        )
+        evaluated = objective.eval_fn(params, state, batch, None)["loss"]
+        return moved, dropout, evaluated
+
+    @pytest.mark.parametrize("name", ["train", "training", "is_training", "deterministic"])
+    @pytest.mark.parametrize("field", [False, True], ids=["argument", "attribute"])
+    def test_the_switch_is_found_by_name_and_meaning(self, name, field):
+        moved, dropout, _ = self._train_once(self._module(name, field=field))
+        assert moved and dropout  # training mode: statistics move, dropout applies
+
+    def test_an_explicit_mode_arg_for_any_name(self):
+        moved, dropout, _ = self._train_once(self._module("mode"), mode_arg=("mode", True))
+        assert moved and dropout
+        with pytest.raises(ValueError, match="has no argument or attribute 'modus'"):
+            self._train_once(self._module("mode"), mode_arg="modus")
+
+    def test_an_unknown_boolean_argument_is_refused_not_guessed(self):
+        with pytest.raises(ValueError, match=r"boolean argument 'mode'.*mode_arg='mode'"):
+            self._train_once(self._module("mode"))
+
+    def test_two_known_names_are_refused(self):
+        import flax.linen as nn
+
+        class Both(nn.Module):
+            @nn.compact
+            def __call__(self, x, train: bool, deterministic: bool = False):
+                return nn.Dense(4)(x)
+
+        with pytest.raises(ValueError, match="takes both 'train' and 'deterministic'"):
+            self._train_once(Both())
+        from jaxnets import adapters, losses
+
+        adapters.linen(Both(), loss=losses.mean_squared_error, mode_arg="train")  # accepted
