@@ -41,7 +41,7 @@ import jax
 import numpy as np
 
 from jaxnets import checkpoint as ckpt
-from jaxnets import inputs, loop, parallel, train, writers
+from jaxnets import fingerprint, inputs, loop, parallel, train, writers
 from jaxnets.checks import RUN_CHECKS, Rule
 from jaxnets.config import check_config
 from jaxnets.lock import WorkdirLock, claim_workdir
@@ -143,6 +143,7 @@ class Run:
         self.checkpointer = checkpointer
         self.metadata = metadata or {}  # the restored checkpoint's
         self._stream: inputs.Stream | None = None
+        self._data_fingerprint: dict | None = None  # of the data given to `fit_options`
         self.is_main = parallel.is_main_process()
         self._started = time.perf_counter()
         self._sinks: list[Any] = []
@@ -170,6 +171,8 @@ class Run:
             metadata = {"config": self.config}
             if self._stream is not None:
                 metadata["data"] = self._stream.get_state()
+            if self._data_fingerprint is not None:
+                metadata["data_fingerprint"] = self._data_fingerprint
             self.checkpointer.save(step, state, metadata=metadata, force=True)
 
     def save_action(self, *, every_steps: int = 0, every_minutes: float = 0.0) -> loop.Periodic:
@@ -274,8 +277,12 @@ class Run:
           epochs: the run's epochs (the progress bar).
           data: the training input given to `fit`; a `inputs.Stream` is positioned where
             the restored checkpoint left it, and its position is saved in every checkpoint.
+            Its content fingerprint is saved too, and a resumed run whose data differs from
+            the saved run's is refused (ValueError) before it trains.
         """
         flags = self.flags
+        if data is not None:
+            self._data_fingerprint = _check_data(data, self.metadata.get("data_fingerprint"))
         choice = flags.input
         if isinstance(data, inputs.Stream):
             self._stream, choice = data, "stream"
@@ -439,6 +446,30 @@ def _restore(manager, state, dp, config, result_fields, path, defaults):
         raise ckpt.CheckpointError(_with_flags(e)) from None
     check_resumable(with_defaults(meta["config"]), config, keys=result_fields)
     return state, meta, step
+
+
+def _check_data(data: Any, saved: dict | None) -> dict:
+    """The fingerprint of `data` to save, after checking it against the resumed run's."""
+    now = {"sha": fingerprint.data_fingerprint(data), "examples": _examples(data)}
+    if saved is not None:
+        fingerprint.check_data_fingerprint(
+            saved.get("sha"),
+            now["sha"],
+            saved_examples=saved.get("examples"),
+            examples=now["examples"],
+        )
+    return now
+
+
+def _examples(data: Any) -> int | None:
+    try:
+        return (
+            len(data)
+            if hasattr(data, "__len__") and not isinstance(data, Mapping)
+            else (len(jax.tree.leaves(data)[0]))
+        )
+    except (TypeError, IndexError):
+        return None
 
 
 def _with_flags(error: Exception) -> str:

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -301,3 +302,76 @@ class TestAdapterModeSwitch:
         from jaxnets import adapters, losses
 
         adapters.linen(Both(), loss=losses.mean_squared_error, mode_arg="train")  # accepted
+
+
+class TestDataIdentityOnResume:
+    """Before: only the length was recorded; other examples of the same length resumed."""
+
+    def test_replaced_arrays_of_the_same_length_are_refused(self, tmp_path):
+        from test_refusals import _tiny, _tiny_run
+
+        data = _tiny()
+        _tiny_run(tmp_path / "wd", epochs=1, data=data)
+        other = {"image": data["image"][::-1].copy(), "label": data["label"]}
+        with pytest.raises(ValueError, match="cannot resume: the training data is not") as e:
+            _tiny_run(tmp_path / "wd", epochs=2, data=other)
+        assert "48 examples then, 48 now: the same length" in str(e.value)
+        assert "restart=True" in str(e.value)
+        assert int(_tiny_run(tmp_path / "wd", epochs=2, data=data).state.step) == 12
+
+    def test_replaced_npy_files_of_a_stream_are_refused(self, tmp_path):
+        from test_refusals import _tiny, _tiny_run
+
+        from jaxnets import inputs
+
+        def write(data):
+            np.save(tmp_path / "x.npy", data["image"])
+            np.save(tmp_path / "y.npy", data["label"])
+            paths = {"image": tmp_path / "x.npy", "label": tmp_path / "y.npy"}
+            return inputs.Stream(inputs.open_npy(paths))
+
+        data = _tiny()
+        _tiny_run(tmp_path / "wd", epochs=1, data=write(data))
+        data["image"] = data["image"][::-1].copy()  # other examples, the same shapes
+        with pytest.raises(ValueError, match="the training data is not the checkpointed"):
+            _tiny_run(tmp_path / "wd", epochs=2, data=write(data))
+
+    def test_replaced_files_of_an_idx_directory_change_its_fingerprint(self, tmp_path):
+        from jaxnets import inputs
+        from jaxnets.fingerprint import data_fingerprint
+
+        def write(images, labels):
+            for name, array, code in (("images", images, 3), ("labels", labels, 1)):
+                head = bytes([0, 0, 8, code]) + b"".join(
+                    int(d).to_bytes(4, "big") for d in array.shape
+                )
+                (tmp_path / name).write_bytes(head + array.astype(np.uint8).tobytes())
+            stream = inputs.Stream(inputs.open_idx(tmp_path / "images", tmp_path / "labels"))
+            return data_fingerprint(stream), data_fingerprint(tmp_path)
+
+        images = np.random.default_rng(0).integers(0, 255, (48, 5, 5))
+        labels = np.arange(48) % 10
+        first = write(images, labels)
+        assert write(images, labels) == first  # the same content: the same identity
+        swapped = write(images[::-1], labels)  # the same files' sizes, other examples
+        assert swapped[0] != first[0] and swapped[1] != first[1]
+
+
+def test_a_large_files_fingerprint_reads_samples_yet_sees_a_replaced_example(tmp_path, monkeypatch):
+    from jaxnets import fingerprint
+
+    monkeypatch.setattr(fingerprint, "WHOLE_BYTES", 2**16)  # a "large" file of 1 MiB
+    x = np.random.default_rng(0).integers(0, 255, size=(1024, 1024), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    before = fingerprint.data_fingerprint(tmp_path / "x.npy")
+    assert fingerprint.data_fingerprint(tmp_path) == fingerprint.data_fingerprint(tmp_path)
+    x[::3] = x[::3][::-1]  # a third of the examples replaced by others
+    np.save(tmp_path / "x.npy", x)
+    assert fingerprint.data_fingerprint(tmp_path / "x.npy") != before
+    reads = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: reads.append(n) or real(fd, n, at))
+    fingerprint.data_fingerprint(tmp_path / "x.npy")
+    assert sum(reads) == fingerprint.SAMPLES * fingerprint.BLOCK  # 1 MiB, not the whole file
+    arrays = {"a": x}
+    assert fingerprint.data_fingerprint(arrays) == fingerprint.data_fingerprint({"a": x.copy()})

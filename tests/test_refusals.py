@@ -51,10 +51,11 @@ def _tiny_run(workdir, *, epochs=2, data=None, signum=None, summaries=None, **fl
     )
     tx = optax.sgd(0.1)
     dp = parallel.make_data_parallel(devices=1)
-    state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
+    example = data.read(np.arange(2)) if hasattr(data, "read") else data  # a Stream's rows
+    state = train.create_train_state(objective.init, tx, example, key=jax.random.key(0))
     defaults = {"progress": False, "checkpoint_every_minutes": 0.0, "steps_per_dispatch": 1}
     flags = run.RunConfig(workdir=str(workdir), **(defaults | flags))
-    steps_per_epoch = len(data["label"]) // 8
+    steps_per_epoch = len(data if hasattr(data, "read") else data["label"]) // 8
     with run.open_run(
         flags,
         {"epochs": epochs},
@@ -63,7 +64,7 @@ def _tiny_run(workdir, *, epochs=2, data=None, signum=None, summaries=None, **fl
         result_fields=(),
         total_steps=epochs * steps_per_epoch,
     ) as work:
-        options = work.fit_options(epochs=epochs)
+        options = work.fit_options(epochs=epochs, data=data)
         if signum is not None:
             log, sent = options["hooks"].on_log, []
 
