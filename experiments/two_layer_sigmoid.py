@@ -32,7 +32,7 @@ from jax import lax
 
 from jaxnets import metrics, parallel, train
 from jaxnets.checks import POSITIVE, POSITIVE_INT, RUN_CHECKS, Rule
-from jaxnets.config import check_config, config_to_dict, parse_config
+from jaxnets.config import check_config, config_to_dict, errors_in_flags, parse_config
 from jaxnets.models import two_layer_train_many
 from jaxnets.models.mlp import (
     sum_squared_error,
@@ -236,6 +236,7 @@ def make_train_many_on_devices(config: Config):
     return train_fn
 
 
+@errors_in_flags
 def main(config: Config) -> dict:
     """Trains the seed net (and `config.nets` nets at once); returns the numbers it reports."""
     # The nets' device split is checked now, not after the seed net has trained.

@@ -38,8 +38,8 @@ INPUTS = ("auto", "resident", "stream")
 # `auto` keeps a data set resident when its copies take at most this share of free memory.
 RESIDENT_SHARE = 0.5
 STREAM_HINT = (
-    "stream it instead: loop.fit(..., input='stream') or the experiments' --input stream "
-    "(the data is then read from the host while training, in bounded memory)"
+    "stream it instead: input='stream' (the data is then read from the host while training, "
+    "in bounded memory)"
 )
 
 

@@ -41,8 +41,8 @@ COLUMNS = "columns"  # split along axis 1: [steps, global_batch] -> [steps, loca
 ROWS = "rows"  # split along axis 0: [models, ...] -> [models / devices, ...]
 
 BATCH_NOT_DIVISIBLE = (
-    "global batch {batch} is not divisible by {n} devices; use --batch-size {suggestion} "
-    "(a multiple of {n}) or --devices {divisor}"
+    "global batch {batch} is not divisible by {n} devices; use batch_size={suggestion} "
+    "(a multiple of {n}) or devices={divisor}"
 )
 
 

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -50,6 +51,7 @@ from jaxnets.preemption import PreemptionGuard
 from jaxnets.workdir import (
     START_FRESH,
     check_resumable,
+    check_same_program,
     check_workdir_path,
     check_workdir_writable,
     discard_run,
@@ -367,39 +369,44 @@ def claim(workdir: str | Path) -> WorkdirLock | None:
 
 
 def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> Run:
-    config = dict(config)
-    checkpoints = path / CHECKPOINTS
     if flags.restart:  # every process: each may have its own disk
         discard_run(path)  # refuses a directory holding files jaxnets did not write
-    manager, start_step, meta = None, 0, None
+    manager = None
     if flags.checkpoint:
-        manager = ckpt.Checkpointer(checkpoints, max_to_keep=flags.keep_checkpoints)
-        if manager.latest_step() is not None:
-            try:
-                state, meta, start_step = _restore(
-                    manager, state, dp, config, result_fields, path, _defaults(flags)
-                )
-            except BaseException:
+        manager = ckpt.Checkpointer(path / CHECKPOINTS, max_to_keep=flags.keep_checkpoints)
+    try:
+        return _resume(
+            flags, dict(config), state, dp, result_fields, total_steps, path, lock, manager
+        )
+    except BaseException:
+        # Closed on every error path: a manager left open fails again at interpreter exit
+        # ("cannot schedule new futures after interpreter shutdown"), after the real error.
+        if manager is not None:
+            with contextlib.suppress(Exception):
                 manager.close()
-                raise
-            if start_step >= total_steps:
-                log.warning(
-                    "the run in %s has already finished (step %d of %d); pass a larger "
-                    "--epochs to train on, or --restart to start over",
-                    path,
-                    start_step,
-                    total_steps,
-                )
-            else:
-                log.warning(
-                    "resuming from step %d of %d (%s)", start_step, total_steps, checkpoints
-                )
+        raise
+
+
+def _resume(flags, config, state, dp, result_fields, total_steps, path, lock, manager) -> Run:
+    start_step, meta = 0, None
+    if manager is not None and manager.latest_step() is not None:
+        state, meta, start_step = _restore(
+            manager, state, dp, config, result_fields, path, _defaults(flags)
+        )
+        if start_step >= total_steps:
+            log.warning(
+                "the run in %s has already finished (step %d of %d); to train on, raise "
+                "epochs=<more than it had>; to start over, restart=True",
+                path,
+                start_step,
+                total_steps,
+            )
+        else:
+            log.warning(
+                "resuming from step %d of %d (%s)", start_step, total_steps, path / CHECKPOINTS
+            )
     if manager is not None and start_step < total_steps:
-        try:  # a full disk is refused now, not after an epoch of training
-            manager.check_space(state)
-        except BaseException:
-            manager.close()
-            raise
+        manager.check_space(state)  # a full disk is refused now, not after an epoch of training
     if parallel.is_main_process():
         if start_step == 0 and not flags.restart and (kept := keep_previous_logs(path)):
             log.warning("this run starts at step 0: the earlier run's logs are kept in %s", kept)
@@ -439,8 +446,15 @@ def _restore(manager, state, dp, config, result_fields, path, defaults):
             saved = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             saved = None
+        problem = None
         if isinstance(saved, dict):
-            check_resumable(with_defaults(saved), config, keys=result_fields)
+            try:  # short: without the layout's list, nor values filled in from defaults
+                check_same_program(saved, config, path=path)
+                check_resumable(with_defaults(saved), config, keys=result_fields)
+            except ValueError as config_error:
+                problem = config_error
+        if problem is not None:
+            raise problem from None
         raise ValueError(_with_flags(e)) from None
     except ckpt.CheckpointError as e:
         raise ckpt.CheckpointError(_with_flags(e)) from None

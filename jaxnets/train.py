@@ -109,6 +109,11 @@ def create_train_state(
     if callable(init_fn):
         if sample_batch is None:
             raise ValueError("create_train_state(init_fn, tx, sample_batch, key=...): give a batch")
+        if any(np.ndim(x) and not np.shape(x)[0] for x in jax.tree.leaves(sample_batch)):
+            raise ValueError(
+                "create_train_state: sample_batch has 0 examples; give at least one (x[:1]), "
+                "e.g. of the training set, after checking that it is not empty"
+            )
         params, model_state = init_fn(init_key, sample_batch)
     else:
         params, model_state = init_fn, ({} if model_state is None else model_state)
@@ -338,6 +343,11 @@ def epoch_indices(data_key: PRNGKey, epoch: int, num_examples: int, batch_size: 
     dropped (a different remainder is dropped each epoch).
     """
     steps = num_examples // batch_size
+    if num_examples == 0:
+        raise ValueError(
+            "the training set has 0 examples: nothing to train on; give at least batch_size "
+            f"({batch_size}) examples (check the data's source and any limit or split applied)"
+        )
     if steps == 0:
         raise ValueError(
             f"batch size {batch_size} is larger than the {num_examples} training examples; "

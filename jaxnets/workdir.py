@@ -14,7 +14,8 @@ from typing import Any
 from jaxnets.config import config_diff
 
 START_FRESH = (
-    "To start fresh, pass --restart (discards this run's checkpoints) or use a new --workdir."
+    "To start fresh, pass restart=True (discards this run's checkpoints) or another "
+    "workdir=<directory>."
 )
 
 
@@ -155,6 +156,26 @@ def keep_previous_logs(path: str | os.PathLike) -> str | None:
     with open(os.path.join(target, "moved"), "w") as f:
         f.write(f"moved here by a fresh run at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     return target
+
+
+ANOTHER_RUN = (
+    "cannot resume: {path} holds a run of another program (its config has {n} field(s) this "
+    "one does not: {fields}), and its checkpoint does not fit this model. One work directory "
+    "holds one run: give this one another workdir=<directory>, or pass restart=True to "
+    "discard that run"
+)
+
+
+def check_same_program(
+    saved_config: Mapping[str, Any], current_config: Mapping[str, Any], *, path: Any
+) -> None:
+    """Raises ValueError, in one line, when a work directory's run is of another program
+    (its saved config has fields the current one lacks): comparing values field by field
+    would list values the saved run never had."""
+    foreign = sorted(set(saved_config) - set(current_config))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(ANOTHER_RUN.format(path=path, n=len(foreign), fields=shown))
 
 
 def check_workdir_writable(path: str | os.PathLike, *, required_bytes: int = 0) -> None:

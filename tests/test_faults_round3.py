@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -375,3 +377,153 @@ def test_a_large_files_fingerprint_reads_samples_yet_sees_a_replaced_example(tmp
     assert sum(reads) == fingerprint.SAMPLES * fingerprint.BLOCK  # 1 MiB, not the whole file
     arrays = {"a": x}
     assert fingerprint.data_fingerprint(arrays) == fingerprint.data_fingerprint({"a": x.copy()})
+
+
+LIBRARY = ROOT / "jaxnets"
+FLAG = re.compile(r"(?<![\w-])--[a-z{][a-z0-9{}_-]*(?![\w])")
+# The library's own command line (`python -m jaxnets doctor --json`: argparse's option names),
+# the config fields' flags that `config.check_config` names by design (BAD_FLAG: the
+# config is the command line), and another tool's command (`tfds build --file_format=...`).
+ALLOWED = {
+    ("__main__.py", "--json"),
+    ("checks.py", "--{flag}"),
+    ("config.py", "--no-"),  # flags_of: writing arguments as the config's flags is its job
+    ("data/tfds_source.py", "--file_format"),
+    ("data/tfds_source.py", "--data_dir"),
+}
+
+
+def _string_literals(tree):
+    """Every string constant of a module but its docstrings (usage text may show flags)."""
+    docs = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docs.add(id(first.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            yield node
+
+
+def test_no_library_message_names_a_command_line_flag():
+    """Before: library errors told library users to pass --batch-size, --devices, --workdir,
+    --restart, --epochs, --input (experiments' flags); the library names arguments now and
+    the experiments translate (`config.errors_in_flags`)."""
+    found = []
+    for path in sorted(LIBRARY.rglob("*.py")):
+        module = str(path.relative_to(LIBRARY))
+        for node in _string_literals(ast.parse(path.read_text())):
+            for flag in FLAG.findall(node.value):
+                if (module, flag) not in ALLOWED:
+                    found.append(f"jaxnets/{module}:{node.lineno}: {flag} in {node.value[:80]!r}")
+    assert not found, "\n".join(found)
+
+
+class TestClearRefusals:
+    def test_library_errors_name_arguments_and_experiments_say_their_flags(self, tmp_path):
+        from jaxnets import config, parallel
+
+        with pytest.raises(ValueError) as e:
+            parallel.make_data_parallel(devices=8).check_batch(100)
+        assert "use batch_size=96 (a multiple of 8) or devices=4" in str(e.value)
+
+        from experiments import mnist_cnn
+
+        cfg = mnist_cnn.get_config()
+        said = config.flags_of(str(e.value), cfg)
+        assert "use --batch-size 96 (a multiple of 8) or --devices 4" in said
+        text = "pass restart=True (or --no-x) or another workdir=<directory>. workdir='' bad"
+        assert config.flags_of(text, cfg) == (
+            "pass --restart (or --no-x) or another --workdir <directory>. --workdir '' bad"
+        )
+
+    def test_fitting_on_zero_examples_says_so(self, tmp_path):
+        from test_refusals import _tiny_run
+
+        empty = {k: v[:0] for k, v in __import__("test_refusals")._tiny().items()}
+        with pytest.raises(ValueError, match="sample_batch has 0 examples"):
+            _tiny_run(tmp_path / "wd", data=empty)
+        import jax
+        import optax
+
+        from jaxnets import loop, parallel, train
+
+        state = train.create_train_state({"w": np.zeros(2)}, optax.sgd(0.1), key=jax.random.key(0))
+        with pytest.raises(ValueError, match="the training set has 0 examples: nothing to train"):
+            loop.fit(
+                state,
+                lambda s, b, k: (s, {}),
+                parallel.make_data_parallel(devices=1),
+                empty,
+                data_key=jax.random.key(1),
+                epochs=1,
+                batch_size=8,
+            )
+
+    def test_limit_train_1_is_refused_before_the_model_divides_by_zero(self, tmp_path):
+        """Before: ZeroDivisionError inside the model (0 training examples after the split)."""
+        proc = _python(
+            "from experiments import mnist_cnn; from jaxnets.config import parse_config;"
+            f"mnist_cnn.main(parse_config(mnist_cnn.get_config(), ['--limit-train', '1', "
+            f"'--workdir', {str(tmp_path / 'wd')!r}, '--dataset', 'mnist_sample']))"
+        )
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("ValueError: holding out 0.2 of 1 examples for validation"), last
+        assert "ZeroDivisionError" not in proc.stderr
+
+    def test_a_fractional_epochs_flag_says_what_it_must_be(self):
+        """Before: "argument --epochs: invalid parse value: '1.5'"."""
+        proc = _python(
+            "from experiments import mnist_cnn; from jaxnets.config import parse_config;"
+            "parse_config(mnist_cnn.get_config(), ['--epochs', '1.5'])"
+        )
+        assert proc.returncode == 2
+        assert "argument --epochs: '1.5' is not a whole number (the nearest is 2)" in proc.stderr
+        assert "invalid parse value" not in proc.stderr
+
+    def test_another_experiments_work_directory_is_refused_in_one_message(self, tmp_path):
+        """Before: a diff of values the first run never had (the second's defaults), chained
+        to the checkpoint's layout list: 88 lines."""
+        import dataclasses
+
+        from experiments import diabetes, digits
+
+        wd = str(tmp_path / "wd")
+        digits.main(dataclasses.replace(digits.get_config(), epochs=1, workdir=wd, progress=False))
+        config = dataclasses.replace(diabetes.get_config(), epochs=1, workdir=wd, progress=False)
+        with pytest.raises(ValueError) as e:
+            diabetes.main(config)
+        message = str(e.value)
+        assert message.startswith(f"cannot resume: {wd} holds a run of another program")
+        assert "--workdir <directory>" in message and "--restart" in message
+        assert "saved" not in message and "\n" not in message
+        assert e.value.__suppress_context__  # no chained layout list
+
+    def test_a_step_directory_vanishing_during_a_resume_falls_back(self, tmp_path):
+        """Before: FileNotFoundError moving the vanished step aside, the resume aborted."""
+        import shutil
+
+        import jax.numpy as jnp
+
+        from jaxnets.checkpoint import Checkpointer
+
+        with Checkpointer(tmp_path / "c") as ckpt:
+            for step in (1, 2):
+                ckpt.save(step, {"w": jnp.ones(3) * step}, metadata={"s": step}, force=True)
+        with Checkpointer(tmp_path / "c") as ckpt:
+            assert ckpt.all_steps() == [1, 2]
+            shutil.rmtree(tmp_path / "c" / "2")  # another process cleaning up, a disk fault
+            with pytest.warns(RuntimeWarning, match="step 2 .* its directory is gone"):
+                tree, meta, step = ckpt.restore({"w": jnp.zeros(3)})
+        assert step == 1 and meta == {"s": 1} and float(tree["w"][0]) == 1.0
+
+    def test_an_early_error_is_the_last_line_not_orbaxs_shutdown_traceback(self, tmp_path):
+        """Before: an error after the checkpoint manager opened left it open, and Orbax
+        failed again at interpreter exit ("cannot schedule new futures")."""
+        (tmp_path / "wd" / "config.json").mkdir(parents=True)  # unwritable: a directory
+        proc = _tiny_process(tmp_path / "wd")
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("IsADirectoryError"), proc.stderr[-2000:]
+        assert "cannot schedule new futures" not in proc.stderr

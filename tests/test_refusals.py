@@ -108,7 +108,9 @@ class TestOneRunPerWorkdir:
                 WorkdirLock(tmp_path / "wd")
             assert time.monotonic() - t0 < 1.0  # refused, not waiting
             assert f"in use by another run (pid {owner.pid}" in str(e.value)
-            assert f"kill {owner.pid}" in str(e.value) and "another --workdir" in str(e.value)
+            assert f"kill {owner.pid}" in str(e.value) and "another workdir=<directory>" in str(
+                e.value
+            )
         finally:
             owner.kill()
             owner.wait()

@@ -215,7 +215,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
     with pytest.raises(
         ValueError,
         match=r"global batch 30 is not divisible by 8 devices.*"
-        r"--batch-size 32",
+        r"batch_size=32",
     ):
         _run(devices=8, batch=30)
 
