@@ -46,6 +46,14 @@ Loss = Callable[[Any, Any], Array]
 Selector = str | Callable[[Batch], Any]
 
 
+INTEGER_LOSS = (
+    "the loss returned {dtype} values of shape {shape}: an integer (or boolean) loss has a "
+    "zero gradient everywhere, so training would never move the parameters; return "
+    "floating-point losses (e.g. losses.softmax_cross_entropy, not a count of errors; report "
+    "counts as metrics)"
+)
+
+
 class Objective(NamedTuple):
     """A model's pure functions for `jaxnets.train`: init, loss_fn, eval_fn."""
 
@@ -108,11 +116,14 @@ class _Parts(NamedTuple):
         targets = _select(batch, self.targets, "targets")
         value = jnp.asarray(self.loss(outputs, targets))
         n = jax.tree.leaves(outputs)[0].shape[0]
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(INTEGER_LOSS.format(dtype=value.dtype, shape=value.shape))
         if value.ndim == 0:
             loss = value
-            # A scalar cannot leave out padding: count it only for batches without any.
-            full = jnp.ones((), jnp.float32) if mask is None else jnp.all(mask).astype(jnp.float32)
-            reported = jmetrics.Mean.from_scalar(value, full)
+            if mask is None:  # training: no padding, every batch of the same size
+                reported = jmetrics.Mean.from_scalar(value)
+            else:  # evaluation: each example's loss alone, so the padding is left out
+                reported = jmetrics.Mean.from_values(self.per_example_loss(outputs, targets), mask)
         elif value.shape == (n,):
             loss = jnp.mean(value)
             reported = jmetrics.Mean.from_values(value, mask)
@@ -127,8 +138,13 @@ class _Parts(NamedTuple):
             loss = loss + p
             out["penalty"] = jmetrics.Mean.from_scalar(p)
         for name, fn in self.metrics.items():
-            out[name] = jmetrics.as_metric(fn(outputs, targets, mask), mask, name)
+            out[name] = jmetrics.as_metric(fn(outputs, targets, mask), mask, name, batch=n)
         return loss, out
+
+    def per_example_loss(self, outputs: Any, targets: Any) -> Array:
+        """`[batch]`: a scalar loss of each example alone (a batch of one)."""
+        one = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
+        return jax.vmap(lambda o, t: jnp.asarray(self.loss(one(o), one(t))))(outputs, targets)
 
 
 def _parts(inputs, targets, loss, metrics, penalty, preprocess, axis_name) -> _Parts:

@@ -345,11 +345,7 @@ class _WindowLogger:
         if self.hooks.on_log:
             self.hooks.on_log(record)
         if self.bar is not None:
-            self.bar.update(hi - lo, **_scalars(jmetrics.compute(self.epoch_sums)))
-
-
-def _scalars(values: dict) -> dict:
-    return {k: v for k, v in values.items() if isinstance(v, float)}
+            self.bar.update(hi - lo, **jmetrics.compute(self.epoch_sums))  # arrays too
 
 
 def _check_finite(sums: dict, first_step: int, last_step: int, on_nonfinite: str) -> bool:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes JSON atomically (temp file + rename): a crash never leaves half a file.
@@ -114,12 +116,50 @@ class TensorBoardWriter:
     def write(self, record: dict) -> None:
         prefix = record.get("kind", "train")
         for name, value in record.items():
-            if name in ("kind", "step", "epoch") or not isinstance(value, (int, float)):
+            if name in ("kind", "step", "epoch"):
                 continue
-            self._writer.add_scalar(f"{prefix}/{name}", value, record["step"])
+            if isinstance(value, (int, float)):
+                self._writer.add_scalar(f"{prefix}/{name}", value, record["step"])
+            elif isinstance(value, (list, tuple)) and value:  # an array metric (a confusion)
+                array = np.asarray(value, np.float64)
+                self._writer.add_text(f"{prefix}/{name}", array_markdown(array), record["step"])
+                if array.ndim == 2:
+                    self._writer.add_image(
+                        f"{prefix}/{name}", _heatmap(array), record["step"], dataformats="HW"
+                    )
 
     def close(self) -> None:
         self._writer.close()
+
+
+def array_markdown(array: np.ndarray) -> str:
+    """An array metric as text: a markdown table for a matrix (rows by columns), else a list."""
+    array = np.asarray(array)
+    cell = lambda v: f"{v:.4g}"  # noqa: E731
+    if array.ndim != 2:
+        return " ".join(cell(v) for v in array.reshape(-1))
+    head = "| |" + "".join(f" {j} |" for j in range(array.shape[1]))
+    rule = "|---|" + "---|" * array.shape[1]
+    rows = [f"| {i} |" + "".join(f" {cell(v)} |" for v in row) for i, row in enumerate(array)]
+    return "\n".join([head, rule, *rows])
+
+
+def _heatmap(array: np.ndarray) -> np.ndarray:
+    """A matrix as a grey image in [0, 1] (each entry a 16x16 block; larger is brighter)."""
+    finite = np.where(np.isfinite(array), array, 0.0)
+    span = finite.max() - finite.min()
+    scaled = (finite - finite.min()) / span if span > 0 else np.zeros_like(finite)
+    return np.kron(scaled, np.ones((16, 16))).astype(np.float32)
+
+
+def _postfix(value: Any) -> str:
+    """A progress-bar value: a number to 4 decimals, an array metric as its values or shape."""
+    if isinstance(value, (int, float)):
+        return f"{value:.4f}"
+    array = np.asarray(value)
+    if array.size <= 4:
+        return "[" + " ".join(f"{v:.4g}" for v in array.reshape(-1)) + "]"
+    return "[" + "x".join(map(str, array.shape)) + "]"
 
 
 class ProgressBar:
@@ -140,7 +180,7 @@ class ProgressBar:
         )
 
     def update(self, n: int, **postfix: float) -> None:
-        self._bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()}, refresh=False)
+        self._bar.set_postfix({k: _postfix(v) for k, v in postfix.items()}, refresh=False)
         self._bar.update(n)
 
     def close(self) -> None:

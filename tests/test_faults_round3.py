@@ -527,3 +527,117 @@ class TestClearRefusals:
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("IsADirectoryError"), proc.stderr[-2000:]
         assert "cannot schedule new futures" not in proc.stderr
+
+
+class TestNumericsInUserCode:
+    @staticmethod
+    def _evaluation(loss, metrics=None, *, n=10, batch_size=4):
+        import flax.linen as nn
+        import jax
+        import optax
+
+        from jaxnets import adapters, loop, parallel, train
+
+        rng = np.random.default_rng(0)
+        data = {
+            "image": rng.normal(size=(n, 4)).astype(np.float32),
+            "label": (np.arange(n) % 3).astype(np.int32),
+        }
+        objective = adapters.linen(nn.Dense(3), loss=loss, metrics=metrics or {})
+        state = train.create_train_state(
+            objective.init, optax.sgd(0.1), data, key=jax.random.key(0)
+        )
+        evaluation = loop.make_evaluation(
+            train.make_eval_step(objective.eval_fn),
+            parallel.make_data_parallel(devices=1),
+            data,
+            batch_size=batch_size,
+        )
+        logits = nn.Dense(3).apply({"params": state.params}, data["image"])
+        return lambda: loop.evaluate(evaluation, state), logits, data["label"]
+
+    def test_an_integer_loss_is_refused(self):
+        """Before: a count of errors as the loss trained with a zero gradient, silently."""
+        import jax.numpy as jnp
+
+        run, _, _ = self._evaluation(lambda logits, y: (jnp.argmax(logits, -1) != y).astype(int))
+        with pytest.raises(TypeError, match="int32 values of shape .*zero gradient"):
+            run()
+
+    def test_a_scalar_loss_leaves_out_the_padding_of_the_last_batch(self):
+        """Before: 10 examples at batch 4: the padded last batch was left out entirely (or, on
+        more devices, counted with its padding): val_loss off the truth in the 3rd digit."""
+        from jaxnets import losses
+
+        run, logits, labels = self._evaluation(
+            lambda out, y: losses.softmax_cross_entropy(out, y, reduction="mean")
+        )
+        truth = float(losses.softmax_cross_entropy(logits, labels, reduction="mean"))
+        assert run()["loss"] == pytest.approx(truth, rel=1e-6)
+
+    def test_a_metric_of_shape_1_is_refused_not_averaged_with_the_padding(self):
+        import jax.numpy as jnp
+
+        from jaxnets import losses
+
+        def batch_mean(logits, y, mask):
+            return jnp.mean(
+                losses.softmax_cross_entropy(logits, y, reduction="none"), keepdims=True
+            )
+
+        run, _, _ = self._evaluation(
+            lambda out, y: losses.softmax_cross_entropy(out, y, reduction="none"),
+            {"ce": batch_mean},
+        )
+        with pytest.raises(ValueError, match=r"metric 'ce' returned shape \(1,\) for a batch of 4"):
+            run()
+
+    def test_a_matrix_metric_reaches_tensorboard_jsonl_and_the_progress_bar(self, tmp_path):
+        """Before: a confusion matrix never reached TensorBoard or the progress bar."""
+        from tensorboardX.proto import event_pb2
+
+        from jaxnets import writers
+
+        record = {"kind": "epoch", "step": 6, "loss": 0.5, "confusion": [[3.0, 1.0], [0.0, 4.0]]}
+        tb = writers.TensorBoardWriter(tmp_path / "tb")
+        tb.write(record)
+        tb.close()
+        tags = set()
+        for path in (tmp_path / "tb").rglob("events.out.tfevents.*"):
+            raw, pos = path.read_bytes(), 0
+            while pos + 12 <= len(raw):
+                length = int.from_bytes(raw[pos : pos + 8], "little")
+                event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
+                pos += 16 + length
+                tags |= {(v.tag, v.WhichOneof("value")) for v in event.summary.value}
+        assert ("epoch/confusion", "image") in tags
+        assert any(t.startswith("epoch/confusion") and k == "tensor" for t, k in tags)  # text
+        assert ("epoch/loss", "simple_value") in tags
+        assert "| 0 | 3 | 1 |" in writers.array_markdown(np.array(record["confusion"]))
+        assert writers._postfix(record["confusion"]) == "[3 1 0 4]"
+        assert writers._postfix(np.zeros((3, 3)).tolist()) == "[3x3]"
+        jsonl = writers.JsonlWriter(tmp_path / "m.jsonl")
+        jsonl.write(record)
+        jsonl.close()
+        assert writers.read_jsonl(tmp_path / "m.jsonl") == [record]
+
+    def test_examples_left_out_by_the_last_partial_batch_are_said_once(self, tmp_path):
+        """Before: 7 examples at batch 4 dropped 3 (43%) every epoch without a word."""
+        import warnings
+
+        from test_refusals import _tiny, _tiny_run
+
+        from jaxnets import train
+
+        data = {k: v[:44] for k, v in _tiny().items()}  # 44 examples at batch 8: 4 left out
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _tiny_run(tmp_path / "wd", epochs=3, data=data)
+        said = [str(w.message) for w in caught if "training examples" in str(w.message)]
+        assert said == [
+            "each epoch trains on 40 of the 44 training examples: the last 4 (9%) of each "
+            "epoch's shuffled order do not fill a batch of 8 and are left out (others each "
+            "epoch). For every example every epoch, use a batch_size that divides 44 (e.g. 4 "
+            "or 11)"
+        ]
+        train._WARNED_DROPPED.clear()
