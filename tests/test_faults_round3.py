@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -641,3 +642,58 @@ class TestNumericsInUserCode:
             "or 11)"
         ]
         train._WARNED_DROPPED.clear()
+
+
+class SeekSource:
+    """A source sharing one file object's position between calls: not thread-safe."""
+
+    def __init__(self, path, n, row):
+        self.file, self.n, self.row = open(path, "rb"), n, row  # noqa: SIM115
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.file.seek(int(i) * self.row)
+        time.sleep(0)  # another thread may run here, as during any real read of a large file
+        raw = np.frombuffer(self.file.read(self.row), np.uint8)
+        return {"image": raw[:-1].astype(np.float32).reshape(7, 4) / 255, "label": raw[-1] % 3}
+
+
+class TestStreamThreadSafety:
+    @pytest.fixture
+    def records(self, tmp_path):
+        rows = np.random.default_rng(0).integers(0, 255, (256, 29), dtype=np.uint8)
+        rows.tofile(tmp_path / "rows")
+        return tmp_path / "rows"
+
+    def test_a_source_torn_by_threads_is_refused_before_training(self, records):
+        """Before: read from several threads, it trained on torn examples, without a word."""
+        from jaxnets import inputs
+
+        with pytest.raises(
+            ValueError, match="SeekSource returned another example .* num_threads=0"
+        ):
+            inputs.Stream(SeekSource(records, 256, 29), num_threads=4)
+
+    def test_a_source_that_says_it_is_not_thread_safe_is_read_on_one_thread(self, records):
+        from jaxnets import inputs
+
+        source = SeekSource(records, 256, 29)
+        source.thread_safe = False
+        assert inputs.Stream(source).num_threads == 0  # the default follows the source
+        with pytest.raises(ValueError, match=r"says it is not thread-safe"):
+            inputs.Stream(source, num_threads=2)
+        stream = inputs.Stream(source, num_threads=0)
+        rows = np.arange(64).reshape(8, 8)
+        batches = [b for b, _ in stream.batches(rows, 0)]
+        want = np.stack([source[i]["image"] for i in range(64)]).reshape(8, 8, 7, 4)
+        np.testing.assert_array_equal(np.stack([b["image"] for b in batches]), want)
+
+    def test_arrays_and_row_files_are_not_probed(self, tmp_path, monkeypatch):
+        from jaxnets import inputs
+
+        monkeypatch.setattr(inputs, "PROBE_ROUNDS", None)  # a probe would fail on None
+        np.save(tmp_path / "x.npy", np.zeros((16, 3), np.float32))
+        inputs.Stream(inputs.open_npy({"x": tmp_path / "x.npy"}), num_threads=8)
+        inputs.Stream(inputs.ArraySource({"x": np.zeros((16, 3))}), num_threads=8)
