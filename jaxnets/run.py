@@ -408,7 +408,7 @@ def _resume(flags, config, state, dp, result_fields, total_steps, path, lock, ma
     if manager is not None and start_step < total_steps:
         manager.check_space(state)  # a full disk is refused now, not after an epoch of training
     if parallel.is_main_process():
-        if start_step == 0 and not flags.restart and (kept := keep_previous_logs(path)):
+        if start_step == 0 and not flags.restart and (kept := keep_previous_logs(path, config)):
             log.warning("this run starts at step 0: the earlier run's logs are kept in %s", kept)
         writers.write_json(path / "config.json", config)
     return Run(

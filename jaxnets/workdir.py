@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -136,17 +137,22 @@ def discard_run(path: str | os.PathLike) -> None:
         shutil.rmtree(where, ignore_errors=True)
 
 
-def keep_previous_logs(path: str | os.PathLike) -> str | None:
-    """Moves the logs of an earlier run that this fresh run would overwrite or mix with
-    (config.json, metrics.jsonl, tb/, summary.json, curves.png) to `previous/<n>/`.
+def keep_previous_logs(
+    path: str | os.PathLike, config: Mapping[str, Any] | None = None
+) -> str | None:
+    """Moves the files of an earlier run (or a user's) that this fresh run would overwrite
+    or mix with (config.json, metrics.jsonl, tb/, summary.json, curves.png) to `previous/<n>/`.
 
     A run that starts at step 0 in a directory with logs (checkpoints off, or killed before
-    its first save) keeps them rather than deleting them. Returns the directory they went to.
+    its first save) keeps them rather than deleting them; a config.json alone that is
+    `config` (the same run starting again) stays. Returns the directory they went to.
     """
     path = os.fspath(path)
     present = [n for n in _LOGS if os.path.lexists(os.path.join(path, n))]
-    if "metrics.jsonl" not in present and "tb" not in present:
-        return None  # nothing logged: a config.json alone is rewritten
+    if present == ["config.json"] and _holds(os.path.join(path, "config.json"), config):
+        return None  # the same run's config: rewritten as it is
+    if not present:
+        return None
     n = 1
     while os.path.lexists(target := os.path.join(path, "previous", str(n))):
         n += 1
@@ -176,6 +182,14 @@ def check_same_program(
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ValueError(ANOTHER_RUN.format(path=path, n=len(foreign), fields=shown))
+
+
+def _holds(path: str, config: Mapping[str, Any] | None) -> bool:
+    try:
+        with open(path) as f:
+            return json.load(f) == json.loads(json.dumps(dict(config or {}), default=str))
+    except (OSError, ValueError):
+        return False
 
 
 def check_workdir_writable(path: str | os.PathLike, *, required_bytes: int = 0) -> None:

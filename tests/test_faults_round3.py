@@ -697,3 +697,15 @@ class TestStreamThreadSafety:
         np.save(tmp_path / "x.npy", np.zeros((16, 3), np.float32))
         inputs.Stream(inputs.open_npy({"x": tmp_path / "x.npy"}), num_threads=8)
         inputs.Stream(inputs.ArraySource({"x": np.zeros((16, 3))}), num_threads=8)
+
+
+def test_a_users_config_json_is_kept_not_overwritten(tmp_path):
+    """Before: a run in a directory of the user's overwrote its config.json."""
+    from test_refusals import _tiny_run
+
+    (tmp_path / "wd").mkdir()
+    (tmp_path / "wd" / "config.json").write_text('{"mine": true}')
+    _tiny_run(tmp_path / "wd", epochs=1)
+    assert (tmp_path / "wd" / "previous" / "1" / "config.json").read_text() == '{"mine": true}'
+    _tiny_run(tmp_path / "wd", epochs=1)  # finished: resumed, nothing moved
+    assert not (tmp_path / "wd" / "previous" / "2").exists()
