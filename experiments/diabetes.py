@@ -48,7 +48,7 @@ import optax
 from jaxnets import adapters, evaluation, hooks, losses, optim, run, sharding, train
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import POSITIVE_INT, TRAINING_CHECKS
-from jaxnets.config import config_to_dict, parse_config
+from jaxnets.config import config_to_dict, errors_in_flags, parse_config
 from jaxnets.types import Array
 
 log = logging.getLogger("jaxnets.diabetes")
@@ -235,6 +235,7 @@ def in_target_units(test: dict, target: Standardizer) -> dict:
     }
 
 
+@errors_in_flags
 def main(config: Config) -> dict:
     """Trains, evaluates on the test split, writes the work directory; returns summary.json."""
     data, target = load_data(

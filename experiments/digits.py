@@ -40,7 +40,7 @@ import optax
 from jaxnets import adapters, evaluation, hooks, losses, optim, run, sharding, train
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import FRACTION, TRAINING_CHECKS
-from jaxnets.config import config_to_dict, parse_config
+from jaxnets.config import config_to_dict, errors_in_flags, parse_config
 
 log = logging.getLogger("jaxnets.digits")
 
@@ -158,6 +158,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     )
 
 
+@errors_in_flags
 def main(config: Config) -> dict:
     """Trains, evaluates on the test split, writes the work directory; returns summary.json."""
     data = load_data(

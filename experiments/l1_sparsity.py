@@ -38,9 +38,10 @@ import optax
 
 from jaxnets import metrics, sharding, train
 from jaxnets.checks import NONNEGATIVE, POSITIVE_INT, TRAINING_CHECKS
-from jaxnets.config import check_config, config_to_dict, parse_config
+from jaxnets.config import check_config, config_to_dict, errors_in_flags, parse_config
 from jaxnets.optim import inverse_time_decay, sgd
 from jaxnets.regularizers import l1_penalty, l2_penalty
+from jaxnets.workdir import check_workdir_writable
 
 METHODS = (
     "l1_proximal",
@@ -220,8 +221,10 @@ def plot_weights(path: pathlib.Path, weights: dict[str, np.ndarray], w_true, res
     plt.close(fig)
 
 
+@errors_in_flags
 def main(config: Config) -> dict[str, dict]:
     """Trains every method; writes weights.png and summary.json; returns `{method: metrics}`."""
+    check_workdir_writable(config.workdir)  # before training: where the results go
     x_train, y_train, x_test, y_test, w_true, _ = make_data(config)
     results, weights = {}, {}
     for name in METHODS:

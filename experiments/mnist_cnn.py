@@ -34,7 +34,7 @@ from jaxnets import adapters, evaluation, hooks, losses, optim, regularizers, ru
 from jaxnets import data as jdata
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import NONNEGATIVE, TRAINING_CHECKS, Rule
-from jaxnets.config import config_to_dict, parse_config
+from jaxnets.config import config_to_dict, errors_in_flags, parse_config
 from jaxnets.data import augment as aug
 from jaxnets.models.cnn import MnistCNN
 
@@ -146,6 +146,7 @@ def make_preprocess(config: Config, train_images: np.ndarray):
     return preprocess
 
 
+@errors_in_flags
 def main(config: Config) -> dict:
     """Trains, evaluates on the test split, writes the work directory; returns summary.json."""
     run.claim(config.workdir)  # before loading any data: one run per directory

@@ -43,10 +43,11 @@ import numpy as np
 from jaxnets import adapters, data, losses, sharding, sweep, writers
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import NONNEGATIVE_INT, POSITIVE_INT, RUN_CHECKS, TRAINING_CHECKS, Rule
-from jaxnets.config import add_config_flags, check_config, config_to_dict
+from jaxnets.config import add_config_flags, check_config, config_to_dict, errors_in_flags
 from jaxnets.models import MnistCNN, TwoLayerSigmoid
 from jaxnets.models.cnn import CONV_IMPLS
 from jaxnets.sweep import VECTORIZE
+from jaxnets.workdir import check_workdir_writable
 
 MODELS = ("two_layer", "mnist_cnn")
 
@@ -178,11 +179,16 @@ def build_objective(config: Config) -> adapters.Objective:
     )
 
 
+@errors_in_flags
 def main(config: Config) -> dict:
     """Trains the grid; writes sweep.json, table.md, curves.png; returns sweep.json's content."""
-    configs = sweep.grid(**sweep.parse_sweep(config.sweep))
+    try:
+        configs = sweep.grid(**sweep.parse_sweep(config.sweep))
+    except ValueError as e:  # the library names a spec; here each spec is a --sweep flag
+        raise ValueError(str(e).replace("sweep spec ", "--sweep ")) from None
     base = {name: getattr(config, name) for name in sweep.SWEEPABLE}
     sweep.complete_configs(configs, base)  # fail on bad values before loading data
+    check_workdir_writable(config.workdir)  # not after training: where the results go
     if config.model not in MODELS:
         raise ValueError(f"--model {config.model!r}: use one of {', '.join(MODELS)}")
     if config.limit < 0:

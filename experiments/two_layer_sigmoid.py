@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxnets import metrics, sharding, train
 from jaxnets.checks import POSITIVE, POSITIVE_INT, Rule
-from jaxnets.config import check_config, config_to_dict, parse_config
+from jaxnets.config import check_config, config_to_dict, errors_in_flags, parse_config
 from jaxnets.models import two_layer_train_many
 from jaxnets.models.mlp import (
     sum_squared_error,
@@ -41,6 +41,7 @@ from jaxnets.models.mlp import (
     two_layer_forward,
     uniform_01,
 )
+from jaxnets.workdir import check_workdir_writable
 
 INITS = ("numpy", "jax")
 # Largest allowed |hand-written - jax.grad| per step, relative to 1 + max|jax.grad|: float32
@@ -235,11 +236,12 @@ def make_train_many_on_devices(config: Config):
     return lambda p, x, y: jax.device_get(run(p, x, y))
 
 
+@errors_in_flags
 def main(config: Config) -> dict:
     """Trains the seed net (and `config.nets` nets at once); returns the numbers it reports."""
     # The nets' device split is checked now, not after the seed net has trained.
     train_many = make_train_many_on_devices(config) if config.nets > 1 else None
-    os.makedirs(config.workdir, exist_ok=True)
+    check_workdir_writable(config.workdir)  # creates it, or says why it cannot hold results
     x, y = jnp.asarray(X), jnp.asarray(Y)
     params = init_params(config)
 

@@ -6,8 +6,9 @@ pure functions `jaxnets.train` takes. They handle what a hand-written step gets 
 - the model's non-trainable collections (Linen `batch_stats`, NNX `BatchStat`) live in
   `model_state`, are updated in training (`mutable`) and read, not updated, in evaluation;
 - randomness (dropout) comes from the step key, a different key every step;
-- a `train` flag: `module(x, train=True)` in training, `train=False` in evaluation (when the
-  module's `__call__` takes one; NNX modules get `.train()` / `.eval()`);
+- the train/eval switch: `module(x, train=True)` in training, `train=False` in evaluation,
+  found by name (`train`, `training`, `deterministic` inverted, ...: `linen(mode_arg=)`),
+  an ambiguous module refused; NNX modules get `.train()` / `.eval()`;
 - the loss: per-example values `[batch]` are averaged (and their mean is reported as
   `loss`), a scalar is used as returned (a weighted mean); `penalty(params)` is added.
 
@@ -25,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -42,6 +44,14 @@ Preprocess = Callable[..., Any]
 Loss = Callable[[Any, Any], Array]
 # A batch key, or a function of the batch.
 Selector = str | Callable[[Batch], Any]
+
+
+INTEGER_LOSS = (
+    "the loss returned {dtype} values of shape {shape}: an integer (or boolean) loss has a "
+    "zero gradient everywhere, so training would never move the parameters; return "
+    "floating-point losses (e.g. losses.softmax_cross_entropy, not a count of errors; report "
+    "counts as metrics)"
+)
 
 
 class Objective(NamedTuple):
@@ -99,11 +109,14 @@ class _Parts(NamedTuple):
         targets = _select(batch, self.targets, "targets")
         value = jnp.asarray(self.loss(outputs, targets))
         n = jax.tree.leaves(outputs)[0].shape[0]
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(INTEGER_LOSS.format(dtype=value.dtype, shape=value.shape))
         if value.ndim == 0:
             loss = value
-            # A scalar cannot leave out padding: count it only for batches without any.
-            full = jnp.ones((), jnp.float32) if mask is None else jnp.all(mask).astype(jnp.float32)
-            reported = jmetrics.Mean.from_scalar(value, full)
+            if mask is None:  # training: no padding, every batch of the same size
+                reported = jmetrics.Mean.from_scalar(value)
+            else:  # evaluation: each example's loss alone, so the padding is left out
+                reported = jmetrics.Mean.from_values(self.per_example_loss(outputs, targets), mask)
         elif value.shape == (n,):
             loss = jnp.mean(value)
             reported = jmetrics.Mean.from_values(value, mask)
@@ -118,8 +131,13 @@ class _Parts(NamedTuple):
             loss = loss + p
             out["penalty"] = jmetrics.Mean.from_scalar(p)
         for name, fn in self.metrics.items():
-            out[name] = jmetrics.as_metric(fn(outputs, targets, mask), mask, name)
+            out[name] = jmetrics.as_metric(fn(outputs, targets, mask), mask, name, batch=n)
         return loss, out
+
+    def per_example_loss(self, outputs: Any, targets: Any) -> Array:
+        """`[batch]`: a scalar loss of each example alone (a batch of one)."""
+        one = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
+        return jax.vmap(lambda o, t: jnp.asarray(self.loss(one(o), one(t))))(outputs, targets)
 
 
 def _stream_key(key: PRNGKey) -> PRNGKey:
@@ -135,11 +153,105 @@ def _parts(inputs, targets, loss, metrics, penalty, preprocess) -> _Parts:
     return _Parts(inputs, targets, loss, _check_metrics(metrics), penalty, preprocess)
 
 
-def _takes_train(fn: Callable) -> bool:
+# A Linen module's train/eval switch, by name: passed `True` in training ...
+TRAINING_NAMES = ("train", "training", "is_training")
+# ... and these `False` in training (`deterministic=True` is evaluation).
+EVAL_NAMES = ("deterministic", "use_running_average", "is_eval", "eval_mode", "inference")
+# Either a name (its meaning from the lists above, else True in training) or
+# (name, value in training); '' for a module without a switch.
+ModeArg = str | tuple[str, bool]
+
+AMBIGUOUS_MODE = (
+    "{module}: {what}; jaxnets cannot tell which argument switches training and evaluation "
+    "(Dropout, BatchNorm). Pass mode_arg=<its name> (e.g. mode_arg={example!r}; "
+    "mode_arg=(name, value_in_training) for a name not in {known}), or mode_arg='' if the "
+    "module has no train/eval switch"
+)
+
+
+class _Mode(NamedTuple):
+    """How to put a Linen module in training or evaluation mode."""
+
+    name: str  # '' for none
+    in_training: bool  # the value passed in training
+    field: bool  # a module attribute (set by `clone`), not a `__call__` argument
+
+    def module(self, module: Any, training: bool) -> Any:
+        if not self.name or not self.field:
+            return module
+        return module.clone(**{self.name: self.in_training == training})
+
+    def kwargs(self, training: bool) -> dict:
+        if not self.name or self.field:
+            return {}
+        return {self.name: self.in_training == training}
+
+
+def _call_arguments(module: Any) -> dict[str, inspect.Parameter]:
     try:
-        return "train" in inspect.signature(fn).parameters
+        parameters = inspect.signature(module.__call__).parameters
     except (TypeError, ValueError):
-        return False
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n: p for n, p in parameters.items() if p.kind in kinds}
+
+
+def _fields(module: Any) -> set[str]:
+    if not dataclasses.is_dataclass(module):
+        return set()
+    return {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
+
+
+def _boolean(parameter: inspect.Parameter) -> bool:
+    annotation = parameter.annotation
+    annotated = annotation is bool or (isinstance(annotation, str) and "bool" in annotation)
+    return annotated or isinstance(parameter.default, bool)
+
+
+def _find_mode(module: Any, mode_arg: ModeArg | None) -> _Mode:
+    """The module's train/eval switch: `mode_arg`, else found by name in its `__call__`
+    arguments or its attributes; refuses a module where the name does not decide it."""
+    arguments, fields = _call_arguments(module), _fields(module)
+    label = type(module).__name__
+    known = TRAINING_NAMES + EVAL_NAMES
+    if mode_arg is not None:
+        name, in_training = (
+            mode_arg if isinstance(mode_arg, tuple) else (mode_arg, mode_arg not in EVAL_NAMES)
+        )
+        if not name:
+            return _Mode("", True, False)
+        if name not in arguments and name not in fields:
+            raise ValueError(
+                f"mode_arg={mode_arg!r}: {label} has no argument or attribute {name!r}; its "
+                f"__call__ takes {list(arguments)[1:] or 'no keyword'}, its attributes are "
+                f"{sorted(fields) or 'none'}"
+            )
+        return _Mode(name, bool(in_training), name not in arguments)
+    found = [n for n in known if n in arguments] or [n for n in known if n in fields]
+    if len(found) > 1:
+        raise ValueError(
+            AMBIGUOUS_MODE.format(
+                module=label,
+                what=f"it takes both {found[0]!r} and {found[1]!r}",
+                example=found[0],
+                known=known,
+            )
+        )
+    if found:
+        name = found[0]
+        return _Mode(name, name not in EVAL_NAMES, name not in arguments)
+    # No known name: a boolean argument other than the input may be the switch.
+    booleans = [n for n, p in list(arguments.items())[1:] if _boolean(p)]
+    if booleans:
+        raise ValueError(
+            AMBIGUOUS_MODE.format(
+                module=label,
+                what=f"its __call__ takes the boolean argument {booleans[0]!r}",
+                example=booleans[0],
+                known=known,
+            )
+        )
+    return _Mode("", True, False)
 
 
 def linen(
@@ -152,12 +264,15 @@ def linen(
     penalty: Callable[[Params], Array] | None = None,
     preprocess: Preprocess | None = None,
     rng_streams: Sequence[str] = ("dropout",),
+    mode_arg: ModeArg | None = None,
 ) -> Objective:
     """The `Objective` of a Flax Linen module.
 
     Args:
-      module: a Linen module; `module.apply(variables, x, train=...)` when its `__call__`
-        takes `train`, else `module.apply(variables, x)`.
+      module: a Linen module; its train/eval switch is found by name (see `mode_arg`):
+        `module.apply(variables, x, train=...)` when its `__call__` takes `train`, likewise
+        `training` and `is_training`; `deterministic=not training` (and the other
+        `EVAL_NAMES`); a module attribute of those names is set with `module.clone`.
       loss: `(outputs, targets) -> [batch]` per-example losses (averaged) or a scalar
         (used as is), e.g. `losses.softmax_cross_entropy`.
       metrics: `{name: (outputs, targets, mask) -> Metric or per-example values}`, e.g.
@@ -168,6 +283,11 @@ def linen(
       preprocess: `(inputs, *, keys) -> model inputs`; keys `[batch]` per-example keys in
         training (augmentation), None in evaluation.
       rng_streams: the Linen rng names the module draws from in training.
+      mode_arg: the name of the module's train/eval argument or attribute, when finding
+        it by name is not enough: a name in `EVAL_NAMES` is passed `not training`, another
+        `training`; `(name, value_in_training)` for any name; '' for a module without one.
+        Default: found by name; a module with two known names, or with an unknown boolean
+        `__call__` argument, is refused (ValueError) rather than trained in the wrong mode.
 
     The functions are written for the global batch (jitted over a mesh by `jaxnets.loop`):
     BatchNorm statistics are the global batch's and a dropout mask is drawn for the global
@@ -175,17 +295,18 @@ def linen(
     name is needed anywhere in the module.
     """
     parts = _parts(inputs, targets, loss, metrics, penalty, preprocess)
-    has_train = _takes_train(module.__call__)
+    mode = _find_mode(module, mode_arg)
     streams = tuple(rng_streams)
+    train_module, eval_module = mode.module(module, True), mode.module(module, False)
 
     def flags(training: bool) -> dict:
-        return {"train": training} if has_train else {}
+        return mode.kwargs(training)
 
     def init_fn(key: PRNGKey, batch: Batch) -> tuple[Params, PyTree]:
         x = parts.model_inputs(batch, None)
         # The params key is `key` itself: `module.init(key, x)` gives the same parameters.
         rngs = {"params": key, **{s: jax.random.fold_in(key, i + 1) for i, s in enumerate(streams)}}
-        variables = module.init(rngs, x, **flags(False))
+        variables = eval_module.init(rngs, x, **flags(False))
         variables = dict(variables)
         params = variables.pop("params", {})
         return params, variables
@@ -195,17 +316,17 @@ def linen(
         rngs = dict(zip(streams, jax.random.split(_stream_key(key), len(streams))))
         variables = {"params": params, **model_state}
         if model_state:
-            outputs, new_state = module.apply(
+            outputs, new_state = train_module.apply(
                 variables, x, rngs=rngs, mutable=list(model_state), **flags(True)
             )
             new_state = {**model_state, **new_state}
         else:
-            outputs, new_state = module.apply(variables, x, rngs=rngs, **flags(True)), {}
+            outputs, new_state = train_module.apply(variables, x, rngs=rngs, **flags(True)), {}
         loss, out = parts.objective(params, outputs, batch, None)
         return loss, (out, new_state)
 
     def eval_fn(params, model_state, batch, mask):
-        outputs = module.apply(
+        outputs = eval_module.apply(
             {"params": params, **model_state}, parts.model_inputs(batch, None), **flags(False)
         )
         return parts.objective(params, outputs, batch, mask)[1]

@@ -396,8 +396,13 @@ class Checkpointer:
             return "left in place (read-only)"
         src = os.path.join(self.directory, str(step))
         dst = os.path.join(self.directory, _QUARANTINE, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if not os.path.lexists(src):
+            return "its directory is gone (removed while this run read it)"
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        os.rename(src, dst)
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return "its directory is gone (removed while this run read it)"
         return f"moved to {dst}"
 
     def wait_until_finished(self) -> None:
@@ -410,9 +415,12 @@ class Checkpointer:
             self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Flushes the pending save and releases Orbax's threads."""
-        self.wait_until_finished()
-        self._manager.close()
+        """Flushes the pending save and releases Orbax's threads, also when the save failed
+        (its error is raised after): an open manager fails again at interpreter exit."""
+        try:
+            self.wait_until_finished()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
+import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from jaxnets.checks import BAD_FLAG, Rule
@@ -31,6 +34,21 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+_WORDS = {int: "whole number", float: "number", str: "string"}
+_EXAMPLES = {int: "2", float: "0.5", str: "a"}
+
+
+def _not_a(text: str, tp: type, optional: bool) -> str:
+    """The error of a flag value that is not of the field's type: what it must be, an example."""
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    hint = f" (the nearest is {round(number)})" if tp is int and math.isfinite(number) else ""
+    none = " or none" if optional else ""
+    return f"{text!r} is not a {_WORDS[tp]}{none}{hint}, e.g. {_EXAMPLES[tp]}"
+
+
 def _parser_for(tp: Any, optional: bool):
     if tp is bool:
         raise AssertionError("bool handled by BooleanOptionalAction")
@@ -39,7 +57,10 @@ def _parser_for(tp: Any, optional: bool):
         def parse(text: str):
             if optional and text.lower() in ("none", ""):
                 return None
-            return tp(text)
+            try:
+                return tp(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(_not_a(text, tp, optional)) from None
 
         return parse
     origin = typing.get_origin(tp)
@@ -51,7 +72,13 @@ def _parser_for(tp: Any, optional: bool):
         def parse_tuple(text: str):
             if optional and text.lower() == "none":
                 return None
-            return tuple(elem(t) for t in text.split(",") if t.strip())
+            try:
+                return tuple(elem(t) for t in text.split(",") if t.strip())
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} is not a comma-separated list of {_WORDS[elem]}s, e.g. "
+                    f"{_EXAMPLES[elem]},{_EXAMPLES[elem]}"
+                ) from None
 
         return parse_tuple
     raise TypeError(f"config field type {tp!r} cannot be set from the command line")
@@ -185,3 +212,52 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], keys: Sequence[s
     """
     names = sorted(set(saved) | set(current)) if keys is None else list(keys)
     return [(k, saved.get(k), current.get(k)) for k in names if saved.get(k) != current.get(k)]
+
+
+def flags_of(text: str, config: Any) -> str:
+    """`text` (a library error) with the arguments that are fields of `config` written as its
+    flags: `batch_size=96` -> `--batch-size 96`, `restart=True` -> `--restart`,
+    `workdir=<directory>` -> `--workdir <directory>`.
+
+    The library's errors name arguments, never an experiment's flags; an experiment, whose
+    config fields are its flags, says them in its own words (`errors_in_flags`).
+    """
+    for field in dataclasses.fields(config):
+        name, flag = field.name, "--" + field.name.replace("_", "-")
+        text = re.sub(rf"(?<![\w.'\"-]){name}=True\b", flag, text)
+        text = re.sub(rf"(?<![\w.'\"-]){name}=False\b", "--no-" + flag[2:], text)
+        text = re.sub(
+            rf"(?<![\w.'\"-]){name}=('[^']*'|\"[^\"]*\"|[^\s,;)]+)",
+            lambda m, flag=flag: f"{flag} {_flag_value(m.group(1))}",
+            text,
+        )
+    return text
+
+
+def _flag_value(value: str) -> str:
+    if value[:1] in "'\"":
+        inner = value[1:-1]
+        return inner if inner and not re.search(r"\s", inner) else value
+    return value.removesuffix(".") + ("." if value.endswith(".") else "")
+
+
+def errors_in_flags(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates an experiment's `main(config)`: the errors it raises say the config's flags
+    (`flags_of`) where the library named the arguments they set."""
+
+    @functools.wraps(main)
+    def wrapper(config: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(config, *args, **kwargs)
+        except Exception as error:
+            _translate(error, config)
+            raise
+
+    return wrapper
+
+
+def _translate(error: Exception, config: Any) -> None:
+    if isinstance(error, OSError) and isinstance(error.strerror, str):
+        error.strerror = flags_of(error.strerror, config)
+    elif len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (flags_of(error.args[0], config),)

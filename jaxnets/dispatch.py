@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxnets import train, writers
-from jaxnets.data.cache import default_cache_dir
+from jaxnets.data.cache import cache_write_failed, default_cache_dir
 
 log = logging.getLogger("jaxnets.loop")
 
@@ -126,7 +126,10 @@ def choose_steps_per_call(
         choice = min(programs, key=lambda c: times[str(c)])
         how = "measured"
         cached[cache_key] = {"steps_per_call": choice, "seconds_per_step": times}
-        _write_json(cache, cached)
+        try:  # the cache only saves a measurement: an unwritable one never stops a run
+            _write_json(cache, cached)
+        except OSError as e:
+            cache_write_failed(cache, e)
     log.info("steps per device call: %d (%s: %s s/step)", choice, how, times)
     if record is not None:
         _write_json(record, {"steps_per_call": choice, "seconds_per_step": times, "how": how})

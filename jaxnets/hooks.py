@@ -232,7 +232,7 @@ class Progress(Hook):
             sums = jmetrics.sum_steps(metrics)
             self._sums = sums if self._sums is None else jmetrics.merge(self._sums, sums)
         values = jmetrics.compute(self._sums) if self._sums is not None else {}
-        self._bar.update(ctx.length, **{k: v for k, v in values.items() if isinstance(v, float)})
+        self._bar.update(ctx.length, **values)  # arrays too (the bar shows them briefly)
         if ctx.epoch_end or ctx.stopping:
             self.end(ctx)
 

@@ -37,8 +37,8 @@ INPUTS = ("auto", "resident", "stream")
 # `auto` keeps a data set resident when its copies take at most this share of free memory.
 RESIDENT_SHARE = 0.5
 STREAM_HINT = (
-    "stream it instead: loop.fit(..., input='stream') (the data is then read from the host "
-    "while training, in bounded memory)"
+    "stream it instead: input='stream' (the data is then read from the host while training, "
+    "in bounded memory)"
 )
 
 
@@ -49,6 +49,50 @@ def _check_source(source: Any) -> None:
             f"{type(source).__name__}; wrap arrays in inputs.ArraySource, files in "
             "inputs.open_npy, a TFDS set in tfds.data_source(name, split=...)"
         )
+
+
+NOT_THREAD_SAFE = (
+    "the streamed source {source} {why}: it is not safe to read from several threads at once "
+    "(e.g. one file object's seek and read shared by every call), and Stream(num_threads="
+    "{num_threads}) would train on torn examples. Read it on one thread: Stream(source, "
+    "num_threads=0), or mark the source with `thread_safe = False`; or make `__getitem__` "
+    "thread-safe (os.pread, a lock, or a file opened per thread)"
+)
+PROBE_EXAMPLES = 32  # examples a source of unknown thread safety is read twice to check it
+PROBE_ROUNDS = 16
+
+
+def _example_bytes(example: Any) -> bytes:
+    return b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(example))
+
+
+def _check_thread_safe(source: Any, num_threads: int) -> None:
+    """Refuses a source that is not thread-safe for `num_threads` reading threads: one that
+    says so (`thread_safe = False`), or one whose examples differ when read concurrently
+    (a probe of `PROBE_EXAMPLES` examples; arrays and `RowFile`s are safe and not probed)."""
+    name = type(source).__name__
+    declared = getattr(source, "thread_safe", None)
+    if num_threads == 0 or declared is True:
+        return
+    if declared is False:
+        why = "says it is not thread-safe (thread_safe = False)"
+        raise ValueError(NOT_THREAD_SAFE.format(source=name, why=why, num_threads=num_threads))
+    if num_threads == 1 or isinstance(source, ArraySource) or len(source) == 0:
+        return  # one reading thread; numpy fancy indexing and os.pread are thread-safe
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(source)
+    probe = sorted({i * n // PROBE_EXAMPLES for i in range(min(n, PROBE_EXAMPLES))})
+    want = {i: _example_bytes(source[i]) for i in probe}
+    with ThreadPoolExecutor(max(num_threads, 4)) as pool:
+        for _ in range(PROBE_ROUNDS):
+            order = probe * 4
+            for i, got in zip(order, pool.map(lambda i: _example_bytes(source[i]), order)):
+                if got != want[i]:
+                    why = f"returned another example {i} when read from several threads at once"
+                    raise ValueError(
+                        NOT_THREAD_SAFE.format(source=name, why=why, num_threads=num_threads)
+                    )
 
 
 class Stream:
@@ -66,7 +110,15 @@ class Stream:
       transform: `example -> example` applied on the host, in the worker threads, before
         batching (decoding, resizing). Deterministic: random augmentation belongs on the
         device, keyed by the step (`jaxnets.data.augment`).
-      num_threads: Grain's reading threads (0: read on the training thread).
+      num_threads: Grain's reading threads (0: read on the training thread). The contract:
+        with `num_threads >= 1`, `source[i]` (and `transform`) are called from several
+        threads at once and must be thread-safe. Arrays, `open_npy`, `open_idx` (`os.pread`)
+        and TFDS `data_source`s are; a reader sharing one file object's position
+        (`f.seek(); f.read()`) is not. A source with `thread_safe = False` gets
+        `num_threads=0` by default; with 2 or more threads, one of unknown safety is probed
+        (its examples read alone and from several threads must agree) and refused when
+        they differ.
+        Default: 1, or 0 for a source with `thread_safe = False`.
       prefetch: batches read ahead (host memory holds at most this many, plus one chunk).
 
     Example:
@@ -79,13 +131,16 @@ class Stream:
         source: Any,
         *,
         transform: Callable[[Any], Any] | None = None,
-        num_threads: int = 1,
+        num_threads: int | None = None,
         prefetch: int = 16,
     ):
         _check_source(source)
+        if num_threads is None:
+            num_threads = 0 if getattr(source, "thread_safe", None) is False else 1
         for name, value, low in (("num_threads", num_threads, 0), ("prefetch", prefetch, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Stream({name}={value!r}): must be an int >= {low}")
+        _check_thread_safe(source, num_threads)
         self.source = source
         self.transform = transform
         self.num_threads = num_threads

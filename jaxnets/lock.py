@@ -18,7 +18,7 @@ LOCK_FILE = ".lock"
 WORKDIR_IN_USE = (
     "work directory {path} is in use by another run (pid {pid}: {command}); two runs in one "
     "directory would overwrite each other's checkpoints and logs. Wait for it to finish, stop "
-    "it (kill {pid}), or use another --workdir"
+    "it (kill {pid}), or give this run another workdir=<directory>"
 )
 
 

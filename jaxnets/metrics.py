@@ -85,8 +85,13 @@ def compute(values: Mapping[str, Metric]) -> dict[str, float]:
     return out
 
 
-def as_metric(value: Any, mask: Array | None, name: str) -> Metric:
-    """A metric function's result as a `Metric`: per-example arrays become `Mean`."""
+def as_metric(value: Any, mask: Array | None, name: str, *, batch: int | None = None) -> Metric:
+    """A metric function's result as a `Metric`: per-example arrays `[batch, ...]` become `Mean`.
+
+    A scalar, or an array whose leading axis is not the batch's (e.g. `[1]`, a batch mean
+    kept as an array), is refused: it cannot leave out the padding of the last evaluation
+    batch, so it would be averaged with it.
+    """
     if hasattr(value, "compute"):
         return value
     value = jnp.asarray(value)
@@ -94,6 +99,15 @@ def as_metric(value: Any, mask: Array | None, name: str) -> Metric:
         raise ValueError(
             f"metric {name!r} returned a scalar; return per-example values [batch] (averaged "
             "for you) or a Metric such as metrics.Mean(total, count)"
+        )
+    if mask is not None and batch is None:
+        batch = mask.shape[0]
+    if batch is not None and value.shape[0] != batch:
+        raise ValueError(
+            f"metric {name!r} returned shape {tuple(value.shape)} for a batch of {batch}: not "
+            f"per-example values [{batch}], so the padding of the last evaluation batch could "
+            "not be left out; return per-example values (averaged for you, without the "
+            "padding) or a Metric such as metrics.Mean(total, count)"
         )
     return Mean.from_values(value, mask)
 

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM/SIGINT become a flag the training loop polls between device calls."""
+"""Preemption: SIGTERM/SIGINT/SIGHUP become a flag the training loop polls between device calls."""
 
 from __future__ import annotations
 
@@ -7,13 +7,19 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+# The signals that ask a run to stop: each gets the same save (SIGHUP is absent on Windows).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
+)
+
 
 class PreemptionGuard:
-    """Turns SIGTERM/SIGINT into a flag the training loop checks at step boundaries.
+    """Turns SIGTERM/SIGINT/SIGHUP into a flag the training loop checks at step boundaries.
 
     Inside the `with` block the first signal only sets `should_stop`, so the loop can
     save, flush and exit cleanly (Colab and TPU VMs send SIGTERM before taking the
-    machine). A second SIGINT raises KeyboardInterrupt as usual. The previous handlers
+    machine; a closed terminal or SSH session sends SIGHUP, which would otherwise kill the
+    run without a save). A second SIGINT raises KeyboardInterrupt as usual. The previous handlers
     are restored on exit. Must be entered on the main thread.
 
     Example:
@@ -26,7 +32,7 @@ class PreemptionGuard:
         ...             break
     """
 
-    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals: Sequence[int] = STOP_SIGNALS):
         self.signals = tuple(signals)
         self.received: int | None = None
         self._previous: dict[int, Any] = {}

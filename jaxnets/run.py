@@ -30,10 +30,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,13 +43,22 @@ import jax
 import numpy as np
 
 from jaxnets import checkpoint as ckpt
+from jaxnets import fingerprint, loop, sharding, train, writers
 from jaxnets import hooks as jhooks
-from jaxnets import loop, sharding, train, writers
 from jaxnets.checks import RUN_CHECKS, Rule
 from jaxnets.config import check_config
 from jaxnets.lock import WorkdirLock, claim_workdir
+from jaxnets.platform import check_backend
 from jaxnets.preemption import PreemptionGuard
-from jaxnets.workdir import START_FRESH, check_resumable, check_workdir_writable
+from jaxnets.workdir import (
+    START_FRESH,
+    check_resumable,
+    check_same_program,
+    check_workdir_path,
+    check_workdir_writable,
+    discard_run,
+    keep_previous_logs,
+)
 
 log = logging.getLogger("jaxnets.run")
 
@@ -144,6 +153,7 @@ class Run:
         self.start_step = start_step
         self.checkpointer = checkpointer
         self.metadata = metadata or {}  # the restored checkpoint's
+        self._data_fingerprint: dict | None = None  # of the data given to `fit`
         self.is_main = sharding.is_main_process()
         self._started = time.perf_counter()
         self._sinks: list[Any] = []
@@ -180,7 +190,7 @@ class Run:
                     self.checkpointer,
                     every_steps=flags.checkpoint_every_steps,
                     every_seconds=60.0 * minutes,
-                    metadata={"config": self.config},
+                    metadata={"config": self.config, "data_fingerprint": self._data_fingerprint},
                     position=self.metadata.get("data"),
                 )
             )
@@ -199,7 +209,12 @@ class Run:
         order: Callable | None = None,
     ) -> loop.FitResult:
         """`loop.fit` from the run's state, with the run's hooks, mesh, sharding rule and
-        flags (input, steps per call), and `hooks` (e.g. `hooks.Evaluate`)."""
+        flags (input, steps per call), and `hooks` (e.g. `hooks.Evaluate`).
+
+        The data's content fingerprint is saved with every checkpoint, and a resumed run whose
+        data differs from the saved run's is refused (ValueError) before it trains.
+        """
+        self._data_fingerprint = _check_data(data, self.metadata.get("data_fingerprint"))
         return loop.fit(
             self.state,
             train_step,
@@ -315,6 +330,7 @@ def open_run(
     Returns:
       The open `Run`; `run.state` is what to train from.
     """
+    check_workdir_path(flags.workdir)  # '' (the current directory) before Path makes it '.'
     path = Path(flags.workdir)
     lock = claim(path)
     try:
@@ -333,53 +349,60 @@ def claim(workdir: str | Path) -> WorkdirLock | None:
     second run on the directory stops here with the other run's pid. An experiment calls it
     before loading data; `open_run` calls it again (the same lock) and releases it at close.
     """
+    check_backend()  # a backend that cannot start says why before anything is written
     check_workdir_writable(workdir)
     return claim_workdir(workdir) if sharding.is_main_process() else None
 
 
 def _open(flags, config, state, mesh, result_fields, total_steps, path, lock) -> Run:
-    config = dict(config)
-    checkpoints = path / CHECKPOINTS
     if flags.restart:  # every process: each may have its own disk
-        for old in (checkpoints, path / "tb"):
-            shutil.rmtree(old, ignore_errors=True)
-    manager, start_step, meta = None, 0, None
+        discard_run(path)  # refuses a directory holding files jaxnets did not write
+    manager = None
     if flags.checkpoint:
-        manager = ckpt.Checkpointer(checkpoints, max_to_keep=flags.keep_checkpoints)
-        if manager.latest_step() is not None:
-            try:
-                state, meta, start_step = _restore(
-                    manager,
-                    state,
-                    mesh,
-                    RULES[flags.sharding],
-                    config,
-                    result_fields,
-                    path,
-                    _defaults(flags),
-                )
-            except BaseException:
+        manager = ckpt.Checkpointer(path / CHECKPOINTS, max_to_keep=flags.keep_checkpoints)
+    try:
+        return _resume(
+            flags, dict(config), state, mesh, result_fields, total_steps, path, lock, manager
+        )
+    except BaseException:
+        # Closed on every error path: a manager left open fails again at interpreter exit
+        # ("cannot schedule new futures after interpreter shutdown"), after the real error.
+        if manager is not None:
+            with contextlib.suppress(Exception):
                 manager.close()
-                raise
-            if start_step >= total_steps:
-                log.warning(
-                    "the run in %s has already finished (step %d of %d); pass a larger "
-                    "--epochs to train on, or --restart to start over",
-                    path,
-                    start_step,
-                    total_steps,
-                )
-            else:
-                log.warning(
-                    "resuming from step %d of %d (%s)", start_step, total_steps, checkpoints
-                )
+        raise
+
+
+def _resume(flags, config, state, mesh, result_fields, total_steps, path, lock, manager) -> Run:
+    start_step, meta = 0, None
+    if manager is not None and manager.latest_step() is not None:
+        state, meta, start_step = _restore(
+            manager,
+            state,
+            mesh,
+            RULES[flags.sharding],
+            config,
+            result_fields,
+            path,
+            _defaults(flags),
+        )
+        if start_step >= total_steps:
+            log.warning(
+                "the run in %s has already finished (step %d of %d); to train on, raise "
+                "epochs=<more than it had>; to start over, restart=True",
+                path,
+                start_step,
+                total_steps,
+            )
+        else:
+            log.warning(
+                "resuming from step %d of %d (%s)", start_step, total_steps, path / CHECKPOINTS
+            )
     if manager is not None and start_step < total_steps:
-        try:  # a full disk is refused now, not after an epoch of training
-            manager.check_space(state)
-        except BaseException:
-            manager.close()
-            raise
+        manager.check_space(state)  # a full disk is refused now, not after an epoch of training
     if sharding.is_main_process():
+        if start_step == 0 and not flags.restart and (kept := keep_previous_logs(path, config)):
+            log.warning("this run starts at step 0: the earlier run's logs are kept in %s", kept)
         writers.write_json(path / "config.json", config)
     return Run(
         path,
@@ -397,8 +420,9 @@ def _open(flags, config, state, mesh, result_fields, total_steps, path, lock) ->
 
 def exit_status(summary: Mapping[str, Any]) -> int:
     """The process exit status of a run: 0 when it finished; 128 + the signal's number
-    (130 for SIGINT, 143 for SIGTERM) when a signal stopped it after saving, as a shell
-    reports a process the signal killed, so schedulers and `&&` know it did not finish."""
+    (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP) when a signal stopped it after saving,
+    as a shell reports a process the signal killed, so schedulers and `&&` know it did not
+    finish."""
     signum = summary.get("stop_signal")
     return 128 + int(signum) if summary.get("stopped_early") and signum else 0
 
@@ -428,13 +452,44 @@ def _restore(manager, state, mesh, rule, config, result_fields, path, defaults):
             saved = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             saved = None
+        problem = None
         if isinstance(saved, dict):
-            check_resumable(with_defaults(saved), config, keys=result_fields)
+            try:  # short: without the layout's list, nor values filled in from defaults
+                check_same_program(saved, config, path=path)
+                check_resumable(with_defaults(saved), config, keys=result_fields)
+            except ValueError as config_error:
+                problem = config_error
+        if problem is not None:
+            raise problem from None
         raise ValueError(_with_flags(e)) from None
     except ckpt.CheckpointError as e:
         raise ckpt.CheckpointError(_with_flags(e)) from None
     check_resumable(with_defaults(meta["config"]), config, keys=result_fields)
     return state, meta, step
+
+
+def _check_data(data: Any, saved: dict | None) -> dict:
+    """The fingerprint of `data` to save, after checking it against the resumed run's."""
+    now = {"sha": fingerprint.data_fingerprint(data), "examples": _examples(data)}
+    if saved is not None:
+        fingerprint.check_data_fingerprint(
+            saved.get("sha"),
+            now["sha"],
+            saved_examples=saved.get("examples"),
+            examples=now["examples"],
+        )
+    return now
+
+
+def _examples(data: Any) -> int | None:
+    try:
+        return (
+            len(data)
+            if hasattr(data, "__len__") and not isinstance(data, Mapping)
+            else (len(jax.tree.leaves(data)[0]))
+        )
+    except (TypeError, IndexError):
+        return None
 
 
 def _with_flags(error: Exception) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxnets.platform import check_backend
 from jaxnets.types import DATA_AXIS
 
 DATA = DATA_AXIS  # the mesh axis the batch (and FSDP's state) is split over
@@ -32,7 +33,7 @@ Rule = Callable[[Mesh, tuple, Any], P]
 
 BATCH_NOT_DIVISIBLE = (
     "global batch {batch} is not divisible by {n} devices; use batch_size={suggestion} "
-    "(a multiple of {n}) or a mesh of {divisor} devices (make_mesh(devices={divisor}))"
+    "(a multiple of {n}) or devices={divisor}"
 )
 
 
@@ -43,6 +44,7 @@ def make_mesh(devices: Sequence[Any] | int | None = None) -> Mesh:
       devices: the devices to use; an int takes the first n of `jax.devices()`; None: all
         (over every process when `jax.distributed` is initialised).
     """
+    check_backend()  # JAX_PLATFORMS naming a backend that cannot start: say why
     all_devices = jax.devices()
     if devices is None:
         chosen = list(all_devices)

@@ -65,8 +65,8 @@ VECTORIZE = ("vmap", "map")
 RESULT_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 SWEEP_SYNTAX = (
-    "write --sweep NAME=a,b,c (a list of numbers) or --sweep NAME=start:stop (the integers "
-    "start, ..., stop-1), e.g. --sweep seed=0:8 --sweep learning_rate=0.01,0.05"
+    "write NAME=a,b,c (a list of numbers) or NAME=start:stop (the integers start, ..., "
+    "stop-1), one spec per name, e.g. ['seed=0:8', 'learning_rate=0.01,0.05']"
 )
 
 
@@ -78,7 +78,7 @@ def _number(text: str) -> int | float:
 
 
 def parse_sweep(specs: Sequence[str], *, allowed: Sequence[str] | None = SWEEPABLE) -> dict:
-    """The axes of a grid from `--sweep` flags: `["lr=0.01,0.05", "seed=0:8"]`.
+    """The axes of a grid from specs (an experiment's `--sweep` flags): `["lr=0.1", "seed=0:8"]`.
 
     Args:
       specs: one `NAME=a,b,c` (numbers) or `NAME=start:stop` (integers start..stop-1) each.
@@ -88,22 +88,22 @@ def parse_sweep(specs: Sequence[str], *, allowed: Sequence[str] | None = SWEEPAB
       `{name: [values]}` in flag order; ints stay ints, anything else becomes a float.
 
     Raises:
-      ValueError: naming the flag, for bad syntax, a non-number, an empty range, an
-        unknown or repeated name.
+      ValueError: naming the spec ("sweep spec 'lr=x': ..."), for bad syntax, a
+        non-number, an empty range, an unknown or repeated name.
     """
     axes: dict[str, list] = {}
     for spec in specs:
         name, sep, values = spec.partition("=")
         name, values = name.strip(), values.strip()
         if not sep or not name or not values:
-            raise ValueError(f"--sweep {spec!r}: expected NAME=VALUES; {SWEEP_SYNTAX}")
+            raise ValueError(f"sweep spec {spec!r}: expected NAME=VALUES; {SWEEP_SYNTAX}")
         if allowed is not None and name not in allowed:
             raise ValueError(
-                f"--sweep {spec!r}: unknown name {name!r}; sweepable: {', '.join(allowed)}"
+                f"sweep spec {spec!r}: unknown name {name!r}; sweepable: {', '.join(allowed)}"
             )
         if name in axes:
             raise ValueError(
-                f"--sweep {spec!r}: {name!r} is given twice; put all its values in one flag "
+                f"sweep spec {spec!r}: {name!r} is given twice; put all its values in one spec "
                 f"({name}=a,b,c)"
             )
         if ":" in values:
@@ -112,11 +112,13 @@ def parse_sweep(specs: Sequence[str], *, allowed: Sequence[str] | None = SWEEPAB
                 lo, hi = int(start), int(stop)
             except ValueError:
                 raise ValueError(
-                    f"--sweep {spec!r}: {values!r} is not an integer range start:stop; "
+                    f"sweep spec {spec!r}: {values!r} is not an integer range start:stop; "
                     f"{SWEEP_SYNTAX}"
                 ) from None
             if hi <= lo:
-                raise ValueError(f"--sweep {spec!r}: empty range {lo}:{hi}; use e.g. {lo}:{lo + 4}")
+                raise ValueError(
+                    f"sweep spec {spec!r}: empty range {lo}:{hi}; use e.g. {lo}:{lo + 4}"
+                )
             axes[name] = list(range(lo, hi))
             continue
         parsed = []
@@ -125,10 +127,10 @@ def parse_sweep(specs: Sequence[str], *, allowed: Sequence[str] | None = SWEEPAB
                 value = _number(text.strip())
             except ValueError:
                 raise ValueError(
-                    f"--sweep {spec!r}: {text.strip()!r} is not a number; {SWEEP_SYNTAX}"
+                    f"sweep spec {spec!r}: {text.strip()!r} is not a number; {SWEEP_SYNTAX}"
                 ) from None
             if not math.isfinite(value):
-                raise ValueError(f"--sweep {spec!r}: {text.strip()!r} is not finite")
+                raise ValueError(f"sweep spec {spec!r}: {text.strip()!r} is not finite")
             parsed.append(value)
         axes[name] = parsed
     return axes

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -108,6 +109,11 @@ def create_train_state(
     if callable(init_fn):
         if sample_batch is None:
             raise ValueError("create_train_state(init_fn, tx, sample_batch, key=...): give a batch")
+        if any(np.ndim(x) and not np.shape(x)[0] for x in jax.tree.leaves(sample_batch)):
+            raise ValueError(
+                "create_train_state: sample_batch has 0 examples; give at least one (x[:1]), "
+                "e.g. of the training set, after checking that it is not empty"
+            )
         params, model_state = init_fn(init_key, sample_batch)
     else:
         params, model_state = init_fn, ({} if model_state is None else model_state)
@@ -296,13 +302,45 @@ def epoch_indices(data_key: PRNGKey, epoch: int, num_examples: int, batch_size: 
     dropped (a different remainder is dropped each epoch).
     """
     steps = num_examples // batch_size
+    if num_examples == 0:
+        raise ValueError(
+            "the training set has 0 examples: nothing to train on; give at least batch_size "
+            f"({batch_size}) examples (check the data's source and any limit or split applied)"
+        )
     if steps == 0:
         raise ValueError(
             f"batch size {batch_size} is larger than the {num_examples} training examples; "
             f"use a batch size of {num_examples} or less"
         )
+    if num_examples % batch_size:
+        _warn_dropped(num_examples, batch_size)
     perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
     return np.asarray(perm[: steps * batch_size], np.int32).reshape(steps, batch_size)
+
+
+def _warn_dropped(num_examples: int, batch_size: int) -> None:
+    """Says once per process (per data size and batch size) what the partial batch drops."""
+    if (num_examples, batch_size) in _WARNED_DROPPED:
+        return
+    _WARNED_DROPPED.add((num_examples, batch_size))
+    left = num_examples % batch_size
+    small = [d for d in range(1, math.isqrt(num_examples) + 1) if num_examples % d == 0]
+    divisors = small + [num_examples // d for d in small]
+    near = sorted(
+        {max(d for d in divisors if d <= batch_size), min(d for d in divisors if d >= batch_size)}
+    )
+    warnings.warn(
+        f"each epoch trains on {num_examples - left} of the {num_examples} training examples: "
+        f"the last {left} ({100 * left / num_examples:.0f}%) of each epoch's shuffled order do "
+        f"not fill a batch of {batch_size} and are left out (others each epoch). For every "
+        f"example every epoch, use a batch_size that divides {num_examples} (e.g. "
+        f"{' or '.join(map(str, near))})",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+_WARNED_DROPPED: set[tuple[int, int]] = set()
 
 
 def eval_indices(num_examples: int, batch_size: int) -> np.ndarray:

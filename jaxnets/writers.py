@@ -7,9 +7,12 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -31,16 +34,28 @@ def _json_default(x):
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records of a metrics.jsonl file; a torn last line (crash mid-write) is ignored."""
+    """Records of a metrics.jsonl file; a torn line (crash mid-write) is skipped, not the
+    records after it, and named in one warning unless it is the last line."""
     path = Path(path)
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    records, torn = [], []
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            break
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif line.strip():
+            torn.append(number)
+    if torn and torn != [len(lines)]:  # a torn last line is what a crash leaves: expected
+        warnings.warn(
+            f"{path}: skipped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}"
+            f"{', ...' if len(torn) > 5 else ''}); the other {len(records)} records are kept",
+            stacklevel=2,
+        )
     return records
 
 
@@ -101,12 +116,50 @@ class TensorBoardWriter:
     def write(self, record: dict) -> None:
         prefix = record.get("kind", "train")
         for name, value in record.items():
-            if name in ("kind", "step", "epoch") or not isinstance(value, (int, float)):
+            if name in ("kind", "step", "epoch"):
                 continue
-            self._writer.add_scalar(f"{prefix}/{name}", value, record["step"])
+            if isinstance(value, (int, float)):
+                self._writer.add_scalar(f"{prefix}/{name}", value, record["step"])
+            elif isinstance(value, (list, tuple)) and value:  # an array metric (a confusion)
+                array = np.asarray(value, np.float64)
+                self._writer.add_text(f"{prefix}/{name}", array_markdown(array), record["step"])
+                if array.ndim == 2:
+                    self._writer.add_image(
+                        f"{prefix}/{name}", _heatmap(array), record["step"], dataformats="HW"
+                    )
 
     def close(self) -> None:
         self._writer.close()
+
+
+def array_markdown(array: np.ndarray) -> str:
+    """An array metric as text: a markdown table for a matrix (rows by columns), else a list."""
+    array = np.asarray(array)
+    cell = lambda v: f"{v:.4g}"  # noqa: E731
+    if array.ndim != 2:
+        return " ".join(cell(v) for v in array.reshape(-1))
+    head = "| |" + "".join(f" {j} |" for j in range(array.shape[1]))
+    rule = "|---|" + "---|" * array.shape[1]
+    rows = [f"| {i} |" + "".join(f" {cell(v)} |" for v in row) for i, row in enumerate(array)]
+    return "\n".join([head, rule, *rows])
+
+
+def _heatmap(array: np.ndarray) -> np.ndarray:
+    """A matrix as a grey image in [0, 1] (each entry a 16x16 block; larger is brighter)."""
+    finite = np.where(np.isfinite(array), array, 0.0)
+    span = finite.max() - finite.min()
+    scaled = (finite - finite.min()) / span if span > 0 else np.zeros_like(finite)
+    return np.kron(scaled, np.ones((16, 16))).astype(np.float32)
+
+
+def _postfix(value: Any) -> str:
+    """A progress-bar value: a number to 4 decimals, an array metric as its values or shape."""
+    if isinstance(value, (int, float)):
+        return f"{value:.4f}"
+    array = np.asarray(value)
+    if array.size <= 4:
+        return "[" + " ".join(f"{v:.4g}" for v in array.reshape(-1)) + "]"
+    return "[" + "x".join(map(str, array.shape)) + "]"
 
 
 class ProgressBar:
@@ -127,7 +180,7 @@ class ProgressBar:
         )
 
     def update(self, n: int, **postfix: float) -> None:
-        self._bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()}, refresh=False)
+        self._bar.set_postfix({k: _postfix(v) for k, v in postfix.items()}, refresh=False)
         self._bar.update(n)
 
     def close(self) -> None:

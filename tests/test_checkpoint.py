@@ -256,7 +256,7 @@ def test_check_resumable_lists_every_differing_field():
     assert "  model: saved 'cnn', current <absent>" in message
     assert "  nesterov: saved <absent>, current True" in message
     assert "epochs" not in message and "learning_rate" not in message
-    assert "--restart" in message and "--workdir" in message
+    assert "restart=True" in message and "workdir=<directory>" in message  # arguments: a library
     check_resumable(saved, {**saved, "epochs": 10}, ignore=("epochs",))
     check_resumable(saved, current, keys=("learning_rate",))
 
@@ -411,7 +411,7 @@ def test_check_workdir_read_only(tmp_path):
     try:
         if os.access(readonly, os.W_OK):
             pytest.skip("running as root: chmod does not stop writes (file-as-parent case tested)")
-        with pytest.raises(PermissionError, match="not writable .* --workdir"):
+        with pytest.raises(PermissionError, match="not writable .* another directory"):
             check_workdir_writable(readonly)
         with pytest.raises(PermissionError, match="not writable"):
             Checkpointer(readonly / "ckpt")

@@ -202,7 +202,7 @@ def test_no_readable_checkpoint_is_one_message_not_asyncio_noise(tmp_path):
     assert proc.returncode == 1
     assert "Event loop is closed" not in out and "never retrieved" not in out, out[:3000]
     assert out.rstrip().endswith(
-        "pass --restart (discards this run's checkpoints) or use a new --workdir."
+        "pass --restart (discards this run's checkpoints) or another --workdir <directory>."
     )
     assert "no readable checkpoint in" in out and "step 8: cannot read its arrays" in out
 

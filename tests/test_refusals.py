@@ -64,15 +64,11 @@ def _tiny_run(workdir, *, epochs=2, data=None, signum=None, summaries=None, **fl
         metrics={"accuracy": jmetrics.accuracy},
     )
     tx = optax.sgd(0.1)
-    state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
-    flags = run.RunConfig(
-        workdir=str(workdir),
-        progress=False,
-        checkpoint_every_minutes=0.0,
-        steps_per_dispatch=1,
-        **flags,
-    )
-    steps_per_epoch = len(data["label"]) // 8
+    example = data.read(np.arange(2)) if hasattr(data, "read") else data  # a Stream's rows
+    state = train.create_train_state(objective.init, tx, example, key=jax.random.key(0))
+    defaults = {"progress": False, "checkpoint_every_minutes": 0.0, "steps_per_dispatch": 1}
+    flags = run.RunConfig(workdir=str(workdir), **(defaults | flags))
+    steps_per_epoch = len(data if hasattr(data, "read") else data["label"]) // 8
     with run.open_run(
         flags,
         {"epochs": epochs},
@@ -113,7 +109,9 @@ class TestOneRunPerWorkdir:
                 WorkdirLock(tmp_path / "wd")
             assert time.monotonic() - t0 < 1.0  # refused, not waiting
             assert f"in use by another run (pid {owner.pid}" in str(e.value)
-            assert f"kill {owner.pid}" in str(e.value) and "another --workdir" in str(e.value)
+            assert f"kill {owner.pid}" in str(e.value) and "another workdir=<directory>" in str(
+                e.value
+            )
         finally:
             owner.kill()
             owner.wait()
@@ -549,6 +547,11 @@ class TestHints:
 
         (tmp_path / "file").write_text("a file where the cache directory should be")
         monkeypatch.setenv("JAXNETS_CACHE_DIR", str(tmp_path / "file" / "cache"))
+
+        def no_temporary_directory(**_):  # the fallback (a temporary directory) fails too
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(native_conv.tempfile, "mkdtemp", no_temporary_directory)
         with pytest.raises(native_conv._Unavailable) as e:
             native_conv._build()
         reason, fix = e.value.args

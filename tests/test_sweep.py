@@ -295,16 +295,16 @@ def test_parse_sweep_syntax():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("lr=abc", r"--sweep 'lr=abc': 'abc' is not a number"),
-        ("learning_rate=abc", r"--sweep 'learning_rate=abc': 'abc' is not a number"),
-        ("seed=0:x", r"--sweep 'seed=0:x': '0:x' is not an integer range"),
+        ("lr=abc", r"sweep spec 'lr=abc': 'abc' is not a number"),
+        ("learning_rate=abc", r"sweep spec 'learning_rate=abc': 'abc' is not a number"),
+        ("seed=0:x", r"sweep spec 'seed=0:x': '0:x' is not an integer range"),
         ("seed=3:3", r"empty range 3:3"),
-        ("seed", r"--sweep 'seed': expected NAME=VALUES"),
+        ("seed", r"sweep spec 'seed': expected NAME=VALUES"),
         ("batch_size=32,64", r"unknown name 'batch_size'; sweepable: seed, learning_rate"),
         ("l1=inf", r"'inf' is not finite"),
     ],
 )
-def test_parse_sweep_errors_name_the_flag(spec, message):
+def test_parse_sweep_errors_name_the_spec(spec, message):
     allowed = None if spec.startswith("lr=") else sweep.SWEEPABLE
     with pytest.raises(ValueError, match=message):
         sweep.parse_sweep([spec], allowed=allowed)

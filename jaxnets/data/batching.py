@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,12 @@ def split_validation(images, labels, fraction: float):
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     split_at = int(len(images) * (1.0 - fraction))
+    if split_at == 0:
+        need = math.ceil(1 / (1.0 - fraction)) if fraction else 1
+        raise ValueError(
+            f"holding out {fraction:g} of {len(images)} examples for validation leaves none for "
+            f"training; give at least {need} examples, or hold out a smaller fraction"
+        )
     return (images[:split_at], labels[:split_at]), (images[split_at:], labels[split_at:])
 
 

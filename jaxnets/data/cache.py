@@ -21,6 +21,28 @@ def default_cache_dir() -> str:
     return os.path.join(base, "jaxnets")
 
 
+_WARNED: set[str] = set()
+
+
+def cache_write_failed(path: str | os.PathLike, error: OSError) -> None:
+    """Warns, once per process and cache directory, that a cache entry could not be written.
+
+    A cache only saves time: an unwritable home, a cache path that is a file or a full disk
+    must never stop a run. Callers catch the OSError and call this instead of raising.
+    """
+    where = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if where in _WARNED:
+        return
+    _WARNED.add(where)
+    logger.warning(
+        "the jaxnets cache is not writable at %s (%s); running without it (slower: the next "
+        "run repeats what it would have read there). Set JAXNETS_CACHE_DIR to a writable "
+        "directory to keep it",
+        path,
+        error.strerror or error,
+    )
+
+
 def fingerprint(paths: list[str]) -> str:
     """A cache key from the absolute paths, sizes and modification times of ``paths``."""
     parts = [f"v{_CACHE_VERSION}"]
@@ -62,7 +84,7 @@ def cached(cache_dir: str | None, key: str, build) -> tuple[np.ndarray, np.ndarr
             np.savez(f, images=images, labels=labels, source=np.array(key))
         os.replace(tmp, path)
     except OSError as e:
-        logger.warning("could not write the cache %s (%s); set JAXNETS_CACHE_DIR", path, e)
+        cache_write_failed(path, e)
     return images, labels, False
 
 

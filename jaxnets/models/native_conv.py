@@ -40,7 +40,7 @@ import jaxlib
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxnets.data.cache import default_cache_dir
+from jaxnets.data.cache import cache_write_failed, default_cache_dir
 from jaxnets.models.im2col import conv_im2col
 from jaxnets.types import Array
 
@@ -91,10 +91,16 @@ def _build() -> pathlib.Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     except OSError as e:
-        raise _Unavailable(
-            f"the kernel cache {target.parent} is not writable ({e.strerror or e})",
-            FIX_CACHE.format(path=target.parent),
-        ) from None
+        # The cache only saves the next process a build: build in a temporary directory.
+        cache_write_failed(target, e)
+        try:
+            target = pathlib.Path(tempfile.mkdtemp(prefix="jaxnets-native-")) / target.name
+            fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        except OSError as e2:
+            raise _Unavailable(
+                f"the kernel cache {target.parent} is not writable ({e2.strerror or e2})",
+                FIX_CACHE.format(path=target.parent),
+            ) from None
     os.close(fd)
     command = [compiler, *flags, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", partial]
     try:
