@@ -110,7 +110,7 @@ def parse_config(config: C, argv: Sequence[str] | None = None, *, description: s
     add_config_flags(parser, config)
     args = parser.parse_args(argv)
     try:
-        return dataclasses.replace(config, **vars(args))
+        return dataclasses.replace(config, **vars(args))  # type: ignore[type-var]
     except ValueError as e:  # check_config in the config's __post_init__
         parser.error(str(e))  # exits 2 with the usage line, before any work
 

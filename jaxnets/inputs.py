@@ -229,7 +229,7 @@ def resolve(train_data: Any, dp: parallel.DataParallel, input: str = "auto") -> 
     if need <= RESIDENT_SHARE * free:
         log.info("input: resident (%s per device, %s free)", _gib(need), _gib(free))
         return train_data
-    log.warning(
+    log.info(
         "input: streaming the training set (%s per device would exceed %d%% of the %s free)",
         _gib(need),
         int(100 * RESIDENT_SHARE),

@@ -368,7 +368,7 @@ def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> R
                 manager.close()
                 raise
             if start_step >= total_steps:
-                log.warning(
+                log.info(
                     "the run in %s has already finished (step %d of %d); pass a larger "
                     "--epochs to train on, or --restart to start over",
                     path,
@@ -376,9 +376,7 @@ def _open(flags, config, state, dp, result_fields, total_steps, path, lock) -> R
                     total_steps,
                 )
             else:
-                log.warning(
-                    "resuming from step %d of %d (%s)", start_step, total_steps, checkpoints
-                )
+                log.info("resuming from step %d of %d (%s)", start_step, total_steps, checkpoints)
     if manager is not None and start_step < total_steps:
         try:  # a full disk is refused now, not after an epoch of training
             manager.check_space(state)

@@ -116,7 +116,7 @@ def test_resume_after_an_epoch_is_bit_identical(full, tmp_path):
 
 
 def test_a_finished_run_says_so(full, caplog):
-    with caplog.at_level(logging.WARNING, logger="jaxnets.run"):
+    with caplog.at_level(logging.INFO, logger="jaxnets.run"):
         again = digits.main(dataclasses.replace(TINY, workdir=full["config"]["workdir"]))
     assert "has already finished (step 32 of 32)" in caplog.text
     assert again["params_sha256"] == full["params_sha256"] and again["test"] == full["test"]
