@@ -68,7 +68,8 @@ docs-serve: $(STAMP)
 # in .venv-compat; the built wheel is installed on top and must replace none of it
 # (scripts/check_install.py), then the tests marked `compat` run against the installed wheel
 # (`python -P`: the source tree's jaxnets is not on the path; experiments/ is, alone).
-COMPAT_PYTHON ?= python3.13
+# Python 3.13: pyenv's (as on these machines) or python3.13 on the PATH.
+COMPAT_PYTHON ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.13*/bin/python3.13) python3.13)
 COMPAT_VENV   := .venv-compat
 COMPAT_STAMP  := $(COMPAT_VENV)/.installed
 COLAB_PINS    := jaxnets/constraints/colab.txt
@@ -84,6 +85,8 @@ test-compat: $(COMPAT_STAMP)
 	$(COMPAT_VENV)/bin/python -m pip wheel -q --disable-pip-version-check --no-deps -w build/compat .
 	$(COMPAT_VENV)/bin/python scripts/check_install.py --constraints $(COLAB_PINS) build/compat/jaxnets-*.whl
 	ln -s $(CURDIR)/experiments build/compat/path/experiments
+	PYTHONPATH=$(CURDIR)/build/compat/path $(COMPAT_VENV)/bin/python -P -c \
+	  "import jaxnets; assert 'site-packages' in jaxnets.__file__, jaxnets.__file__; print('testing', jaxnets.__file__)"
 	$(call pytest,PYTHONPATH=$(CURDIR)/build/compat/path $(COMPAT_VENV)/bin/python -P,-m compat -p no:cacheprovider)
 
 # Benchmarks against Keras 3 (JAX backend), PyTorch and numpy, in their own environment.

@@ -107,6 +107,7 @@ def test_batch_norm_statistics_are_learned_and_used_in_evaluation(full):
     assert abs(_test_loss(state, untrained)[0] - loss) > 1e-2
 
 
+@pytest.mark.compat
 def test_resume_after_an_epoch_is_bit_identical(full, tmp_path):
     assert _run(tmp_path, "r", epochs=1)["step"] == 16
     resumed = _run(tmp_path, "r")

@@ -17,6 +17,7 @@ def _assert_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize(
     "backend,devices,k", [("shard_map", 1, 4), ("shard_map", 4, 1), ("pmap", 2, 3)]
 )
@@ -56,6 +57,7 @@ def test_a_users_source_class_with_a_host_transform_streams():
     assert len(source.reads) >= 2 * 8 * 32
 
 
+@pytest.mark.compat
 def test_memory_mapped_npy_files_stream(tmp_path):
     images, labels = test_train._data()
     np.save(tmp_path / "x.npy", images)
@@ -130,6 +132,7 @@ class _StopAt:
         return self.calls * 2 >= self.step  # chunks of 2 steps
 
 
+@pytest.mark.compat
 def test_streamed_resume_mid_epoch_from_the_saved_position_is_bit_exact():
     images, labels = test_train._data()
     full, _ = test_train._run(devices=1, k=2, train_input="stream")

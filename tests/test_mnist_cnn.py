@@ -44,6 +44,7 @@ def uninterrupted(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("full"), "run")
 
 
+@pytest.mark.compat
 def test_outputs_and_summary(uninterrupted, tmp_path_factory):
     wd = Path(uninterrupted["config"]["workdir"])
     summary = json.loads((wd / "summary.json").read_text())
@@ -66,6 +67,7 @@ def test_outputs_and_summary(uninterrupted, tmp_path_factory):
     assert any(p.name.startswith("events.out.tfevents") for p in (wd / "tb").iterdir())
 
 
+@pytest.mark.compat
 def test_resume_after_a_finished_epoch_is_bit_identical(uninterrupted, tmp_path):
     first = _run(tmp_path, "r", epochs=1)
     assert first["step"] == 8
