@@ -123,6 +123,7 @@ def test_a_finished_run_says_so(full, caplog):
     assert again["params_sha256"] == full["params_sha256"] and again["test"] == full["test"]
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight_without_dropout(tmp_path):
     """BatchNorm is synced over the devices; dropout masks are per device, hence off."""
     one = _run(tmp_path, "one", devices=1, dropout_rate=0.0, epochs=1)

@@ -80,6 +80,7 @@ def test_default_training_step_lowered_per_platform(platform):
         assert "stablehlo.convolution" in text
 
 
+@pytest.mark.slow
 def test_export_for_cpu_tpu_cuda_has_no_custom_call_and_runs_the_same_function():
     step, state, batch = _default_train_step()
     batch = {

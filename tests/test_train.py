@@ -147,6 +147,7 @@ def test_n_devices_equal_one_device(devices):
     _assert_close(got.params, ref.params, 1e-5)
 
 
+@pytest.mark.slow
 def test_pmap_and_shard_map_backends_agree():
     a, ra = _run("pmap", devices=4)
     b, rb = _run("shard_map", devices=4)
@@ -236,6 +237,7 @@ def _poisoned_loss(logits, labels):
     return _loss(logits, safe) * jnp.where(labels == 99, jnp.nan, 1.0)
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_skips_the_poisoned_step_and_warns(caplog):
     images, labels = _data()
     labels = labels.copy()
