@@ -57,6 +57,38 @@ def test_docs_block_runs(name, tmp_path):
         assert ast.literal_eval(last)["accuracy"] > 0.5, last
 
 
+def test_shell_blocks_name_real_commands(capsys):
+    """The ```sh blocks are commands, not Python: each `make T` names a Makefile target, each
+    `jaxnets C` a subcommand of the console script, each extra in `pip install '.[x]'` an extra
+    of pyproject.toml."""
+    import tomllib
+
+    from jaxnets import __main__ as cli
+
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = set(pyproject["project"]["optional-dependencies"])
+    commands = set()
+    for command in ("doctor", "run"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([command, "--help"])
+        assert exit_.value.code == 0
+        commands.add(command)
+    seen = 0
+    for page in PAGES:
+        for block in re.findall(r"^```sh\n(.*?)^```", page.read_text(), re.S | re.M):
+            for line in block.splitlines():
+                line = line.split("#", 1)[0].strip()
+                seen += 1
+                if line.startswith("make "):
+                    assert line.split()[1] in targets, f"{page.name}: {line}"
+                elif line.startswith("jaxnets "):
+                    assert line.split()[1] in commands, f"{page.name}: {line}"
+                for extra in re.findall(r"\.\[([\w,]+)\]", line):
+                    assert set(extra.split(",")) <= extras, f"{page.name}: {line}"
+    assert seen >= 5
+
+
 def test_the_site_builds_strictly(tmp_path):
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent))
     if mkdocs is None:
