@@ -252,7 +252,7 @@ def main(config: Config) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(message)s", force=True)
-    logging.getLogger("jaxnets").setLevel(logging.INFO)  # status lines
+    logging.getLogger("jaxnets").setLevel(logging.INFO)  # the run's status lines
     cfg = parse_config(get_config(), description=__doc__)
     out = main(cfg)
     wd = Path(cfg.workdir)

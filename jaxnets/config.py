@@ -137,7 +137,7 @@ def parse_config(config: C, argv: Sequence[str] | None = None, *, description: s
     add_config_flags(parser, config)
     args = parser.parse_args(argv)
     try:
-        return dataclasses.replace(config, **vars(args))
+        return dataclasses.replace(config, **vars(args))  # type: ignore[type-var]
     except ValueError as e:  # check_config in the config's __post_init__
         parser.error(str(e))  # exits 2 with the usage line, before any work
 
@@ -226,12 +226,17 @@ def flags_of(text: str, config: Any) -> str:
         name, flag = field.name, "--" + field.name.replace("_", "-")
         text = re.sub(rf"(?<![\w.'\"-]){name}=True\b", flag, text)
         text = re.sub(rf"(?<![\w.'\"-]){name}=False\b", "--no-" + flag[2:], text)
-        text = re.sub(
-            rf"(?<![\w.'\"-]){name}=('[^']*'|\"[^\"]*\"|[^\s,;)]+)",
-            lambda m, flag=flag: f"{flag} {_flag_value(m.group(1))}",
-            text,
-        )
+        text = re.sub(rf"(?<![\w.'\"-]){name}=('[^']*'|\"[^\"]*\"|[^\s,;)]+)", _as_flag(flag), text)
     return text
+
+
+def _as_flag(flag: str) -> Callable[[re.Match], str]:
+    """The replacement of a `name=value` match by `--flag value`."""
+
+    def replace_fn(match: re.Match) -> str:
+        return f"{flag} {_flag_value(match.group(1))}"
+
+    return replace_fn
 
 
 def _flag_value(value: str) -> str:

@@ -1,11 +1,11 @@
-"""`python -m jaxnets doctor`: versions against the tested pins, devices, data, known problems.
+"""`jaxnets doctor`: versions against the tested stacks, devices, data, known problems.
 
 Run it first when something does not work, and paste its output into a bug report:
 
-    $ python -m jaxnets doctor
-    jaxnets 0.1.0 doctor
-    packages (installed vs tested pin):
-      jax                  0.10.2   pin 0.10.2   ok
+    $ jaxnets doctor
+    jaxnets 0.1.0 doctor, python 3.11.7
+    packages (installed vs tested: the pinned stack, the Colab stack):
+      jax                  0.10.2     pin 0.10.2     colab 0.7.2      ok
     ...
 
 `doctor()` returns the same report as a dict (and prints it unless `print_report=False`).
@@ -22,7 +22,8 @@ import re
 import sys
 from typing import Any
 
-# The packages whose versions decide whether jaxnets works; pins come from jaxnets' metadata.
+# The packages whose versions decide whether jaxnets works; the tested versions come from
+# jaxnets/constraints/ (pinned.txt, colab.txt), the lower bounds from jaxnets' metadata.
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy")
 # Accelerator runtimes: installed without the matching device means jax fell back to CPU.
 ACCELERATOR_PACKAGES = {"libtpu": "tpu", "jax-cuda12-plugin": "gpu", "jax-cuda13-plugin": "gpu"}
@@ -36,28 +37,63 @@ COLAB_TPU_OBSOLETE = (
 )
 
 _PIN = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*==\s*([^;\s]+)\s*(;.*)?$")
+_LOWER = re.compile(
+    r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*>=\s*([^;,\s]+)[^;]*(;.*)?$"
+)
 
 
 def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def pinned_versions(distribution: str = "jaxnets") -> dict[str, str]:
-    """`{package: version}` of the `==` pins among `distribution`'s runtime requirements.
+def pinned_versions(stack: str = "pinned") -> dict[str, str]:
+    """`{package: version}` of a tested stack's constraints file, shipped with jaxnets.
 
-    Requirements behind an extra (`; extra == "dev"`) are left out. Empty when the
-    distribution is not installed (e.g. the source tree is used without `pip install -e .`).
+    Args:
+      stack: `"pinned"` (jaxnets/constraints/pinned.txt: the exact versions the whole test
+        suite runs against) or `"colab"` (jaxnets/constraints/colab.txt: today's Colab
+        runtime, where `make test-compat` runs the tests marked `compat`).
+
+    Returns:
+      Every `name==version` line, names normalised (`orbax-checkpoint`); empty when the file
+      is missing (a broken installation).
     """
+    path = importlib.resources.files("jaxnets").joinpath("constraints", f"{stack}.txt")
+    if not path.is_file():
+        return {}
+    pins = {}
+    for line in path.read_text().splitlines():
+        match = _PIN.match(line.split("#", 1)[0])
+        if match:
+            pins[_normalize(match.group(1))] = match.group(2)
+    return pins
+
+
+def lower_bounds(distribution: str = "jaxnets") -> dict[str, str]:
+    """`{package: version}` of the `>=` bounds of `distribution`'s runtime requirements."""
     try:
         requires = importlib.metadata.requires(distribution) or []
     except importlib.metadata.PackageNotFoundError:
         return {}
-    pins = {}
+    bounds = {}
     for line in requires:
-        match = _PIN.match(line)
+        match = _LOWER.match(line)
         if match and not (match.group(3) and "extra" in match.group(3)):
-            pins[_normalize(match.group(1))] = match.group(2)
-    return pins
+            bounds[_normalize(match.group(1))] = match.group(2)
+    return bounds
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """The leading numeric release of a version (`0.7.2rc1` -> (0, 7, 2)) for comparisons."""
+    parts = []
+    for part in version.split("."):
+        digits = re.match(r"\d+", part)
+        if not digits:
+            break
+        parts.append(int(digits.group()))
+        if digits.group() != part:
+            break
+    return tuple(parts)
 
 
 def installed_version(package: str) -> str | None:
@@ -180,16 +216,24 @@ def _warnings(
     warnings = []
     if not pins_found:
         warnings.append(
-            "jaxnets is not installed as a package, so the tested pins are unknown; "
-            "install it with `pip install -e .` from the source tree"
+            "jaxnets' constraints files (jaxnets/constraints/*.txt) are missing, so the tested "
+            "versions are unknown; reinstall jaxnets"
         )
     for name, info in packages.items():
-        if info["installed"] is None:
-            warnings.append(f"{name} is not installed; pip install '{name}=={info['pin']}'")
-        elif info["pin"] is not None and info["installed"] != info["pin"]:
+        installed, pin, bound = info["installed"], info["pin"], info["lower_bound"]
+        if installed is None:
+            want = f"=={pin}" if pin else f">={bound}" if bound else ""
+            warnings.append(f"{name} is not installed; pip install '{name}{want}'")
+        elif bound and _version_tuple(installed) < _version_tuple(bound):
             warnings.append(
-                f"{name} {info['installed']} differs from the tested pin {info['pin']}; "
-                f"if something breaks, pip install '{name}=={info['pin']}'"
+                f"{name} {installed} is older than jaxnets supports (>= {bound}); "
+                f"pip install -U '{name}>={bound}'"
+            )
+        elif not info["ok"] and pin is not None:
+            colab = f" nor the Colab stack's {info['colab']}" if info["colab"] else ""
+            warnings.append(
+                f"{name} {installed} is neither the tested pin {pin}{colab}; "
+                f"if something breaks, pip install '{name}=={pin}'"
             )
     jax_v, jaxlib_v = packages["jax"]["installed"], packages["jaxlib"]["installed"]
     if jax_v and jaxlib_v and jax_v != jaxlib_v:
@@ -241,7 +285,9 @@ def doctor(*, print_report: bool = True) -> dict[str, Any]:
     """Checks the installation; returns (and prints) the report.
 
     Returns:
-      A dict: `jaxnets` (version), `python`, `packages` ({name: {installed, pin, ok}}),
+      A dict: `jaxnets` (version), `python`, `packages` ({name: {installed, pin, colab,
+      lower_bound, ok}}: `pin` from the pinned stack, `colab` from the Colab stack, `ok` when
+      the installed version is one of them),
       `tensorflow_installed` (bool; TensorFlow is not needed), `devices` (backend,
       process_count, device_count, devices [{id, platform, kind, process_index}]), `data`
       (bundled sample, TFDS data dir and what is prepared there, cache dir), `native_conv`
@@ -250,13 +296,21 @@ def doctor(*, print_report: bool = True) -> dict[str, Any]:
       {generation: version}, `libtpu` and the `libtpu_wanted` spec of this jax), `warnings`
       (a list of sentences, each with the fix).
     """
-    pins = pinned_versions()
+    pins, colab, bounds = pinned_versions(), pinned_versions("colab"), lower_bounds()
     packages = {}
     for name in PACKAGES:
-        installed, pin = installed_version(name), pins.get(_normalize(name))
-        packages[name] = {"installed": installed, "pin": pin, "ok": pin is None or installed == pin}
+        key = _normalize(name)
+        installed, pin = installed_version(name), pins.get(key)
+        tested = {v for v in (pin, colab.get(key)) if v is not None}
+        packages[name] = {
+            "installed": installed,
+            "pin": pin,
+            "colab": colab.get(key),
+            "lower_bound": bounds.get(key),
+            "ok": installed is not None and (not tested or installed in tested),
+        }
     devices = _device_report()
-    report = {
+    report: dict[str, Any] = {
         "jaxnets": installed_version("jaxnets"),
         "python": sys.version.split()[0],
         "packages": packages,
@@ -277,11 +331,14 @@ def doctor(*, print_report: bool = True) -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
     """The report as the text `python -m jaxnets doctor` prints."""
     lines = [f"jaxnets {report['jaxnets'] or '(not installed)'} doctor, python {report['python']}"]
-    lines.append("packages (installed vs tested pin):")
+    lines.append("packages (installed vs tested: the pinned stack, the Colab stack):")
     for name, info in report["packages"].items():
-        status = "ok" if info["ok"] and info["installed"] else "MISMATCH"
+        status = "ok" if info["ok"] else "MISMATCH"
+        if info["ok"] and info["installed"] != info["pin"] and info["installed"] == info["colab"]:
+            status = "ok (Colab stack)"
         lines.append(
-            f"  {name:<20} {info['installed'] or '-':<10} pin {info['pin'] or '-':<10} {status}"
+            f"  {name:<20} {info['installed'] or '-':<10} pin {info['pin'] or '-':<10} "
+            f"colab {info['colab'] or '-':<10} {status}"
         )
     tf = (
         "installed (not needed)" if report["tensorflow_installed"] else "not installed (not needed)"

@@ -18,7 +18,7 @@ resident and streamed runs give the same numbers bit for bit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 import jax
@@ -40,9 +40,9 @@ class Feed(Protocol):
     batch_size: int
 
     def rows(self, epoch: int) -> np.ndarray: ...
-    def train_program(self, train_step: Callable, state_shardings: Any) -> Callable: ...
+    def train_program(self, train_step: Callable, state_shardings: Any) -> Any: ...
     def chunk_args(self, rows: np.ndarray) -> tuple: ...
-    def epoch(self, epoch: int, start: int, plan: list[int]) -> Iterator[tuple]: ...
+    def epoch(self, epoch: int, start: int, plan: list[int]) -> Generator[tuple, None, None]: ...
     def consumed(self, step: int, epoch: int) -> None: ...
     def evaluate(self, eval_step: Callable, state: train.TrainState) -> Any: ...
     def state(self) -> dict | None: ...
@@ -87,13 +87,13 @@ class ResidentFeed(_Order):
         self.data = sharding.place(data, sharding.state_shardings(data, mesh))
         self._eval: dict = {}
 
-    def train_program(self, train_step: Callable, state_shardings: Any) -> Callable:
+    def train_program(self, train_step: Callable, state_shardings: Any) -> Any:
         return train.make_epoch_runner(train_step, self.mesh, state_shardings)
 
     def chunk_args(self, rows: np.ndarray) -> tuple:
         return (self.data, sharding.place_columns(self.mesh, rows))
 
-    def epoch(self, epoch: int, start: int, plan: list[int]) -> Iterator[tuple]:
+    def epoch(self, epoch: int, start: int, plan: list[int]) -> Generator[tuple, None, None]:
         rows, pos = self.rows(epoch), start
         for c in plan:
             yield self.chunk_args(rows[pos : pos + c])
@@ -139,13 +139,13 @@ class StreamFeed(_Order):
         self._resume: dict | None = None  # a restored Grain state, for the first epoch
         self._eval: dict = {}
 
-    def train_program(self, train_step: Callable, state_shardings: Any) -> Callable:
+    def train_program(self, train_step: Callable, state_shardings: Any) -> Any:
         return train.make_stream_runner(train_step, self.mesh, state_shardings)
 
     def chunk_args(self, rows: np.ndarray) -> tuple:
         return (sharding.place_columns(self.mesh, _stack([self.stream.read(r) for r in rows])),)
 
-    def epoch(self, epoch: int, start: int, plan: list[int]) -> Iterator[tuple]:
+    def epoch(self, epoch: int, start: int, plan: list[int]) -> Generator[tuple, None, None]:
         position: int | dict = start
         if self._resume is not None:  # the first epoch of a resumed run: Grain's own state
             position, self._resume = self._resume, None

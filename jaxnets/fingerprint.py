@@ -103,7 +103,7 @@ def _hash_array(h: Any, x: Any) -> None:
     h.update(f"array {x.shape} {x.dtype.str}\n".encode())
     if x.dtype.hasobject:
         raise TypeError(f"an array of Python objects ({x.dtype}) has no content fingerprint")
-    _hash_buffer(h, memoryview(np.ascontiguousarray(x)).cast("B"))
+    _hash_buffer(h, np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
 
 
 def data_fingerprint(data: Any) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -184,7 +184,9 @@ class Stream:
             *examples,
         )
 
-    def batches(self, rows: np.ndarray, start: int | dict) -> Iterator[tuple[Batch, dict]]:
+    def batches(
+        self, rows: np.ndarray, start: int | dict
+    ) -> Generator[tuple[Batch, dict], None, None]:
         """`(batch, grain_state)` of the steps `rows[start:]` (`[steps, batch]` indices);
         `start` is a step of the epoch or a Grain iterator state (a restored position).
 
@@ -289,7 +291,7 @@ def resolve(train_data: Any, devices: Sequence[Any], input: str = "auto") -> Str
     if need <= RESIDENT_SHARE * free:
         log.info("input: resident (%s per device, %s free)", _gib(need), _gib(free))
         return train_data
-    log.warning(
+    log.info(
         "input: streaming the training set (%s per device would exceed %d%% of the %s free)",
         _gib(need),
         int(100 * RESIDENT_SHARE),

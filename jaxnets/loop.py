@@ -98,7 +98,7 @@ class Chunks:
         self.requested = steps_per_call
         self.steps_per_call = steps_per_call or 1
 
-    def _programs(self, run: Callable, state: Any, rows: np.ndarray, start: int) -> dict:
+    def _programs(self, run: Any, state: Any, rows: np.ndarray, start: int) -> dict:
         """The compiled programs of the chunk lengths this run calls (k chosen first)."""
         spe, devices = self.steps_per_epoch, list(self.mesh.devices.flat)
         compiled: dict[int, Any] = {}
@@ -141,7 +141,7 @@ class Chunks:
             plan = chunk_plan(pos, spe, self.steps_per_call)
             args = feed.epoch(epoch, pos, plan)
             try:
-                ahead = next(args)
+                ahead: Any = next(args)
                 for c in plan:
                     state, metrics = programs[c](state, *ahead)
                     ahead = next(args, None)  # the host reads the next chunk while this runs

@@ -306,8 +306,7 @@ def hinge(scores: Array, labels: Array, *, reduction: str = "none") -> Array:
                 fix="0/1 labels become -1/+1 with 2 * labels - 1",
             )
         )
-    values = jnp.maximum(0.0, 1.0 - labels * scores)
-    return _reduce(values, reduction, "hinge")
+    return _reduce(jnp.maximum(0.0, 1.0 - labels * scores), reduction, "hinge")
 
 
 def multiclass_hinge(

@@ -41,7 +41,7 @@ class Mean(NamedTuple):
     """The mean of per-example values: `total / count` (NaN for no examples)."""
 
     total: Array  # float32 []
-    count: Array  # float32 []
+    count: Array  # type: ignore[assignment]  # float32 [] (a field named like tuple.count)
 
     def compute(self) -> Any:
         total, count = np.asarray(self.total, np.float64), np.asarray(self.count, np.float64)

@@ -83,5 +83,5 @@ def silence_abandoned_reads() -> None:
         if not _is_abandoned_read(args.exc_type, args.exc_value, args.exc_traceback):
             previous(args)
 
-    hook._jaxnets_filter = True
+    hook._jaxnets_filter = True  # type: ignore[attr-defined]  # marks our hook as installed
     sys.unraisablehook = hook

@@ -23,7 +23,9 @@ def check_backend() -> None:
     try:
         jax.devices()
     except (AssertionError, RuntimeError) as e:
-        requested = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+        requested = getattr(jax.config, "jax_platforms", None) or os.environ.get(
+            "JAX_PLATFORMS", ""
+        )
         if not requested:
             raise
         why = str(e).strip() or (

@@ -28,7 +28,7 @@ _NO_PARAMS = (
 class ScheduleCountState(NamedTuple):
     """Step count of a transform whose learning rate is a schedule."""
 
-    count: jax.Array  # shape=(), dtype=int32: updates applied so far
+    count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32: updates so far
 
 
 class L1ProximalState(NamedTuple):
@@ -38,7 +38,7 @@ class L1ProximalState(NamedTuple):
 class L1ProximalScheduleState(NamedTuple):
     """State of `l1_proximal` with a scheduled learning rate; marks its place in a chain."""
 
-    count: jax.Array  # shape=(), dtype=int32: updates applied so far
+    count: jax.Array  # type: ignore[assignment]  # shape=(), dtype=int32: updates so far
 
 
 L1_NOT_LAST = (

@@ -387,7 +387,7 @@ def _resume(flags, config, state, mesh, result_fields, total_steps, path, lock, 
             _defaults(flags),
         )
         if start_step >= total_steps:
-            log.warning(
+            log.info(
                 "the run in %s has already finished (step %d of %d); to train on, raise "
                 "epochs=<more than it had>; to start over, restart=True",
                 path,
@@ -395,7 +395,7 @@ def _resume(flags, config, state, mesh, result_fields, total_steps, path, lock, 
                 total_steps,
             )
         else:
-            log.warning(
+            log.info(
                 "resuming from step %d of %d (%s)", start_step, total_steps, path / CHECKPOINTS
             )
     if manager is not None and start_step < total_steps:
@@ -470,15 +470,12 @@ def _restore(manager, state, mesh, rule, config, result_fields, path, defaults):
 
 def _check_data(data: Any, saved: dict | None) -> dict:
     """The fingerprint of `data` to save, after checking it against the resumed run's."""
-    now = {"sha": fingerprint.data_fingerprint(data), "examples": _examples(data)}
+    sha, examples = fingerprint.data_fingerprint(data), _examples(data)
     if saved is not None:
         fingerprint.check_data_fingerprint(
-            saved.get("sha"),
-            now["sha"],
-            saved_examples=saved.get("examples"),
-            examples=now["examples"],
+            saved.get("sha"), sha, saved_examples=saved.get("examples"), examples=examples
         )
-    return now
+    return {"sha": sha, "examples": examples}
 
 
 def _examples(data: Any) -> int | None:

@@ -203,10 +203,10 @@ def plot_history(
       names: the metrics to draw (default: `loss`, then every other metric the train
         records have, e.g. `accuracy`, a regression's `mae`, a user's own).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A figure of its own with an Agg canvas: pyplot's global backend is left alone, so a
+    # notebook's inline plots keep working after a run.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     records = list(records)
     logged = [r for r in records if r.get("kind") == "train"]
@@ -216,7 +216,9 @@ def plot_history(
         found = {k.removeprefix("val_") for k in found} - {"step", "epoch", "epoch_seconds"}
         names = ["loss"] * ("loss" in found) + sorted(found - {"loss"})
     names = list(names) or ["loss"]
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(names), 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
         pts = [(r["step"], r[name]) for r in logged if name in r]
         if pts:
@@ -234,7 +236,6 @@ def plot_history(
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

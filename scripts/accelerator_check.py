@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__}: {len(devices)} device(s):")
     for d in devices:
         print(f"  {d.id}: {d.platform} {d.device_kind}")
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     report = {
         "timestamp": stamp,
         "quick": args.quick,

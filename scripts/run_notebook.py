@@ -33,6 +33,7 @@ LOCAL_PARAMETERS = {
     "DATASET": "mnist_sample",
     "EPOCHS": 2,
     "WORKDIR": str(ROOT / "runs" / "notebook" / "mnist_cnn"),
+    "SHOW_TENSORBOARD": False,  # headless: no TensorBoard server
 }
 
 

@@ -88,6 +88,7 @@ def _close(a, b, tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
+@pytest.mark.compat
 def test_batchnorm_statistics_train_and_are_used_at_eval():
     data = _images()
     objective = _linen(dropout=0.0)
@@ -128,6 +129,7 @@ def test_dropout_differs_between_steps_and_is_off_at_eval():
     assert float(e1) == float(e2) == pytest.approx(float(_ce(no_drop, data["label"]).mean()))
 
 
+@pytest.mark.compat
 def test_regression_logged_loss_is_the_true_mean_and_custom_metric_is_everywhere(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(96, 3)).astype(np.float32)

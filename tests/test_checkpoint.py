@@ -72,6 +72,7 @@ def largest_data_file(step_dir: str) -> str:
     return max(glob.glob(f"{step_dir}/state/**/d/*", recursive=True), key=os.path.getsize)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("typed_key", [True, False])
 @pytest.mark.parametrize("async_save", [True, False])
 def test_round_trip_is_bit_exact(tmp_path, typed_key, async_save):
@@ -280,6 +281,7 @@ def single_device(x):
     return SingleDeviceSharding(jax.devices()[0])
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize(
     "save_on, restore_on",
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import pathlib
+import re
 import sys
 
 import jax
@@ -15,24 +16,30 @@ from jaxnets import __main__ as cli
 # The module, also when jaxnets/__init__.py re-exports the function as `jaxnets.doctor`.
 doctor = importlib.import_module("jaxnets.doctor")
 
-PYPROJECT = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+CONSTRAINTS = pathlib.Path(__file__).resolve().parents[1] / "jaxnets" / "constraints"
 
 
-def _pyproject_pins():
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
-    return {d.split("==")[0].lower(): d.split("==")[1] for d in deps if "==" in d}
+def _file_pins(name):
+    lines = (CONSTRAINTS / f"{name}.txt").read_text().splitlines()
+    pairs = [line.split("==") for line in lines if "==" in line and not line.startswith("#")]
+    return {re.sub(r"[-_.]+", "-", n).lower(): v for n, v in pairs}
 
 
-def test_pins_come_from_the_installed_metadata_and_match_pyproject():
+def test_pins_come_from_the_shipped_constraints_files_and_bounds_from_the_metadata():
     pins = doctor.pinned_versions()
-    assert pins == _pyproject_pins()  # runtime pins only: no dev/cuda/tpu extras
-    assert "pytest" not in pins and pins["jax"] == _pyproject_pins()["jax"]
+    assert pins == _file_pins("pinned") and pins["jax"] == jax.__version__
+    assert doctor.pinned_versions("colab") == _file_pins("colab")
+    assert doctor.pinned_versions("colab")["jax"] == "0.7.2"
+    bounds = doctor.lower_bounds()
+    # The lower bounds are the Colab stack's versions: the oldest tested.
+    for name in ("jax", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-datasets"):
+        assert bounds[name] == _file_pins("colab")[name], name
+    assert "pytest" not in bounds  # runtime requirements only: no dev/cuda/tpu extras
 
 
 def test_report_in_this_venv_has_installed_equal_to_pins_and_no_warnings(capsys):
     report = doctor.doctor()
-    pins = _pyproject_pins()
+    pins = _file_pins("pinned")
     for name in doctor.PACKAGES:
         info = report["packages"][name]
         assert info["pin"] == pins[name], name
@@ -53,17 +60,41 @@ def test_report_in_this_venv_has_installed_equal_to_pins_and_no_warnings(capsys)
 
 def test_version_mismatches_warn_with_the_fix(monkeypatch):
     real = doctor.installed_version
-    fake = {"flax": "0.11.0", "jaxlib": "0.10.1"}
+    fake = {"flax": "0.11.5", "jaxlib": "0.10.1", "optax": "0.2.7", "grain": None}
     monkeypatch.setattr(doctor, "installed_version", lambda name: fake.get(name, real(name)))
+    monkeypatch.setattr(doctor, "PACKAGES", (*doctor.PACKAGES, "grain"))
     report = doctor.doctor(print_report=False)
-    assert report["packages"]["flax"] == {"installed": "0.11.0", "pin": "0.12.8", "ok": False}
+    assert report["packages"]["flax"] == {
+        "installed": "0.11.5",
+        "pin": "0.12.8",
+        "colab": "0.11.2",
+        "lower_bound": "0.11.2",
+        "ok": False,
+    }
     warnings = "\n".join(report["warnings"])
     assert (
-        "flax 0.11.0 differs from the tested pin 0.12.8; if something breaks, pip install "
-        "'flax==0.12.8'" in warnings
+        "flax 0.11.5 is neither the tested pin 0.12.8 nor the Colab stack's 0.11.2; if "
+        "something breaks, pip install 'flax==0.12.8'" in warnings
     )
+    assert (
+        "optax 0.2.7 is older than jaxnets supports (>= 0.2.8); pip install -U 'optax>=0.2.8'"
+        in warnings
+    )
+    assert "grain is not installed; pip install 'grain==" in warnings
     assert f"jax {jax.__version__} and jaxlib 0.10.1 differ" in warnings
     assert "MISMATCH" in doctor.format_report(report)
+
+
+def test_the_colab_stack_is_tested_too(monkeypatch):
+    real = doctor.installed_version
+    colab = doctor.pinned_versions("colab")
+    monkeypatch.setattr(doctor, "installed_version", lambda name: colab.get(name, real(name)))
+    report = doctor.doctor(print_report=False)
+    assert all(info["ok"] for info in report["packages"].values())
+    assert not [w for w in report["warnings"] if "tested pin" in w or "older than" in w]
+    text = doctor.format_report(report)
+    line = "flax                 0.11.2     pin 0.12.8     colab 0.11.2     ok (Colab stack)"
+    assert line in text
 
 
 def test_accelerator_runtime_without_its_device_and_colab_tpu_import_warn(monkeypatch):
@@ -102,11 +133,21 @@ def test_native_conv_kernels_are_reported_and_their_absence_warns_with_the_fix(m
     )
 
 
-def test_without_installed_metadata_the_pins_are_unknown(monkeypatch):
-    monkeypatch.setattr(doctor, "pinned_versions", lambda: {})
+def test_without_the_constraints_files_the_tested_versions_are_unknown(monkeypatch):
+    monkeypatch.setattr(doctor, "pinned_versions", lambda stack="pinned": {})
     report = doctor.doctor(print_report=False)
     assert report["packages"]["jax"]["pin"] is None
-    assert any("pip install -e ." in w for w in report["warnings"])
+    assert any("constraints files" in w and "reinstall jaxnets" in w for w in report["warnings"])
+
+
+def test_cli_runs_an_experiment_of_the_source_tree_and_says_where_there_is_none(tmp_path, capsys):
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert cli.find_source_tree(root / "tests") == root
+    assert cli.find_source_tree(tmp_path) is None
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--source", str(tmp_path), "mnist_cnn"])
+    assert "the wheel does not install" in capsys.readouterr().err
+    assert cli.main(["run", "--source", str(root), "mnist_cnn", "--help"]) == 0
 
 
 def test_cli_json_is_the_report(capsys):

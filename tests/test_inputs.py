@@ -18,6 +18,7 @@ def _assert_equal(a, b):
 
 
 @pytest.mark.parametrize("devices,k", [(1, 4), (4, 1), (2, 3)])
+@pytest.mark.compat
 def test_streamed_equals_resident_bit_for_bit(devices, k):
     resident, r_result = test_train._run(devices, k, train_input="resident")
     streamed, s_result = test_train._run(devices, k, train_input="stream")
@@ -54,6 +55,7 @@ def test_a_users_source_class_with_a_host_transform_streams():
     assert len(source.reads) >= 2 * 8 * 32
 
 
+@pytest.mark.compat
 def test_memory_mapped_npy_files_stream(tmp_path):
     images, labels = test_train._data()
     np.save(tmp_path / "x.npy", images)
@@ -140,6 +142,7 @@ class _Save(hooks.Hook):
         self.saved.update(state=jax.device_get(ctx.state), data=ctx.feed.state())
 
 
+@pytest.mark.compat
 def test_streamed_resume_mid_epoch_from_the_saved_position_is_bit_exact():
     images, labels = test_train._data()
     full, _ = test_train._run(devices=1, k=2, train_input="stream")

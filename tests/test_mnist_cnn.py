@@ -44,6 +44,7 @@ def uninterrupted(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("full"), "run")
 
 
+@pytest.mark.compat
 def test_outputs_and_summary(uninterrupted, tmp_path_factory):
     wd = Path(uninterrupted["config"]["workdir"])
     summary = json.loads((wd / "summary.json").read_text())
@@ -66,6 +67,7 @@ def test_outputs_and_summary(uninterrupted, tmp_path_factory):
     assert any(p.name.startswith("events.out.tfevents") for p in (wd / "tb").iterdir())
 
 
+@pytest.mark.compat
 def test_resume_after_a_finished_epoch_is_bit_identical(uninterrupted, tmp_path):
     first = _run(tmp_path, "r", epochs=1)
     assert first["step"] == 8
@@ -167,6 +169,7 @@ def test_sigterm_saves_at_the_next_step_and_resumes_bit_identical(uninterrupted,
     assert resumed["params_sha256"] == uninterrupted["params_sha256"]
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_device_count(uninterrupted, tmp_path):
     """Saved on 2 devices, resumed on 1: same run to float rounding (not bit-exact)."""
     _run(tmp_path, "d", epochs=1, devices=2)
@@ -207,6 +210,7 @@ def test_no_readable_checkpoint_is_one_message_not_asyncio_noise(tmp_path):
     assert "no readable checkpoint in" in out and "step 8: cannot read its arrays" in out
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_a_field_existed_resumes_with_its_default(tmp_path, monkeypatch):
     """A checkpoint whose config lacks a newer field (dtype) used that field's default."""
     real = mnist_cnn.config_to_dict

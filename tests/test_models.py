@@ -239,6 +239,7 @@ def test_im2col_max_pool_value_and_tie_splitting_gradient_match_numpy(shape):
     np.testing.assert_allclose(vjp(jnp.asarray(g))[0], want_grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_forward_mode_hessian_vector_product_matches_xla_impl():
     # jvp of grad (forward over reverse) goes through the pool's derivative rule twice.
     images = jax.random.uniform(jax.random.key(5), (4, 28, 28, 1))  # no tied maxima
@@ -255,6 +256,7 @@ def test_forward_mode_hessian_vector_product_matches_xla_impl():
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(hvps[1])) > 1e-3  # not all zero
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch, groups", [(7, 2), (7, 3), (1, 2), (2, 5)])
 def test_cnn_batch_groups_compute_the_same_function(batch, groups):
     # Sub-batches (sizes differing by at most one; never more groups than examples) are a

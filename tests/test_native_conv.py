@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export  # a submodule jax 0.7.2 does not import by itself
 
 from jaxnets.models import native_conv
 
@@ -136,7 +137,7 @@ def test_lowers_to_the_kernels_on_cpu_and_to_a_convolution_elsewhere():
     for target in ("Forward", "InputGradient", "WeightGradient"):
         assert f"jaxnets_JaxnetsConv{target}" in cpu
     assert "stablehlo.convolution" not in cpu
-    gpu = jax.export.export(fn, platforms=["cuda"])(x, kernel).mlir_module()
+    gpu = export.export(fn, platforms=["cuda"])(x, kernel).mlir_module()
     assert "jaxnets_" not in gpu and "stablehlo.convolution" in gpu
 
 

@@ -25,7 +25,8 @@ PARAMETERS = {
     "LIMIT_TRAIN",
     "BATCH_SIZE",
     "DEVICES",
-    "INSTALL_TPU_JAX",
+    "ACCELERATOR_EXTRA",
+    "SHOW_TENSORBOARD",
 }
 
 
@@ -43,7 +44,41 @@ def test_committed_notebook_is_valid_and_has_no_outputs():
     source = "\n".join(c.source for c in _code(nb))
     assert "setup_tpu(" not in source  # obsolete on TPU VMs; old tutorials fail with it
     assert not re.search(r"^\s*(import|from) tensorflow\b", source, re.M)
-    assert "jax[tpu]" not in source  # the pin comes from pyproject's `tpu` extra, not a copy
+    assert "jax[tpu]" not in source  # jaxnets' own extras, never a jax version of its own
+    assert not re.search(r"[\w\]]==\d", _install_cell(nb).source)  # no pins over the runtime
+    assert "loop.fit(" in source and "adapters.linen(" in source  # the user's own model
+
+
+def _install_cell(nb):
+    return next(c for c in _code(nb) if "def pip_install(" in c.source)
+
+
+def _install_functions(nb, **names):
+    """The install cell's functions (not its install), with `names` as its globals."""
+    import ast
+
+    tree = ast.parse(_install_cell(nb).source)
+    tree.body = [
+        n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef))
+    ]
+    scope = dict(names)
+    exec(compile(tree, "install cell", "exec"), scope)
+    return scope
+
+
+def test_the_install_adds_only_the_extra_the_runtime_lacks():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = _install_functions(nb, ACCELERATOR_EXTRA="auto")
+    cell["gpu_runtime"], cell["tpu_runtime"] = (lambda: True), (lambda: False)
+    assert cell["accelerator_extra"]({"jax": "0.7.2"}) == "[cuda12]"  # a CPU-only jaxlib
+    assert cell["accelerator_extra"]({"jax": "0.7.2", "jax-cuda12-plugin": "0.7.2"}) == ""
+    cell["gpu_runtime"], cell["tpu_runtime"] = (lambda: False), (lambda: True)
+    assert cell["accelerator_extra"]({"jax": "0.7.2", "libtpu": "0.0.23"}) == ""  # Colab TPU
+    assert cell["accelerator_extra"]({"jax": "0.7.2"}) == "[tpu]"
+    cell["tpu_runtime"] = lambda: False
+    assert cell["accelerator_extra"]({"jax": "0.7.2"}) == ""  # CPU
+    named = _install_functions(nb, ACCELERATOR_EXTRA="[cuda13]")
+    assert named["accelerator_extra"]({}) == "[cuda13]"
 
 
 def test_with_parameters_replaces_the_parameters_cell_only():
@@ -61,7 +96,13 @@ def test_with_parameters_replaces_the_parameters_cell_only():
 def _execute(tmp_path, devices, **parameters):
     nb = run_notebook.with_parameters(
         nbformat.read(NOTEBOOK, as_version=4),
-        {"JAXNETS_SOURCE": "", "DATASET": "mnist_sample", "LIMIT_TRAIN": 400, **parameters},
+        {
+            "JAXNETS_SOURCE": "",
+            "DATASET": "mnist_sample",
+            "LIMIT_TRAIN": 400,
+            "SHOW_TENSORBOARD": False,  # no TensorBoard server from a test
+            **parameters,
+        },
     )
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
@@ -94,6 +135,8 @@ def test_notebook_runs_on_8_then_1_devices_and_resumes(tmp_path):
     assert summary["dataset"]["train"] == 320
     printed = _printed(nb)
     assert "8 x cpu: global batch 40, 5 per device" in printed
+    own = re.search(r"your model: step (\d+), accuracy ([\d.]+)", printed)
+    assert own and int(own.group(1)) == 320 and float(own.group(2)) > 0.8, printed
     assert "step 8 (1 epochs)" in printed and "step 8 -> 16" in printed
     assert "resuming from step 8" in printed
 

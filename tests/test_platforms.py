@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import export  # a submodule jax 0.7.2 does not import by itself
 
 from jaxnets import adapters, dispatch, loop, losses, train
 from jaxnets import metrics as jmetrics
@@ -80,13 +81,14 @@ def test_default_training_step_lowered_per_platform(platform):
         assert "stablehlo.convolution" in text
 
 
+@pytest.mark.slow
 def test_export_for_cpu_tpu_cuda_has_no_custom_call_and_runs_the_same_function():
     step, state, batch = _default_train_step()
     batch = {
         "image": jax.random.uniform(jax.random.key(1), (8, 28, 28, 1)),
         "label": jnp.arange(8) % 10,
     }
-    exported = jax.export.export(jax.jit(step), platforms=["cpu", "tpu", "cuda"])(state, batch)
+    exported = export.export(jax.jit(step), platforms=["cpu", "tpu", "cuda"])(state, batch)
     assert exported.platforms == ("cpu", "tpu", "cuda")
     assert (
         "stablehlo.custom_call" not in exported.mlir_module()

@@ -17,6 +17,7 @@ def _dtypes(tree):
     return {str(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}
 
 
+@pytest.mark.slow
 def test_cnn_computes_in_bfloat16_with_float32_parameters_and_logits():
     model = MnistCNN(dtype=jnp.bfloat16)
     images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
@@ -37,6 +38,7 @@ def test_two_layer_sigmoid_dtype():
     assert model.apply(variables, x).dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_bfloat16_training_state_and_metric_sums_stay_float32():
     objective = adapters.linen(
         MnistCNN(dtype=jnp.bfloat16),

@@ -151,6 +151,7 @@ class TestResumeInTensorBoard:
 
     @staticmethod
     def _scalars(tb_dir):
+        pytest.importorskip("tensorboard", reason="reading events needs the tensorboard extra")
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         acc = EventAccumulator(str(tb_dir))
@@ -179,6 +180,7 @@ class TestResumeInTensorBoard:
         stale.write({"kind": "train", "step": 9, "loss": 123.0})
         stale.close()
         _tiny_run(wd, epochs=2, log_every_steps=3)
+        pytest.importorskip("tensorboard", reason="reading events needs the tensorboard extra")
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         acc = EventAccumulator(str(wd / "tb"))

@@ -239,6 +239,7 @@ def test_fsdp_equals_replicated_with_an_eighth_of_the_state_per_device(tmp_path)
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_pmap_adapter_equals_the_jit_path():
     """The mission's pmapped step (per-device code, the only axis name) gives the jitted
     global step's numbers, per-example keys included."""
@@ -344,6 +345,7 @@ def _poisoned_loss(logits, labels):
     return _loss(logits, safe) * jnp.where(labels == 99, jnp.nan, 1.0)
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_skips_the_poisoned_step_and_warns(caplog):
     images, labels = _data()
     labels = labels.copy()

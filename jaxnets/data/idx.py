@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 
 # The third byte of the magic number names the element type (big-endian on disk).
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),

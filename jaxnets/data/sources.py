@@ -197,5 +197,5 @@ def _load_auto(split: str, data_dir: str | None, cache_dir: str | None) -> Datas
             split,
         )
         return load_sample(split)
-    logger.warning("dataset auto: using full MNIST from %s", ds.info.source)
+    logger.info("dataset auto: using full MNIST from %s", ds.info.source)
     return ds

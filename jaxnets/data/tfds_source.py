@@ -44,7 +44,7 @@ def host_reachable(url: str, timeout: float = REACHABILITY_TIMEOUT_S) -> bool:
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     proxy = urllib.request.getproxies().get(parts.scheme) or urllib.request.getproxies().get("all")
-    if proxy and not urllib.request.proxy_bypass(host):
+    if proxy and not urllib.request.proxy_bypass(host or ""):
         proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
         host, port = proxy_parts.hostname, proxy_parts.port or 80
     result = []
@@ -136,7 +136,10 @@ class JaxnetsFashionMnist(_IdxBuilder, tfds.core.GeneratorBasedBuilder):
     SOURCE_NAME = "fashion_mnist"
 
 
-_BUILDERS = {"mnist": JaxnetsMnist, "fashion_mnist": JaxnetsFashionMnist}
+_BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    "mnist": JaxnetsMnist,
+    "fashion_mnist": JaxnetsFashionMnist,
+}
 
 
 def read_data_source(source) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +170,7 @@ def _split_files(data_dir: str, split: str) -> list[str]:
     return [os.path.join(data_dir, f) for f in os.listdir(data_dir) if f"-{split}." in f]
 
 
-def _read(builder, split: str, cache_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+def _read(builder, split: str, cache_dir: str | None) -> tuple[np.ndarray, np.ndarray, str, int]:
     features = builder.info.features
     if not all(name in features for name in ("image", "label")):
         raise ValueError(
@@ -258,7 +261,7 @@ def _load_tfds(
                 f"(no network within {REACHABILITY_TIMEOUT_S:g} s)"
             )
         config = tfds.download.DownloadConfig(manual_dir=manual_dir if has_manual else None)
-        logger.warning("preparing TFDS jaxnets_%s in %s (once)", name, data_dir)
+        logger.info("preparing TFDS jaxnets_%s in %s (once)", name, data_dir)
         builder.download_and_prepare(download_config=config)
     images, labels, where, classes = _read(builder, split, cache_dir)
     return dataset.Dataset(images, labels, dataset.DatasetInfo(name, split, classes, where))

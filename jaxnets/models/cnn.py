@@ -1,7 +1,7 @@
 """The MNIST CNN of the Keras 1 tutorial (SEEDS.md section 2), as a Flax Linen module."""
 
 import functools
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -102,7 +102,7 @@ def _conv_xla(x: Array, kernel: Array, layout: Layout = "NHWC") -> Array:
     )
 
 
-def _max_pool_2x2(x: Array, impl: ConvImpl) -> Array:
+def _max_pool_2x2(x: Array, impl: str) -> Array:
     """2x2 max pool, stride 2, valid (an odd last row/column is dropped, as in Keras).
 
     'xla' uses reduce_window (its gradient sends a tie to the first maximum); 'im2col'
@@ -140,7 +140,7 @@ def _max_pool_quadrants_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tu
     hits = [q == y for q in _quadrants(x)]
     count = sum(hit.astype(y.dtype) for hit in hits)
     dy = sum(jnp.where(hit, dq, 0) for hit, dq in zip(hits, _quadrants(dx))) / count
-    return y, dy
+    return y, cast(Array, dy)  # sum() of arrays: an array (its start value 0 is never returned)
 
 
 def _split_batch(x: Array, groups: int) -> list[Array]:
