@@ -81,9 +81,9 @@ def microbatch_grad(loss_fn: Callable, microbatches: int) -> Callable:
 
         def body(carry, xs):
             loss, metrics, grads, model_state = carry
-            (l, (m, model_state)), g = one(model_state, xs)
+            (part_loss, (m, model_state)), g = one(model_state, xs)
             add = lambda a, b: jax.tree.map(jnp.add, a, b)
-            return (loss + l, add(metrics, m), add(grads, g), model_state), None
+            return (loss + part_loss, add(metrics, m), add(grads, g), model_state), None
 
         init = (zeros(loss0), zeros(metrics0), zeros(grads0), model_state)
         (loss, metrics, grads, model_state), _ = jax.lax.scan(

@@ -4,7 +4,6 @@ the memory of one micro-batch; BatchNorm's documented semantics; 8 devices."""
 import chex
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
