@@ -6,7 +6,8 @@ parameters (`ema_0 = params_0`). The average lives in the optimiser
 state, so it is checkpointed, resumed, sharded and swept with the rest of the train state,
 and the step needs no change. `ema_params(opt_state)` reads it; `swap(state)` gives the
 train state with the average in place of the parameters, for evaluation (`eval_step` with
-`swap`), `serving.predict` and `serving.export`.
+`swap`), `serving.predict` and `serving.export`. Only the parameters are averaged: the
+model state (BatchNorm's statistics, already running averages) is used as it is.
 
 Example:
     >>> tx = with_ema(optax.adam(1e-3), decay=0.999)
