@@ -45,7 +45,8 @@ def _data(n, d=5, seed=0):
 
 
 def test_microbatches_equal_the_big_batch_step():
-    objective, tx = _objective(MLP()), optax.adam(1e-2)
+    # SGD: Adam's g / sqrt(v) magnifies the rounding of tiny gradients beyond 1e-6.
+    objective, tx = _objective(MLP()), optax.sgd(0.5, momentum=0.9)
     batch = _data(32)
     state = train.create_train_state(objective.init, tx, batch, key=jax.random.key(0))
     big = jax.jit(train.make_train_step(objective.loss_fn, tx))
