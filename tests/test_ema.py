@@ -79,6 +79,8 @@ def test_evaluation_and_prediction_on_the_average():
     assert result.history[-1]["val_ema_loss"] != pytest.approx(result.history[-1]["val_loss"])
     outputs = serving.predict(objective, averaged, data["image"], batch_size=24)
     np.testing.assert_allclose(outputs, logits, atol=1e-5)
+    exported = serving.export(objective, averaged, data["image"][:1])  # serving the average
+    np.testing.assert_allclose(exported.call(data["image"]), logits, atol=1e-5)
     values = evaluation.evaluate(
         evaluation.make_evaluation(ema.ema_eval_step(eval_step), data, batch_size=32), final
     )
