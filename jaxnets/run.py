@@ -389,7 +389,7 @@ def _open(flags, config, state, mesh, result_fields, total_steps, path, lock, tx
                 )
     if flags.warm_start and start_step == 0:
         try:
-            state = _warm_start(flags, state, tx)
+            state = _warm_start(flags, state, tx, mesh)
         except BaseException:
             if manager is not None:
                 manager.close()
@@ -416,7 +416,7 @@ def _open(flags, config, state, mesh, result_fields, total_steps, path, lock, tx
     )
 
 
-def _warm_start(flags: RunConfig, state: train.TrainState, tx: Any) -> train.TrainState:
+def _warm_start(flags: RunConfig, state: train.TrainState, tx: Any, mesh: Any) -> train.TrainState:
     from jaxnets.warmstart import warm_start
 
     if tx is None:
@@ -424,6 +424,8 @@ def _warm_start(flags: RunConfig, state: train.TrainState, tx: Any) -> train.Tra
             f"warm_start={flags.warm_start!r} needs open_run(..., tx=the optimiser): the "
             "optimiser state starts fresh"
         )
+    # Read straight onto the run's shardings (every process its own shards).
+    state = sharding.place(state, sharding.state_shardings(state, mesh, RULES[flags.sharding]))
     state = warm_start(state, tx, flags.warm_start, model_state=flags.warm_start_model_state)
     log.warning("warm start from %s (step 0, fresh optimiser)", flags.warm_start)
     return state

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnets import Checkpointer, adapters, loop, losses, sharding, train, warmstart
+from jaxnets import Checkpointer, adapters, loop, losses, run, sharding, train, warmstart
 
 
 class Net(nn.Module):
@@ -102,3 +102,15 @@ def test_warm_start_names_the_differing_paths(source):
     # from a state in memory, the same check
     with pytest.raises(ValueError, match=r"params\['Dense_0'\]\['kernel'\]"):
         warmstart.warm_start(other, tx, trained)
+
+
+def test_open_run_warm_starts_a_fresh_run_only(source, tmp_path):
+    directory, trained = source
+    objective, data, tx = _objective(), _data(), optax.sgd(0.1)
+    fresh = train.create_train_state(objective.init, tx, data, key=jax.random.key(3))
+    flags = run.RunConfig(warm_start=str(directory), workdir=str(tmp_path / "w"), progress=False)
+    with pytest.raises(ValueError, match="needs open_run"):
+        run.open_run(flags, {}, fresh, result_fields=(), total_steps=8)
+    with run.open_run(flags, {}, fresh, result_fields=(), total_steps=8, tx=tx) as work:
+        assert work.start_step == 0
+        chex.assert_trees_all_equal(jax.device_get(work.state.params), trained.params)
