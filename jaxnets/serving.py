@@ -123,7 +123,8 @@ def export(
       sample_inputs: inputs of the right dtypes and trailing shapes (one example is enough).
       path: where to write the serialized bytes (None: not written).
       polymorphic_batch: the leading axis is symbolic (`b`): any batch size runs; False:
-        exactly the sample's batch size.
+        exactly the sample's batch size (for models whose code compares the batch size
+        with a number, e.g. `MnistCNN`'s exported convolutions: a clear error says so).
       platforms: e.g. `("cpu", "cuda", "tpu")` (one file for several); None: this backend.
 
     Returns:
@@ -141,7 +142,17 @@ def export(
         return jax.ShapeDtypeStruct(shape, x.dtype)
 
     fn = jax.jit(lambda inputs: apply(params, model_state, inputs))
-    exported = jax.export.export(fn, platforms=platforms)(jax.tree.map(spec, sample_inputs))
+    try:
+        exported = jax.export.export(fn, platforms=platforms)(jax.tree.map(spec, sample_inputs))
+    except Exception as e:
+        if not polymorphic_batch or type(e).__name__ != "InconclusiveDimensionOperation":
+            raise
+        raise ValueError(
+            "the model's forward pass cannot be traced for a symbolic batch size b ("
+            + str(e).splitlines()[0]
+            + "); export one batch size: export(..., polymorphic_batch=False) with "
+            "sample_inputs of the serving batch's size"
+        ) from e
     if path is not None:
         Path(path).write_bytes(exported.serialize())
     return exported

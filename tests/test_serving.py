@@ -88,3 +88,17 @@ def test_export_runs_in_a_fresh_process_without_jaxnets(tmp_path):
     fixed = serving.export(objective, state, x[:4], polymorphic_batch=False)
     with pytest.raises(ValueError, match="shape"):
         fixed.call(x)
+
+
+def test_a_model_that_needs_a_fixed_batch_says_so():
+    def apply(params, model_state, x):
+        if x.shape[0] < 2:  # a Python comparison of the batch size: no symbolic batch
+            return x
+        return x * params
+
+    with pytest.raises(ValueError, match="polymorphic_batch=False"):
+        serving.export(apply, (np.float32(2.0), {}), np.ones((3, 2), np.float32))
+    fixed = serving.export(
+        apply, (np.float32(2.0), {}), np.ones((3, 2), np.float32), polymorphic_batch=False
+    )
+    np.testing.assert_array_equal(fixed.call(np.ones((3, 2), np.float32)), 2.0)
