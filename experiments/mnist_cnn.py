@@ -5,6 +5,9 @@ Run:
     python -m experiments.mnist_cnn --epochs 3 --augment --workdir runs/cnn_aug
     python -m experiments.mnist_cnn --dataset idx:/usr/share/datasets/fashion-mnist
     python -m experiments.mnist_cnn --dtype bfloat16     # mixed precision (GPU/TPU)
+    python -m experiments.mnist_cnn --microbatches 4     # gradient accumulation
+    python -m experiments.mnist_cnn --ema-decay 0.999    # + test metrics of the EMA
+    python -m experiments.mnist_cnn --warm-start runs/mnist_cnn --workdir runs/finetune
 
 Defaults are the seed's: SGD lr 0.05, momentum 0.9, Nesterov, Keras inverse-time decay 1e-6,
 batch 100, 10 epochs, shuffled each epoch, the last 20% of the training set held out for
