@@ -18,6 +18,13 @@ BatchNorm normalises with the statistics of the whole global batch and Dropout d
 mask for the global batch, with no axis name in the model: a run on N devices equals the
 1-device run to float rounding, dropout on (tested).
 
+Options of the run (tested): `--ema-decay 0.99` keeps an exponential moving average of the
+parameters (`jaxnets.ema`), validated (`val_ema_*`) and tested (`test_ema` in summary.json)
+next to the parameters themselves; `--microbatches 2` accumulates the gradient of each batch
+over 2 micro-batches (`jaxnets.accumulation`: BatchNorm then normalises each micro-batch by
+its own statistics); `--warm-start runs/digits` starts a fresh run from that run's parameters
+(`--warm-start-model-state`: and its BatchNorm statistics) with a fresh optimiser at step 0.
+
 The work directory holds config.json, metrics.jsonl, TensorBoard events (tb/), curves.png,
 summary.json and checkpoints/; running the same command again resumes from the last
 checkpoint (bit-identical to an uninterrupted run on the same devices) or says the run has
@@ -37,7 +44,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxnets import adapters, evaluation, hooks, losses, optim, run, sharding, train
+from jaxnets import adapters, ema, evaluation, hooks, losses, optim, run, sharding, train
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import FRACTION, TRAINING_CHECKS
 from jaxnets.config import config_to_dict, errors_in_flags, parse_config
@@ -56,6 +63,8 @@ RESULT_FIELDS = (
     "validation_split",
     "test_split",
     "seed",
+    "ema_decay",
+    "microbatches",
 )
 
 
@@ -76,6 +85,13 @@ class Config(run.RunConfig):
     validation_split: float = 0.2
     test_split: float = 0.2
     seed: int = 0
+    ema_decay: float = dataclasses.field(
+        default=0.0,
+        metadata={"help": "keep an EMA of the parameters (e.g. 0.99), validated and tested too"},
+    )
+    microbatches: int = dataclasses.field(
+        default=1, metadata={"help": "gradient accumulation: micro-batches per optimiser step"}
+    )
     log_every_steps: int = 8
     workdir: str = "runs/digits"
 
@@ -150,12 +166,13 @@ def make_objective(config: Config) -> adapters.Objective:
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
-    return optim.sgd(
+    tx = optim.sgd(
         config.learning_rate,
         momentum=config.momentum,
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
     )
+    return ema.with_ema(tx, config.ema_decay) if config.ema_decay else tx
 
 
 @errors_in_flags
@@ -171,13 +188,17 @@ def main(config: Config) -> dict:
     sharding.check_batch(mesh, config.batch_size)
     objective = make_objective(config)
     tx = make_optimizer(config)
-    train_step = train.make_train_step(objective.loss_fn, tx)
+    train_step = train.make_train_step(objective.loss_fn, tx, microbatches=config.microbatches)
     eval_step = train.make_eval_step(objective.eval_fn)
-    validate = (
-        [hooks.Evaluate(eval_step, data["validation"], batch_size=config.batch_size)]
+    # With --ema-decay, the average is validated and tested too (val_ema_*, test_ema).
+    eval_steps = {"": eval_step}
+    if config.ema_decay:
+        eval_steps["_ema"] = ema.ema_eval_step(eval_step)
+    validate = [
+        hooks.Evaluate(step, data["validation"], batch_size=config.batch_size, prefix=f"val{s}_")
+        for s, step in eval_steps.items()
         if sizes["validation"]
-        else []
-    )
+    ]
 
     init_key, data_key = jax.random.split(jax.random.key(config.seed))
     sample = jax.tree.map(lambda x: x[:1], data["train"])
@@ -191,6 +212,7 @@ def main(config: Config) -> dict:
         mesh,
         result_fields=RESULT_FIELDS,
         total_steps=config.epochs * steps_per_epoch,
+        tx=tx,
     ) as work:
         result = work.fit(
             train_step,
@@ -204,12 +226,13 @@ def main(config: Config) -> dict:
             result, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size
         )
         summary["dataset"] = {"name": "sklearn_digits", **sizes}
-        summary["test"] = {}
-        if sizes["test"]:
-            test = evaluation.make_evaluation(
-                eval_step, data["test"], batch_size=config.batch_size, mesh=mesh
-            )
-            summary["test"] = evaluation.evaluate(test, result.state)
+        for s, step in eval_steps.items():
+            summary[f"test{s}"] = {}
+            if sizes["test"]:
+                test = evaluation.make_evaluation(
+                    step, data["test"], batch_size=config.batch_size, mesh=mesh
+                )
+                summary[f"test{s}"] = evaluation.evaluate(test, result.state)
         summary["num_params"] = sum(x.size for x in jax.tree.leaves(result.state.params))
         work.finish(summary, title="DigitsCNN on scikit-learn digits", metric="accuracy")
     return summary

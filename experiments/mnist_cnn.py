@@ -5,6 +5,9 @@ Run:
     python -m experiments.mnist_cnn --epochs 3 --augment --workdir runs/cnn_aug
     python -m experiments.mnist_cnn --dataset idx:/usr/share/datasets/fashion-mnist
     python -m experiments.mnist_cnn --dtype bfloat16     # mixed precision (GPU/TPU)
+    python -m experiments.mnist_cnn --microbatches 4     # gradient accumulation
+    python -m experiments.mnist_cnn --ema-decay 0.999    # + test metrics of the EMA
+    python -m experiments.mnist_cnn --warm-start runs/mnist_cnn --workdir runs/finetune
 
 Defaults are the seed's: SGD lr 0.05, momentum 0.9, Nesterov, Keras inverse-time decay 1e-6,
 batch 100, 10 epochs, shuffled each epoch, the last 20% of the training set held out for
@@ -30,7 +33,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import adapters, evaluation, hooks, losses, optim, regularizers, run, sharding, train
+from jaxnets import (
+    adapters,
+    ema,
+    evaluation,
+    hooks,
+    losses,
+    optim,
+    regularizers,
+    run,
+    sharding,
+    train,
+)
 from jaxnets import data as jdata
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import NONNEGATIVE, TRAINING_CHECKS, Rule
@@ -62,6 +76,8 @@ RESULT_FIELDS = (
     "skip_nonfinite",
     "dtype",
     "dataset_used",
+    "ema_decay",
+    "microbatches",
 )
 # --dtype: the model's compute dtype. Parameters and optimiser state are always float32.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -101,6 +117,12 @@ class Config(run.RunConfig):
     dtype: str = dataclasses.field(
         default="float32",
         metadata={"help": "compute dtype: float32 | bfloat16 (parameters stay float32)"},
+    )
+    ema_decay: float = dataclasses.field(
+        default=0.0, metadata={"help": "keep an EMA of the parameters (e.g. 0.999), also tested"}
+    )
+    microbatches: int = dataclasses.field(
+        default=1, metadata={"help": "gradient accumulation: micro-batches per optimiser step"}
     )
     limit_train: int | None = dataclasses.field(
         default=None, metadata={"help": "use only the first N training examples (smoke tests)"}
@@ -182,6 +204,8 @@ def main(config: Config) -> dict:
         import optax
 
         tx = optax.apply_if_finite(tx, max_consecutive_errors=10)
+    if config.ema_decay:
+        tx = ema.with_ema(tx, config.ema_decay)
     mesh = sharding.make_mesh(config.devices)
     sharding.check_batch(mesh, config.batch_size)
     objective = adapters.linen(
@@ -190,7 +214,7 @@ def main(config: Config) -> dict:
         metrics={"accuracy": jmetrics.accuracy},
         preprocess=make_preprocess(config, x_train),
     )
-    train_step = train.make_train_step(objective.loss_fn, tx)
+    train_step = train.make_train_step(objective.loss_fn, tx, microbatches=config.microbatches)
     eval_step = train.make_eval_step(objective.eval_fn)
     validate = (
         [
@@ -220,6 +244,7 @@ def main(config: Config) -> dict:
         mesh,
         result_fields=RESULT_FIELDS,
         total_steps=config.epochs * steps_per_epoch,
+        tx=tx,
     ) as work:
         result = work.fit(
             train_step,
@@ -245,6 +270,8 @@ def main(config: Config) -> dict:
             "test": len(test_set.labels),
         }
         summary["test"] = evaluation.evaluate(test_eval, result.state)
+        if config.ema_decay:  # the parameter average on the test set
+            summary["test_ema"] = evaluation.evaluate(test_eval, ema.swap(result.state))
         summary["sparsity"] = regularizers.sparsity(jax.device_get(result.state.params))
         work.finish(summary, title=f"MNIST CNN on {train_set.info.name}", metric="accuracy")
     return summary

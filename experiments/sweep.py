@@ -15,7 +15,9 @@ Run:
 --sweep NAME=a,b,c or NAME=start:stop (integers start..stop-1), NAME one of seed,
 learning_rate, decay, momentum, weight_decay, l1; values not swept come from the flags of
 the same name. Writes sweep.json (config, every run's final metrics and curves, the best run),
-table.md (printed too) and curves.png (every run's train and validation loss) to --workdir.
+table.md (printed too), curves.png (every run's train and validation loss) and tb/ (TensorBoard's
+HParams dashboard: one session per model, its hyperparameters and final metrics;
+`tensorboard --logdir <workdir>/tb`, tab HPARAMS) to --workdir.
 
 Expected (measured, 2-core CPU, one device): --model mnist_cnn --dataset mnist_sample
 --sweep seed=0:2 --sweep learning_rate=0.01,0.05,0.2 (6 models, 3 epochs, 3,200 train / 800
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from typing import ClassVar
@@ -258,6 +261,9 @@ def main(config: Config) -> dict:
         title=f"{len(configs)} {config.model} models trained as one program",
     )
     writers.write_json(os.path.join(config.workdir, "sweep.json"), results)
+    tb = os.path.join(config.workdir, "tb")
+    shutil.rmtree(tb, ignore_errors=True)  # a rerun's sessions replace the last run's
+    sweep.write_hparams(results, tb)
     return results
 
 

@@ -1,10 +1,12 @@
 """jaxnets: a small functional JAX/Flax/Optax training toolkit."""
 
 from jaxnets import (
+    accumulation,
     adapters,
     checkpoint,
     config,
     data,
+    ema,
     evaluation,
     feeds,
     hooks,
@@ -15,13 +17,16 @@ from jaxnets import (
     optim,
     pmap,
     regularizers,
+    serving,
     sharding,
     sweep,
     train,
+    warmstart,
     writers,
 )
 from jaxnets.adapters import Objective
 from jaxnets.checkpoint import Checkpointer
+from jaxnets.ema import with_ema
 from jaxnets.evaluation import evaluate, make_evaluation
 from jaxnets.hooks import Checkpoint, Evaluate, Hook, Log, NonFinite, Periodic, Preemption, Progress
 from jaxnets.loop import Chunks, fit
@@ -36,6 +41,7 @@ from jaxnets.regularizers import (
     l2_penalty,
     sparsity,
 )
+from jaxnets.serving import predict
 from jaxnets.sharding import fsdp, make_mesh, replicated
 from jaxnets.train import (
     TrainState,
@@ -44,6 +50,7 @@ from jaxnets.train import (
     make_eval_step,
     make_train_step,
 )
+from jaxnets.warmstart import warm_start
 
 __version__ = "0.1.0"
 
@@ -63,12 +70,14 @@ __all__ = [
     "Progress",
     "TrainState",
     "TwoLayerSigmoid",
+    "accumulation",
     "adapters",
     "add_decoupled_weight_decay",
     "checkpoint",
     "config",
     "create_train_state",
     "data",
+    "ema",
     "evaluate",
     "evaluation",
     "feeds",
@@ -91,12 +100,17 @@ __all__ = [
     "models",
     "optim",
     "pmap",
+    "predict",
     "regularizers",
     "replicated",
+    "serving",
     "sharding",
     "sgd",
     "sparsity",
     "sweep",
     "train",
+    "warm_start",
+    "warmstart",
+    "with_ema",
     "writers",
 ]

@@ -55,11 +55,14 @@ INTEGER_LOSS = (
 
 
 class Objective(NamedTuple):
-    """A model's pure functions for `jaxnets.train`: init, loss_fn, eval_fn."""
+    """A model's pure functions for `jaxnets.train`: init, loss_fn, eval_fn, and the
+    forward pass `apply(params, model_state, inputs) -> outputs` in evaluation mode (what
+    `jaxnets.serving` predicts with and exports; `inputs` are the model's, not a batch)."""
 
     init: train.InitFn
     loss_fn: train.LossFn
     eval_fn: train.EvalFn
+    apply: Callable[[Params, PyTree, Any], Any] | None = None
 
 
 def _select(batch: Batch, selector: Selector, what: str) -> Any:
@@ -325,13 +328,15 @@ def linen(
         loss, out = parts.objective(params, outputs, batch, None)
         return loss, (out, new_state)
 
+    def apply_fn(params, model_state, inputs):
+        x = inputs if parts.preprocess is None else parts.preprocess(inputs, keys=None)
+        return eval_module.apply({"params": params, **model_state}, x, **flags(False))
+
     def eval_fn(params, model_state, batch, mask):
-        outputs = eval_module.apply(
-            {"params": params, **model_state}, parts.model_inputs(batch, None), **flags(False)
-        )
+        outputs = apply_fn(params, model_state, _select(batch, parts.inputs, "inputs"))
         return parts.objective(params, outputs, batch, mask)[1]
 
-    return Objective(init_fn, loss_fn, eval_fn)
+    return Objective(init_fn, loss_fn, eval_fn, apply_fn)
 
 
 def nnx(
@@ -391,9 +396,12 @@ def nnx(
         _, _, new_state = fnnx.split(m, fnnx.Param, ...)
         return loss, (out, fnnx.to_pure_dict(new_state))
 
+    def apply_fn(params, model_state, inputs):
+        x = inputs if parts.preprocess is None else parts.preprocess(inputs, keys=None)
+        return _merge(eval_def, params, model_state)(x)
+
     def eval_fn(params, model_state, batch, mask):
-        m = _merge(eval_def, params, model_state)
-        outputs = m(parts.model_inputs(batch, None))
+        outputs = apply_fn(params, model_state, _select(batch, parts.inputs, "inputs"))
         return parts.objective(params, outputs, batch, mask)[1]
 
-    return Objective(init_fn, loss_fn, eval_fn)
+    return Objective(init_fn, loss_fn, eval_fn, apply_fn)

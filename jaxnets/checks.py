@@ -91,6 +91,8 @@ TRAINING_CHECKS = {
     "l1": NONNEGATIVE,
     "validation_split": FRACTION,
     "test_split": FRACTION,
+    "microbatches": POSITIVE_INT,
+    "ema_decay": Rule(float, low=0, high=1, high_open=True),
 }
 
 # The flags of `run.RunConfig` (devices, cadences, checkpoints), also of configs that repeat them.

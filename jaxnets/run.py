@@ -99,6 +99,17 @@ class RunConfig:
     restart: bool = dataclasses.field(
         default=False, metadata={"help": "discard the work directory's run and start fresh"}
     )
+    warm_start: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "a fresh run starts from another run's parameters: its work directory "
+            "(or checkpoints/); fresh optimiser, step 0 (a resumed run ignores it)"
+        },
+    )
+    warm_start_model_state: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "with --warm-start, also take its model state (BatchNorm statistics)"},
+    )
     progress: bool = True
     workdir: str = "runs/run"
 
@@ -310,6 +321,7 @@ def open_run(
     *,
     result_fields: Sequence[str],
     total_steps: int,
+    tx: Any = None,
 ) -> Run:
     """Opens `workdir` for a run of `config`, resuming its latest checkpoint if there is one.
 
@@ -326,6 +338,8 @@ def open_run(
       result_fields: config fields that change the numbers; a checkpoint saved with other
         values is not resumed (ValueError naming each field and `--restart`).
       total_steps: the steps of the whole run, to say when the checkpoint has them all.
+      tx: the optimiser; needed with `flags.warm_start` (a fresh run then starts from that
+        run's parameters, `warmstart.warm_start`, with `tx.init` of them).
 
     Returns:
       The open `Run`; `run.state` is what to train from.
@@ -335,7 +349,7 @@ def open_run(
     lock = claim(path)
     try:
         mesh = sharding.make_mesh() if mesh is None else mesh
-        return _open(flags, config, state, mesh, result_fields, total_steps, path, lock)
+        return _open(flags, config, state, mesh, result_fields, total_steps, path, lock, tx)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -354,7 +368,7 @@ def claim(workdir: str | Path) -> WorkdirLock | None:
     return claim_workdir(workdir) if sharding.is_main_process() else None
 
 
-def _open(flags, config, state, mesh, result_fields, total_steps, path, lock) -> Run:
+def _open(flags, config, state, mesh, result_fields, total_steps, path, lock, tx) -> Run:
     if flags.restart:  # every process: each may have its own disk
         discard_run(path)  # refuses a directory holding files jaxnets did not write
     manager = None
@@ -362,7 +376,7 @@ def _open(flags, config, state, mesh, result_fields, total_steps, path, lock) ->
         manager = ckpt.Checkpointer(path / CHECKPOINTS, max_to_keep=flags.keep_checkpoints)
     try:
         return _resume(
-            flags, dict(config), state, mesh, result_fields, total_steps, path, lock, manager
+            flags, dict(config), state, mesh, result_fields, total_steps, path, lock, manager, tx
         )
     except BaseException:
         # Closed on every error path: a manager left open fails again at interpreter exit
@@ -373,7 +387,7 @@ def _open(flags, config, state, mesh, result_fields, total_steps, path, lock) ->
         raise
 
 
-def _resume(flags, config, state, mesh, result_fields, total_steps, path, lock, manager) -> Run:
+def _resume(flags, config, state, mesh, result_fields, total_steps, path, lock, manager, tx) -> Run:
     start_step, meta = 0, None
     if manager is not None and manager.latest_step() is not None:
         state, meta, start_step = _restore(
@@ -398,6 +412,8 @@ def _resume(flags, config, state, mesh, result_fields, total_steps, path, lock, 
             log.info(
                 "resuming from step %d of %d (%s)", start_step, total_steps, path / CHECKPOINTS
             )
+    if flags.warm_start and start_step == 0:
+        state = _warm_start(flags, state, tx, mesh)  # the caller closes the manager on error
     if manager is not None and start_step < total_steps:
         manager.check_space(state)  # a full disk is refused now, not after an epoch of training
     if sharding.is_main_process():
@@ -416,6 +432,21 @@ def _resume(flags, config, state, mesh, result_fields, total_steps, path, lock, 
         total_steps=total_steps,
         lock=lock,
     )
+
+
+def _warm_start(flags: RunConfig, state: train.TrainState, tx: Any, mesh: Any) -> train.TrainState:
+    from jaxnets.warmstart import warm_start
+
+    if tx is None:
+        raise ValueError(
+            f"warm_start={flags.warm_start!r} needs open_run(..., tx=the optimiser): the "
+            "optimiser state starts fresh"
+        )
+    # Read straight onto the run's shardings (every process its own shards).
+    state = sharding.place(state, sharding.state_shardings(state, mesh, RULES[flags.sharding]))
+    state = warm_start(state, tx, flags.warm_start, model_state=flags.warm_start_model_state)
+    log.warning("warm start from %s (step 0, fresh optimiser)", flags.warm_start)
+    return state
 
 
 def exit_status(summary: Mapping[str, Any]) -> int:

@@ -508,6 +508,32 @@ def best(results: Mapping[str, Any], metric: str = "val_loss") -> dict:
     return results["runs"][best_index(results, metric)]
 
 
+def write_hparams(results: Mapping[str, Any], logdir: str | os.PathLike) -> list[str]:
+    """Every model of a sweep in TensorBoard's HParams dashboard (`writers.write_hparams`).
+
+    Session `run<i>` per configuration: its hyperparameters (`seed` and every injected
+    value) and its final metrics as `hparam/<name>` (loss, accuracy, val_loss...), at the
+    run's last step. `tensorboard --logdir <logdir>`, tab HPARAMS: one row per model.
+
+    Returns:
+      The session names, in the order of `results["runs"]`.
+    """
+    runs = results["runs"]
+    width = len(str(len(runs) - 1))
+    names = [f"run{i:0{width}d}" for i in range(len(runs))]
+    sessions = [
+        (
+            name,
+            dict(run["config"]),
+            {f"hparam/{k}": v for k, v in run["final"].items()},
+        )
+        for name, run in zip(names, runs)
+    ]
+    steps = [h[-1]["step"] for run in runs for h in [run["history"]] if h]
+    writers.write_hparams(logdir, sessions, step=max(steps) if steps else None)
+    return names
+
+
 def format_results(results: Mapping[str, Any], metric: str | None = None) -> str:
     """A markdown table: one row per run, swept values, final metrics, best marked `*`."""
     metric = metric or results["metric"]

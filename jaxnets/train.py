@@ -46,6 +46,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxnets.accumulation import microbatch_grad
 from jaxnets.regularizers import check_l1_last
 from jaxnets.types import Array, Batch, Params, PRNGKey, PyTree
 
@@ -151,7 +152,7 @@ def example_keys(key: PRNGKey, batch: int) -> Array:
 
 
 def make_train_step(
-    loss_fn: LossFn, tx: optax.GradientTransformation
+    loss_fn: LossFn, tx: optax.GradientTransformation, *, microbatches: int = 1
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`, big_vision's `update_fn`.
 
@@ -163,11 +164,14 @@ def make_train_step(
     Args:
       loss_fn: `(params, model_state, batch, key) -> (loss, (metrics, new_model_state))`.
       tx: the Optax transformation.
+      microbatches: gradient accumulation: the batch's gradient as the mean over k
+        micro-batches scanned inside the step (the memory of one micro-batch; one optimiser
+        step per batch). Semantics, BatchNorm's included: `jaxnets.accumulation`.
     """
+    grad_fn = microbatch_grad(loss_fn, microbatches)
 
     def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

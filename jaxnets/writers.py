@@ -162,6 +162,42 @@ def _postfix(value: Any) -> str:
     return "[" + "x".join(map(str, array.shape)) + "]"
 
 
+def write_hparams(
+    logdir: str | os.PathLike,
+    sessions: Sequence[tuple[str, dict, dict]],
+    *,
+    step: int | None = None,
+) -> None:
+    """TensorBoard's HParams dashboard: one session per model, its hyperparameters and
+    final metrics (tensorboardX's `add_hparams`).
+
+    Each session is written to `logdir/<name>/` (an experiment, session start/end
+    summaries, and each metric as a scalar at `step`); TensorBoard pointed at `logdir`
+    shows them in its HPARAMS tab, one row per session.
+
+    Args:
+      logdir: the events directory (e.g. a sweep's `tb/`).
+      sessions: `(name, hparams, metrics)` per model: `name` a directory name, `hparams`
+        `{name: number | str | bool}`, `metrics` `{tag: float}` (tags unique in `logdir`,
+        e.g. "hparam/val_loss", so they do not mix with training curves).
+      step: the step the metrics were measured at.
+    """
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams as hparams_summaries
+
+    names = [name for name, _, _ in sessions]
+    if len(set(names)) != len(names) or any(not n or "/" in n or n in (".", "..") for n in names):
+        raise ValueError(f"sessions need distinct directory names without '/'; got {names}")
+    for name, hparams, metrics in sessions:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        # What `SummaryWriter.add_hparams` writes, without its extra empty writer on logdir.
+        with SummaryWriter(str(Path(logdir) / name)) as writer:
+            for summary in hparams_summaries(dict(hparams), metrics):
+                writer.file_writer.add_summary(summary)
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, step)
+
+
 class ProgressBar:
     """A tqdm bar for one epoch; `update(n, loss=..., accuracy=...)` after each log point."""
 

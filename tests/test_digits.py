@@ -14,7 +14,7 @@ import pytest
 
 from experiments import digits
 from jaxnets import checkpoint as ckpt
-from jaxnets import train, writers
+from jaxnets import ema, train, writers
 
 # 1,079 training digits, batch 64: 16 steps an epoch, on 2 devices.
 TINY = dataclasses.replace(
@@ -133,3 +133,30 @@ def test_one_device_equals_eight_with_dropout_and_batchnorm(tmp_path):
     chex.assert_trees_all_close(a.model_state, b.model_state, atol=1e-5, rtol=1e-5)
     assert eight["test"]["loss"] == pytest.approx(one["test"]["loss"], rel=1e-5)
     assert eight["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ema_microbatches_and_warm_start(full, tmp_path, caplog):
+    """--ema-decay, --microbatches and --warm-start together: the EMA's test metrics are
+    those of the averaged parameters applied by hand."""
+    with caplog.at_level(logging.WARNING, logger="jaxnets.run"):
+        out = _run(
+            tmp_path,
+            "ema",
+            epochs=1,
+            ema_decay=0.9,
+            microbatches=2,
+            warm_start=full["config"]["workdir"],
+            warm_start_model_state=True,
+        )
+    assert "warm start from" in caplog.text
+    state = _final_state(out)
+    loss, accuracy = _test_loss(ema.swap(state), state.model_state)
+    assert out["test_ema"]["loss"] == pytest.approx(loss, rel=1e-4)
+    assert out["test_ema"]["accuracy"] == pytest.approx(accuracy)
+    assert out["test_ema"]["loss"] != pytest.approx(out["test"]["loss"], rel=1e-3)
+    assert out["step"] == 16  # step 0 after the warm start: one epoch of 16 steps
+    epoch = [
+        r for r in writers.read_jsonl(tmp_path / "ema" / "metrics.jsonl") if r["kind"] == "epoch"
+    ]
+    assert "val_ema_loss" in epoch[-1]

@@ -195,6 +195,17 @@ def test_augment_and_l1_flags(tmp_path):
 
 
 @pytest.mark.slow
+def test_ema_and_microbatch_flags(uninterrupted, tmp_path):
+    """--microbatches 2 on the seed CNN (no batch-dependent layers): the big-batch run's
+    parameters; --ema-decay adds the average's test metrics."""
+    acc = _run(tmp_path, "acc", microbatches=2, ema_decay=0.5, checkpoint=False)
+    assert acc["step"] == uninterrupted["step"]
+    assert acc["test"]["loss"] == pytest.approx(uninterrupted["test"]["loss"], rel=1e-4)
+    assert math.isfinite(acc["test_ema"]["loss"])
+    assert acc["test_ema"]["loss"] != pytest.approx(acc["test"]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_no_readable_checkpoint_is_one_message_not_asyncio_noise(tmp_path):
     """Every array file truncated: the CheckpointError is the last thing printed, alone."""
     _run(tmp_path, "x", epochs=1, checkpoint_every_steps=2)

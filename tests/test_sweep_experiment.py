@@ -58,3 +58,4 @@ def test_smoke_two_layer_grid_writes_json_table_and_plot(tmp_path):
     assert json.loads((tmp_path / "sweep.json").read_text()) == results
     assert (tmp_path / "table.md").read_text() == sweep.format_results(results) + "\n"
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["run0", "run1", "run2", "run3"]
