@@ -19,7 +19,12 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from jaxnets import fingerprint
-from jaxnets.orbax_faults import disk_bytes, disk_errors, silence_abandoned_reads
+from jaxnets.orbax_faults import (
+    await_background_cleanup,
+    disk_bytes,
+    disk_errors,
+    silence_abandoned_reads,
+)
 from jaxnets.types import PyTree
 from jaxnets.workdir import check_free_space, check_workdir_writable
 
@@ -420,6 +425,7 @@ class Checkpointer:
         try:
             self.wait_until_finished()
         finally:
+            await_background_cleanup(self._manager)
             self._manager.close()
 
     def __enter__(self) -> Checkpointer:

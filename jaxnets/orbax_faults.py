@@ -85,3 +85,14 @@ def silence_abandoned_reads() -> None:
 
     hook._jaxnets_filter = True  # type: ignore[attr-defined]  # marks our hook as installed
     sys.unraisablehook = hook
+
+
+def await_background_cleanup(manager) -> None:
+    """Waits for the temporary-directory cleanup an Orbax `CheckpointManager` starts in a
+    thread when it opens, which its `close()` does not wait for: a process that ends soon
+    after (an early error) would otherwise print "cannot schedule new futures after
+    interpreter shutdown" from that thread after the real error."""
+    wait = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait is not None:
+        with contextlib.suppress(Exception):  # a failed cleanup costs nothing but the cleanup
+            wait()

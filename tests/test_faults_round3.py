@@ -519,14 +519,21 @@ class TestClearRefusals:
         assert step == 1 and meta == {"s": 1} and float(tree["w"][0]) == 1.0
 
     def test_an_early_error_is_the_last_line_not_orbaxs_shutdown_traceback(self, tmp_path):
-        """Before: an error after the checkpoint manager opened left it open, and Orbax
-        failed again at interpreter exit ("cannot schedule new futures")."""
-        (tmp_path / "wd" / "config.json").mkdir(parents=True)  # unwritable: a directory
+        """Before: an error soon after the checkpoint manager opened ended the process while
+        Orbax's cleanup thread ran, which then failed at interpreter exit ("cannot schedule
+        new futures after interpreter shutdown") after the real error."""
+        for i in range(300):  # saves a killed run left half-written: Orbax cleans them up
+            partial = tmp_path / "wd" / "checkpoints" / f"{i}.orbax-checkpoint-tmp-{i}" / "state"
+            partial.mkdir(parents=True)
+            (partial / "data").write_text("x")
+        (tmp_path / "wd" / "metrics.jsonl").write_text('{"step": 6}\n')  # an earlier run's log
+        (tmp_path / "wd" / "previous").write_text("a file where its logs would be kept")
         proc = _tiny_process(tmp_path / "wd")
         assert proc.returncode != 0
         last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith("IsADirectoryError"), proc.stderr[-2000:]
+        assert last.startswith("NotADirectoryError"), proc.stderr[-2000:]
         assert "cannot schedule new futures" not in proc.stderr
+        assert not list((tmp_path / "wd" / "checkpoints").iterdir())  # the cleanup finished
 
 
 class TestNumericsInUserCode:
