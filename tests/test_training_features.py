@@ -257,3 +257,60 @@ def test_profile_window_writes_a_trace(tmp_path):
     assert monitoring.parse_steps("20:30") == (20, 30) and monitoring.parse_steps("") is None
     with pytest.raises(ValueError, match="a < b"):
         monitoring.Profile(tmp_path, steps=(3, 3))
+
+
+@pytest.mark.slow
+def test_the_experiment_flags(tmp_path):
+    """mnist_cnn with --health --keep-best 1 --best-metric val_accuracy --best-mode max
+    --early-stop-patience 1 --early-stop-min-delta 1 (no epoch can improve by 1: stops after
+    the second) --profile-steps 2:4; running it again trains no further."""
+    import dataclasses
+    import json
+
+    from experiments import mnist_cnn
+    from jaxnets import run
+
+    config = dataclasses.replace(
+        mnist_cnn.get_config(),
+        dataset="mnist_sample",
+        limit_train=400,
+        batch_size=40,
+        epochs=4,
+        devices=2,
+        log_every_steps=4,
+        steps_per_dispatch=1,
+        progress=False,
+        checkpoint_every_minutes=0.0,
+        workdir=str(tmp_path / "run"),
+        health=True,
+        keep_best=1,
+        best_metric="val_accuracy",
+        best_mode="max",
+        early_stop_patience=1,
+        early_stop_min_delta=1.0,
+        profile_steps="2:4",
+    )
+    summary = mnist_cnn.main(config)
+    assert summary["stopped_early"] and summary["epochs_completed"] == 2
+    assert run.exit_status(summary) == 0
+    assert summary["early_stopping"]["stopped_epoch"] == 2
+    records = writers.read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    best = max(epochs, key=lambda r: r["val_accuracy"])
+    assert summary["best_checkpoint"] == {
+        "step": best["step"],
+        "val_accuracy": best["val_accuracy"],
+    }
+    window = next(r for r in records if r["kind"] == "train")
+    assert window["learning_rate"] == pytest.approx(
+        0.05 / (1 + 1e-6 * 1.5), rel=1e-6
+    )  # counts 0..3
+    assert window["grad_norm"] > 0 and window["param_norm"] > 0 and window["steps_per_second"] > 0
+    t = summary["throughput"]
+    assert t["seconds_total"] > t["seconds_compile"] > 0 and t["examples_per_second"] > 0
+    assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["throughput"]["seconds_total"] == pytest.approx(t["seconds_total"])
+    again = mnist_cnn.main(config)
+    assert again["stopped_early"] and again["step"] == summary["step"]
+    assert again["params_sha256"] == summary["params_sha256"]
