@@ -166,6 +166,8 @@ class Throughput(Hook):
             self._mark = (last, clock)
         if ctx.record is not None:
             start, began = self._epoch_mark
+            for s in [s for s in ctx.window_fields if s <= start]:  # no `Log` took them
+                del ctx.window_fields[s]
             ctx.record.update(self._rates(ctx.step - start, clock - began, ctx))
             ctx.record.update(self._seconds(ctx, now))
             self._epoch_mark = (ctx.step, clock)
