@@ -30,6 +30,46 @@ import jaxnets_cnn  # noqa: E402
 import workload  # noqa: E402
 
 
+def health_step_ratio(rounds: int = 15, steps: int = 10) -> dict:
+    """The seed CNN's jitted step with and without the health metrics, interleaved: the
+    minimum over `rounds` of `steps` steps each (minima are robust to a busy machine)."""
+    import time
+
+    import jax
+
+    from jaxnets import adapters, data, losses, optim, train
+    from jaxnets.models import MnistCNN
+
+    x, y, _, _, _ = workload.load_cnn_data(workload.BATCH, 10)
+    schedule = optim.inverse_time_decay(workload.LEARNING_RATE, workload.DECAY)
+    tx = optim.sgd(schedule, momentum=workload.MOMENTUM, nesterov=True)
+    objective = adapters.linen(
+        MnistCNN(),
+        loss=lambda logits, t: losses.softmax_cross_entropy(logits, t, reduction="none"),
+        preprocess=lambda v, keys: data.normalize(v),
+    )
+    batch = {"image": x[: workload.BATCH], "label": y[: workload.BATCH]}
+    state = train.create_train_state(objective.init, tx, batch, key=jax.random.key(0))
+    fns = {
+        h: jax.jit(train.make_train_step(objective.loss_fn, tx, health=h, learning_rate=schedule))
+        for h in (False, True)
+    }
+    for fn in fns.values():  # compile and warm up
+        jax.block_until_ready(fn(state, batch))
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for h, fn in fns.items():
+            s, start = state, time.perf_counter()
+            for _ in range(steps):
+                s, _metrics = fn(s, batch)
+            jax.block_until_ready(s)
+            best[h] = min(best[h], time.perf_counter() - start)
+    return {
+        "step_ms": {"plain": 1e3 * best[False] / steps, "health": 1e3 * best[True] / steps},
+        "health_step_ratio": best[True] / best[False],
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=4)
@@ -58,6 +98,7 @@ def main(argv=None) -> dict:
                 cumulative = res["hook_seconds"]
                 per_epoch = [b - a for a, b in zip(cumulative[1:], cumulative[2:])]
                 hook_fraction += [h / e for h, e in zip(per_epoch, res["epoch_s"][2:])]
+    health = health_step_ratio()
     base, full = statistics.median(runs["base"]), statistics.median(runs["all"])
     pairs = [a / b for a, b in zip(runs["all"], runs["base"])]
     host = statistics.median(hook_fraction) if hook_fraction else float("nan")
@@ -69,6 +110,7 @@ def main(argv=None) -> dict:
         "ratio_of_medians": full / base,
         "paired_ratios": pairs,
         "feature_hooks_host_fraction_per_epoch": hook_fraction,
+        **health,
         "epochs": args.epochs,
         "num_train": args.num_train,
     }
@@ -76,7 +118,10 @@ def main(argv=None) -> dict:
         f"hooks 1-6 on the seed CNN ({args.num_train:,} images, {args.epochs} epochs, "
         f"{args.repeats} interleaved rounds): base {base:.3f} s/epoch, all {full:.3f} s/epoch, "
         f"ratio {full / base:.4f} (paired: {', '.join(f'{p:.3f}' for p in pairs)}); the new "
-        f"hooks' host time: {100 * host:.2f}% of a steady epoch (median)"
+        f"hooks' host time: {100 * host:.2f}% of a steady epoch (median); the step with "
+        f"health metrics / without (min of 15 interleaved rounds): "
+        f"{health['health_step_ratio']:.4f} ({health['step_ms']['health']:.2f} vs "
+        f"{health['step_ms']['plain']:.2f} ms)"
     )
     workload.emit(result)
     return result

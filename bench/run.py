@@ -437,7 +437,8 @@ def main(argv=None) -> dict:
             f"median of {len(h['paired_ratios'])} interleaved runs: base "
             f"{h['median_base_s']:.3f} s/epoch, with them {h['median_all_s']:.3f} s/epoch: "
             f"{h['ratio_of_medians']:.3f}x (goal < 1.02); their host time "
-            f"{100 * host[len(host) // 2]:.2f}% of an epoch."
+            f"{100 * host[len(host) // 2]:.2f}% of an epoch; the step with health metrics "
+            f"{h['health_step_ratio']:.3f}x the plain one (min of interleaved rounds)."
         )
     elif results["hooks"]:
         lines.append(f"Hooks overhead: failed: {results['hooks'][0]['error'][-300:]!r}")
