@@ -36,11 +36,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--input", default="auto", choices=("auto", "resident", "stream"), help="loop.fit's input"
     )
+    parser.add_argument(
+        "--hooks",
+        default="none",
+        choices=("none", "base", "all"),
+        help="base: NonFinite, Log every 10 steps (JSONL), Evaluate and a Checkpoint at epoch "
+        "ends; all: base + issue 27's health metrics, Throughput, best-2 checkpoints, "
+        "EarlyStopping and a Profile window in the first epoch (bench/hooks_overhead.py)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.hooks != "none" and args.save_every:
+        raise SystemExit("--hooks base/all save at epoch ends: leave out --save-every")
     if args.devices > 1:  # must precede jax's first use
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "")
@@ -56,9 +66,11 @@ def main(argv=None) -> dict:
         hooks,
         loop,
         losses,
+        monitoring,
         optim,
         sharding,
         train,
+        writers,
     )
     from jaxnets import metrics as jmetrics
     from jaxnets.models import MnistCNN
@@ -66,11 +78,8 @@ def main(argv=None) -> dict:
 
     train_x, train_y, val_x, val_y, source = workload.load_cnn_data(args.num_train, args.num_val)
     model = MnistCNN(conv_impl=args.conv_impl)
-    tx = optim.sgd(
-        optim.inverse_time_decay(workload.LEARNING_RATE, workload.DECAY),
-        momentum=workload.MOMENTUM,
-        nesterov=True,
-    )
+    schedule = optim.inverse_time_decay(workload.LEARNING_RATE, workload.DECAY)
+    tx = optim.sgd(schedule, momentum=workload.MOMENTUM, nesterov=True)
     mesh = sharding.make_mesh(args.devices)
 
     def make_objective(module):
@@ -84,7 +93,8 @@ def main(argv=None) -> dict:
     objective = make_objective(model)
     sample = {"image": train_x[:1], "label": train_y[:1]}
     state = train.create_train_state(objective.init, tx, sample, key=jax.random.key(workload.SEED))
-    step = train.make_train_step(objective.loss_fn, tx)
+    health = args.hooks == "all"
+    step = train.make_train_step(objective.loss_fn, tx, health=health, learning_rate=schedule)
     validation = evaluation.make_evaluation(
         train.make_eval_step(objective.eval_fn),
         {"image": val_x, "label": val_y},
@@ -112,6 +122,29 @@ def main(argv=None) -> dict:
         fit_hooks.append(
             hooks.Periodic(lambda s, st: ckpt.save(s, st, metadata={}), every_steps=args.save_every)
         )
+    meter = None
+    if args.hooks != "none":
+        work = tempfile.mkdtemp(prefix="jaxnets-bench-hooks-")
+        every = dict(best_metric="val_loss", keep_best=2) if args.hooks == "all" else {}
+        ckpt = checkpoint.Checkpointer(os.path.join(work, "ckpt"), max_to_keep=1, **every)
+        ckpt_dir = work
+        fit_hooks += [
+            hooks.NonFinite(),
+            hooks.Log(writers.JsonlWriter(os.path.join(work, "metrics.jsonl")), every_steps=10),
+            hooks.Evaluate(
+                train.make_eval_step(objective.eval_fn),
+                {"image": val_x, "label": val_y},
+                batch_size=workload.BATCH,
+            ),
+            hooks.Checkpoint(ckpt),
+        ]
+        if args.hooks == "all":
+            meter = monitoring.Throughput(10)
+            fit_hooks += [
+                meter,
+                hooks.EarlyStopping("val_loss", patience=1000),
+                monitoring.Profile(os.path.join(work, "profile"), steps=(10, 20)),
+            ]
     result_fit = loop.fit(
         state,
         step,
@@ -128,6 +161,10 @@ def main(argv=None) -> dict:
     jax.block_until_ready(state)
     epoch_seconds = [r["epoch_seconds"] for r in result_fit.history]
     extra["steps_per_call"] = result_fit.steps_per_call
+    if meter is not None:
+        extra["throughput"] = meter.summary()
+        # The run's cumulative seconds in hooks not counted elsewhere, at each epoch's end.
+        extra["hook_seconds"] = [r["seconds_hooks"] for r in result_fit.history]
     if ckpt is not None:
         ckpt.close()
         shutil.rmtree(ckpt_dir)

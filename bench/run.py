@@ -309,14 +309,14 @@ def main(argv=None) -> dict:
         help="also lax.conv seed CNN, 2-thread PyTorch, users' models at 10 forced steps/call",
     )
     parser.add_argument(
-        "--only", default="", help="comma list of: cnn,two_layer,data,ckpt,users,stream"
+        "--only", default="", help="comma list of: cnn,two_layer,data,ckpt,users,stream,hooks"
     )
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     parts = (
         set(args.only.split(","))
         if args.only
-        else {"cnn", "two_layer", "data", "ckpt", "users", "stream"}
+        else {"cnn", "two_layer", "data", "ckpt", "users", "stream", "hooks"}
     )
     big = ["--num-images", "200000", "--steps", "100"] if args.quick else []
     small = [
@@ -329,9 +329,10 @@ def main(argv=None) -> dict:
     if args.quick:
         size = ["--epochs", "2", "--num-train", "6000", "--num-val", "1000"]
         tl_args, ck_args = ["--nets", "1000", "--scaled-iterations", "30"], ["--num-train", "6000"]
+        hk_args = ["--num-train", "6000", "--num-val", "1000", "--epochs", "3", "--repeats", "1"]
         users_args = ["--num-train", "1600", "--epochs", "2"]
     else:
-        size, tl_args, ck_args = [], [], []
+        size, tl_args, ck_args, hk_args = [], [], [], ["--repeats", str(repeats)]
     epochs = 2 if args.quick else workload.EPOCHS
     contenders = {**CNN, **CNN_MORE} if args.all else CNN
     users_peers = {**USERS_PEERS, **USERS_PEERS_MORE} if args.all else USERS_PEERS
@@ -360,6 +361,7 @@ def main(argv=None) -> dict:
         "two_layer": [],
         "data_load": [],
         "checkpoint": [],
+        "hooks": [],
         "users": {},
         "stream": {"resident": [], "stream": [], "large": None, "small": None},
     }
@@ -391,6 +393,8 @@ def main(argv=None) -> dict:
                 print(f"[{r + 1}/{repeats}] {how}: {res.get('epoch_s', res.get('error'))}")
     if "ckpt" in parts:
         results["checkpoint"].append(run_one("checkpoint_overhead.py", ck_args))
+    if "hooks" in parts:
+        results["hooks"].append(run_one("hooks_overhead.py", hk_args))
     if "stream" in parts:
         results["stream"]["large"] = run_one("stream_1m.py", big)
         results["stream"]["small"] = run_one("stream_1m.py", small)
@@ -433,6 +437,21 @@ def main(argv=None) -> dict:
             "(as if none of it overlapped training; differences between interleaved epoch "
             "times smaller than the machine's noise are not an overhead)."
         )
+    hk = [r for r in results["hooks"] if "error" not in r]
+    if hk:
+        h = hk[0]
+        host = sorted(h["feature_hooks_host_fraction_per_epoch"] or [float("nan")])
+        lines.append(
+            f"Hooks 1-6 of issue 27 (health metrics, Throughput, best-2 checkpoints, early "
+            f"stopping, a profiler window; logging every 10 steps), seed CNN steady epochs, "
+            f"median of {len(h['paired_ratios'])} interleaved runs: base "
+            f"{h['median_base_s']:.3f} s/epoch, with them {h['median_all_s']:.3f} s/epoch: "
+            f"{h['ratio_of_medians']:.3f}x (goal < 1.02); their host time "
+            f"{100 * host[len(host) // 2]:.2f}% of an epoch; the step with health metrics "
+            f"{h['health_step_ratio']:.3f}x the plain one (min of interleaved rounds)."
+        )
+    elif results["hooks"]:
+        lines.append(f"Hooks overhead: failed: {results['hooks'][0]['error'][-300:]!r}")
     if results["users"]:
         lines += users_tables(results["users"], int(users_args[1]))
     if "stream" in parts:

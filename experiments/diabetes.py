@@ -248,7 +248,9 @@ def main(config: Config) -> dict:
     sharding.check_batch(mesh, config.batch_size)
     objective = make_objective(config)
     tx = make_optimizer(config)
-    train_step = train.make_train_step(objective.loss_fn, tx)
+    train_step = train.make_train_step(
+        objective.loss_fn, tx, health=config.health, learning_rate=config.learning_rate
+    )
     eval_step = train.make_eval_step(objective.eval_fn)
     validate = (
         [hooks.Evaluate(eval_step, data["validation"], batch_size=config.batch_size)]

@@ -188,7 +188,13 @@ def main(config: Config) -> dict:
     sharding.check_batch(mesh, config.batch_size)
     objective = make_objective(config)
     tx = make_optimizer(config)
-    train_step = train.make_train_step(objective.loss_fn, tx, microbatches=config.microbatches)
+    train_step = train.make_train_step(
+        objective.loss_fn,
+        tx,
+        microbatches=config.microbatches,
+        health=config.health,
+        learning_rate=config.learning_rate,
+    )
     eval_step = train.make_eval_step(objective.eval_fn)
     # With --ema-decay, the average is validated and tested too (val_ema_*, test_ema).
     eval_steps = {"": eval_step}

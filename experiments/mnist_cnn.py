@@ -214,7 +214,13 @@ def main(config: Config) -> dict:
         metrics={"accuracy": jmetrics.accuracy},
         preprocess=make_preprocess(config, x_train),
     )
-    train_step = train.make_train_step(objective.loss_fn, tx, microbatches=config.microbatches)
+    train_step = train.make_train_step(
+        objective.loss_fn,
+        tx,
+        microbatches=config.microbatches,
+        health=config.health,
+        learning_rate=schedule,
+    )
     eval_step = train.make_eval_step(objective.eval_fn)
     validate = (
         [

@@ -14,6 +14,7 @@ from jaxnets import (
     losses,
     metrics,
     models,
+    monitoring,
     optim,
     pmap,
     regularizers,
@@ -28,9 +29,20 @@ from jaxnets.adapters import Objective
 from jaxnets.checkpoint import Checkpointer
 from jaxnets.ema import with_ema
 from jaxnets.evaluation import evaluate, make_evaluation
-from jaxnets.hooks import Checkpoint, Evaluate, Hook, Log, NonFinite, Periodic, Preemption, Progress
+from jaxnets.hooks import (
+    Checkpoint,
+    EarlyStopping,
+    Evaluate,
+    Hook,
+    Log,
+    NonFinite,
+    Periodic,
+    Preemption,
+    Progress,
+)
 from jaxnets.loop import Chunks, fit
 from jaxnets.models import MnistCNN, TwoLayerSigmoid
+from jaxnets.monitoring import Profile, Throughput
 from jaxnets.optim import inverse_time_decay, sgd
 from jaxnets.preemption import PreemptionGuard
 from jaxnets.regularizers import (
@@ -58,6 +70,7 @@ __all__ = [
     "Checkpoint",
     "Checkpointer",
     "Chunks",
+    "EarlyStopping",
     "Evaluate",
     "Hook",
     "Log",
@@ -67,7 +80,9 @@ __all__ = [
     "Periodic",
     "Preemption",
     "PreemptionGuard",
+    "Profile",
     "Progress",
+    "Throughput",
     "TrainState",
     "TwoLayerSigmoid",
     "accumulation",
@@ -98,6 +113,7 @@ __all__ = [
     "make_train_step",
     "metrics",
     "models",
+    "monitoring",
     "optim",
     "pmap",
     "predict",

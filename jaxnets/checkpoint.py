@@ -142,9 +142,11 @@ class Checkpointer:
     Args:
       directory: where the step directories live (created if missing).
       max_to_keep: how many of the most recent checkpoints to keep (None: all).
-      best_metric: if set, the checkpoint with the best `metrics[best_metric]` is also
-        kept, whatever its age.
+      best_metric: if set, the `keep_best` checkpoints with the best
+        `metrics[best_metric]` are also kept, whatever their age (`hooks.Checkpoint` gives
+        each epoch-end save the epoch record's numbers, e.g. "val_loss").
       best_mode: "min" or "max": which value of `best_metric` is best.
+      keep_best: how many best checkpoints to keep (with `best_metric`).
       save_interval_steps: `save` only writes when `step % save_interval_steps == 0`
         (unless `force=True`); None writes every call.
       async_save: write in a background thread; `save` returns once the arrays are
@@ -159,6 +161,7 @@ class Checkpointer:
         max_to_keep: int | None = 3,
         best_metric: str | None = None,
         best_mode: str = "min",
+        keep_best: int = 1,
         save_interval_steps: int | None = None,
         async_save: bool = True,
         read_only: bool = False,
@@ -169,6 +172,8 @@ class Checkpointer:
             )
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode={best_mode!r}; use 'min' or 'max'")
+        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 1:
+            raise ValueError(f"keep_best={keep_best!r}; use an int >= 1")
         if save_interval_steps is not None and save_interval_steps < 1:
             raise ValueError(f"save_interval_steps={save_interval_steps}; use >= 1 or None")
         self.directory = os.path.abspath(os.fspath(directory))
@@ -187,7 +192,7 @@ class Checkpointer:
                 checkpoint_managers.BestN(
                     get_metric_fn=best_fn,
                     reverse=best_mode == "min",
-                    n=1,
+                    n=keep_best,
                     keep_checkpoints_without_metrics=False,
                 )
             )
@@ -216,6 +221,14 @@ class Checkpointer:
     def best_step(self) -> int | None:
         """The step with the best `best_metric` (the latest step if `best_metric` is None)."""
         return self._manager.best_step()
+
+    def metrics(self, step: int) -> dict | None:
+        """The metrics saved with checkpoint `step` (None if it has none)."""
+        self._manager.wait_until_finished()
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+        )[_META]
+        return meta.get("metrics")
 
     def save(
         self,

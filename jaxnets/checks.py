@@ -105,4 +105,8 @@ RUN_CHECKS = {
     "checkpoint_every_steps": NONNEGATIVE_INT,
     "checkpoint_every_minutes": NONNEGATIVE,
     "keep_checkpoints": POSITIVE_INT,
+    "keep_best": NONNEGATIVE_INT,
+    "best_mode": Rule(str, choices=("min", "max")),
+    "early_stop_patience": NONNEGATIVE_INT,
+    "early_stop_min_delta": NONNEGATIVE,
 }

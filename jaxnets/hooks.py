@@ -43,6 +43,11 @@ class Hook:
     on_stop: bool = False  # due when a hook's `should_stop` said stop (SIGTERM)
     flush: bool = False  # needs every step's metrics read back before it runs
     order: int = 50
+    timer: str = "hooks"  # where `Context.seconds` counts its time
+    # A hook with a `state_key` keeps JSON state across a resume: `Checkpoint` saves
+    # `checkpoint_state()` under the key in every checkpoint's metadata ("hooks") and, in its
+    # own `start`, gives a restored run's back to `restore_state` (keep state from __init__).
+    state_key: str = ""
 
     def start(self, ctx: Any) -> None:
         """Before the first step (restore what the hook keeps, open files)."""
@@ -56,6 +61,13 @@ class Hook:
 
     def end(self, ctx: Any) -> None:
         """After training, also when it failed (close what `start` opened)."""
+
+    def checkpoint_state(self) -> Any:
+        """JSON state saved with each checkpoint (with a `state_key`)."""
+        return None
+
+    def restore_state(self, saved: Any, ctx: Any) -> None:
+        """Takes back `checkpoint_state()` of the checkpoint a run resumes from."""
 
 
 def _check_schedule(every_steps: int, every_seconds: float) -> None:
@@ -153,7 +165,7 @@ class Log(Hook):
     the epoch; metrics are read one chunk late, so a window is written when its steps are
     back. Every metric reaches every sink (arrays as the sink can show them)."""
 
-    every_steps, order = 1, LOGGING
+    every_steps, order, timer = 1, LOGGING, "logging"
 
     def __init__(self, *sinks: Any, every_steps: int = 10, close: bool = True):
         _check_schedule(every_steps, 0.0)
@@ -192,12 +204,14 @@ class Log(Hook):
             size = min(room, have)
             part = jax.tree.map(lambda x, n=size: x[:n], self._buffer)
             sums = jmetrics.sum_steps(part)
+            end = self._first + size
             self.write(
                 {
                     "kind": "train",
-                    "step": self._first + size,
+                    "step": end,
                     "epoch": self._first // spe,
                     **jmetrics.compute(sums),
+                    **ctx.window_fields.pop(end, {}),
                 }
             )
             self._first += size
@@ -213,7 +227,7 @@ class Log(Hook):
 class Progress(Hook):
     """A progress bar per epoch (tqdm), with the epoch's running means."""
 
-    every_steps, order = 1, LOGGING
+    every_steps, order, timer = 1, LOGGING, "logging"
 
     def __init__(self, epochs: int, *, disable: bool | None = None):
         self.epochs, self.disable = epochs, disable
@@ -232,7 +246,7 @@ class Progress(Hook):
             sums = jmetrics.sum_steps(metrics)
             self._sums = sums if self._sums is None else jmetrics.merge(self._sums, sums)
         values = jmetrics.compute(self._sums) if self._sums is not None else {}
-        self._bar.update(ctx.length, **values)  # arrays too (the bar shows them briefly)
+        self._bar.update(ctx.length, **values, **ctx.status)  # arrays too
         if ctx.epoch_end or ctx.stopping:
             self.end(ctx)
 
@@ -254,7 +268,7 @@ class Evaluate(Hook):
       prefix: the names' prefix.
     """
 
-    at_epoch_end, order = True, EVALUATION
+    at_epoch_end, order, timer = True, EVALUATION, "evaluation"
 
     def __init__(
         self,
@@ -294,9 +308,14 @@ class Checkpoint(Hook):
       metadata: JSON saved with every checkpoint (the run's config).
       position: the feed position of the restored checkpoint (its metadata's "data"):
         the feed resumes from it.
+      hook_state: the restored checkpoint's metadata "hooks": given back to the hooks
+        with a `state_key` (early stopping) before the first step.
+
+    A save at an epoch's end carries the epoch record's numbers as the checkpoint's
+    metrics, so a `Checkpointer(best_metric="val_loss", keep_best=N)` keeps the best N.
     """
 
-    at_epoch_end, on_stop, flush, order = True, True, True, CHECKPOINT
+    at_epoch_end, on_stop, flush, order, timer = True, True, True, CHECKPOINT, "checkpoint"
 
     def __init__(
         self,
@@ -306,6 +325,7 @@ class Checkpoint(Hook):
         every_seconds: float = 0.0,
         metadata: Mapping[str, Any] | None = None,
         position: Mapping | None = None,
+        hook_state: Mapping[str, Any] | None = None,
     ):
         _check_schedule(every_steps, every_seconds)
         self.checkpointer, self.every_steps, self.every_seconds = (
@@ -314,10 +334,14 @@ class Checkpoint(Hook):
             every_seconds,
         )
         self.metadata, self.position = dict(metadata or {}), position
+        self.hook_state = dict(hook_state or {})
 
     def start(self, ctx: Any) -> None:
         if self.position is not None:
             ctx.feed.restore(dict(self.position))
+        for hook in _stateful(ctx.hooks):
+            if hook.state_key in self.hook_state:
+                hook.restore_state(self.hook_state[hook.state_key], ctx)
 
     def __call__(self, ctx: Any) -> None:
         if not all_finite((ctx.state.params, ctx.state.opt_state, ctx.state.model_state)):
@@ -328,7 +352,100 @@ class Checkpoint(Hook):
                 "wrap the optimiser in optax.apply_if_finite"
             )
         metadata = {**self.metadata, "data": ctx.feed.state()}
-        self.checkpointer.save(ctx.step, ctx.state, metadata=metadata, force=True)
+        kept = {h.state_key: h.checkpoint_state() for h in _stateful(ctx.hooks)}
+        if kept:
+            metadata["hooks"] = kept
+        metrics = None
+        if ctx.record is not None:
+            metrics = {
+                k: v
+                for k, v in ctx.record.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "kind"
+            }
+        self.checkpointer.save(ctx.step, ctx.state, metadata=metadata, metrics=metrics, force=True)
+
+
+def _stateful(hooks: Any) -> list:
+    keys = [getattr(h, "state_key", "") for h in hooks]
+    dup = {k for k in keys if k and keys.count(k) > 1}
+    if dup:
+        raise ValueError(f"two hooks keep state under the same state_key {sorted(dup)}")
+    return [h for h, k in zip(hooks, keys) if k]
+
+
+class EarlyStopping(Hook):
+    """Stops training when an epoch metric has not improved for `patience` epochs
+    (Keras' `EarlyStopping`); its state is saved with every checkpoint (`state_key`), so
+    a resumed run stops where an uninterrupted one would.
+
+    Args:
+      metric: a name in the epoch record, e.g. "val_loss" (from `Evaluate`) or "loss".
+      mode: "min" or "max": which direction is better.
+      patience: epochs without improvement before stopping (>= 1).
+      min_delta: an improvement must beat the best by more than this.
+    """
+
+    at_epoch_end, order, state_key = True, EVALUATION + 5, "early_stopping"
+
+    def __init__(
+        self, metric: str = "val_loss", *, mode: str = "min", patience: int = 5, min_delta=0.0
+    ):
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping(mode={mode!r}); use 'min' or 'max'")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"EarlyStopping(patience={patience!r}); use an int >= 1")
+        if not min_delta >= 0:
+            raise ValueError(f"EarlyStopping(min_delta={min_delta!r}); use a number >= 0")
+        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.wait = 0  # epochs since the best
+        self.stopped_epoch: int | None = None
+
+    def __call__(self, ctx: Any) -> None:
+        if self.metric not in ctx.record:
+            names = sorted(k for k, v in ctx.record.items() if isinstance(v, (int, float)))
+            raise ValueError(
+                f"EarlyStopping(metric={self.metric!r}): the epoch record has no such value; "
+                f"it has {names} (validation metrics need an Evaluate hook)"
+            )
+        value, epoch = float(ctx.record[self.metric]), ctx.epoch + 1
+        sign = 1.0 if self.mode == "min" else -1.0
+        if np.isfinite(value) and (
+            self.best is None or sign * (self.best - value) > self.min_delta
+        ):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+        else:
+            self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            log.warning(
+                "early stopping after epoch %d: %s has not improved for %d epochs (best %.6g "
+                "at epoch %s)",
+                epoch,
+                self.metric,
+                self.wait,
+                self.best if self.best is not None else float("nan"),
+                self.best_epoch,
+            )
+            ctx.request_stop()
+
+    def checkpoint_state(self) -> dict:
+        keys = ("best", "best_epoch", "wait", "stopped_epoch")
+        return {k: getattr(self, k) for k in keys} | {"metric": self.metric, "mode": self.mode}
+
+    def restore_state(self, saved: Any, ctx: Any) -> None:
+        if (saved.get("metric"), saved.get("mode")) != (self.metric, self.mode):
+            log.warning(
+                "early stopping on %s now, %s before: its state starts afresh",
+                (self.metric, self.mode),
+                (saved.get("metric"), saved.get("mode")),
+            )
+            return
+        self.best, self.best_epoch = saved["best"], saved["best_epoch"]
+        self.wait, self.stopped_epoch = saved["wait"], saved["stopped_epoch"]
+        if self.stopped_epoch is not None:  # the saved run had stopped: train no further
+            ctx.request_stop()
 
 
 class Preemption(Hook):

@@ -97,6 +97,12 @@ class Chunks:
         self.step = int(np.max(jax.device_get(state.step)))  # a sweep holds one per model
         self.requested = steps_per_call
         self.steps_per_call = steps_per_call or 1
+        self.programs: dict[int, Any] = {}  # chunk length -> compiled program (after start)
+        self._compile_one: Callable[[], Any] | None = None
+        self.compiled_at: float | None = None  # perf_counter when the programs were ready
+        # Host seconds by where they went (`Context.seconds` adds the hooks'): compiling
+        # (and measuring k), reading input, dispatching and waiting for the devices.
+        self.seconds = {"compile": 0.0, "input": 0.0, "device": 0.0}
 
     def _programs(self, run: Any, state: Any, rows: np.ndarray, start: int) -> dict:
         """The compiled programs of the chunk lengths this run calls (k chosen first)."""
@@ -126,7 +132,25 @@ class Chunks:
         lengths = set(chunk_plan(start, spe, k))
         if epoch0 + 1 < self.epochs:
             lengths |= set(chunk_plan(0, spe, k))
+        shapes = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        )  # the state itself is donated to the first call
+        self._compile_one = lambda: (
+            compiled.get(1) or run.lower(shapes, *self.feed.chunk_args(rows[:1])).compile()
+        )
         return {c: compile_fn(c) for c in sorted(lengths)}
+
+    def step_flops(self) -> float | None:
+        """FLOPs of one step on one device, by XLA's cost analysis of the compiled one-step
+        program (compiled now if the run calls none: its seconds count as "compile")."""
+        if self._compile_one is None:
+            return None
+        t = time.perf_counter()
+        compiled = self._compile_one()
+        self.seconds["compile"] += time.perf_counter() - t
+        from jaxnets.monitoring import cost_flops
+
+        return cost_flops(compiled)
 
     def __iter__(self) -> Iterator[Chunk]:
         feed, spe, step = self.feed, self.steps_per_epoch, self.step
@@ -135,16 +159,27 @@ class Chunks:
         feed.check_position(step, spe)
         state = sharding.place(self.state, self.shardings)
         run = feed.train_program(self.train_step, self.shardings)
+        clock, seconds = time.perf_counter, self.seconds
+        t = clock()
         programs = self._programs(run, state, feed.rows(step // spe), step % spe)
+        self.programs = programs
+        seconds["compile"] += clock() - t
+        self.compiled_at = clock()
         while step < self.total_steps:
             epoch, pos = divmod(step, spe)
             plan = chunk_plan(pos, spe, self.steps_per_call)
             args = feed.epoch(epoch, pos, plan)
             try:
+                t = clock()
                 ahead: Any = next(args)
+                seconds["input"] += clock() - t
                 for c in plan:
+                    t = clock()
                     state, metrics = programs[c](state, *ahead)
+                    t2 = clock()
                     ahead = next(args, None)  # the host reads the next chunk while this runs
+                    seconds["device"] += t2 - t
+                    seconds["input"] += clock() - t2
                     pos, step = pos + c, step + c
                     feed.consumed(step, epoch)
                     self.state, self.step = state, step
@@ -174,6 +209,14 @@ class Context:
       record: at an epoch's end, the epoch's record (`kind="epoch"`, epoch means, seconds);
         evaluation adds `val_` entries before the loggers write it.
       history: the epoch records so far.
+      seconds: host seconds of the run so far by where they went: "compile" (and the
+        steps-per-call measurement), "input" (reading and placing chunks), "device"
+        (dispatching and waiting for results), and each hook's `timer` ("evaluation",
+        "checkpoint", "logging", "hooks"); `started` is the `time.perf_counter()` of the
+        start. No timing adds a wait for the devices.
+      window_fields: `{step: {name: value}}` that a hook ordered before `Log` adds to the
+        "train" record ending at `step` (`Log` takes them out as it writes).
+      status: `{name: float}` the progress bar shows besides the running means.
     """
 
     def __init__(self, chunks: Chunks, hooks: Sequence[Hook]):
@@ -190,6 +233,21 @@ class Context:
         self._epoch_sums: Any = None
         self._epoch_start = time.perf_counter()
         self._last = [_now()] * len(self.hooks)
+        self.started = time.perf_counter()
+        self.seconds = chunks.seconds
+        for hook in self.hooks:
+            self.seconds.setdefault(getattr(hook, "timer", "hooks"), 0.0)
+        self.window_fields: dict[int, dict] = {}
+        self.status: dict[str, float] = {}
+
+    def call(self, hook: Hook) -> None:
+        """Runs a due hook, its seconds counted under its `timer`."""
+        t, compiling = time.perf_counter(), self.seconds["compile"]
+        try:
+            hook(self)
+        finally:
+            spent = time.perf_counter() - t - (self.seconds["compile"] - compiling)
+            self.seconds[getattr(hook, "timer", "hooks")] += spent
 
     def request_stop(self) -> None:
         """Ends training after this round of hooks (early stopping)."""
@@ -228,7 +286,9 @@ class Context:
         self.new_metrics = []
         if not ready:
             return
+        t = time.perf_counter()
         host = sharding.to_host([c.metrics for c in ready])
+        self.seconds["device"] += time.perf_counter() - t
         for chunk, metrics in zip(ready, host):
             self.new_metrics.append((chunk.step - chunk.length, metrics))
             sums = jmetrics.sum_steps(metrics)
@@ -304,9 +364,9 @@ def fit(
     for hook in ctx.hooks:
         hook.start(ctx)
     try:
-        for chunk in chunks:
+        for chunk in () if ctx.stop_requested else chunks:  # a restored hook may stop at once
             for hook in ctx.advance(chunk):
-                hook(ctx)
+                ctx.call(hook)
             if ctx.stopping or ctx.stop_requested:
                 break
     finally:

@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from jaxnets import checkpoint as ckpt
-from jaxnets import fingerprint, loop, sharding, train, writers
+from jaxnets import fingerprint, loop, monitoring, sharding, train, writers
 from jaxnets import hooks as jhooks
 from jaxnets.checks import RUN_CHECKS, Rule
 from jaxnets.config import check_config
@@ -95,6 +95,28 @@ class RunConfig:
         default=10.0, metadata={"help": "wall-clock autosave (0: off)"}
     )
     keep_checkpoints: int = 3
+    keep_best: int = dataclasses.field(
+        default=0, metadata={"help": "also keep the N best checkpoints by --best-metric (0: off)"}
+    )
+    best_metric: str = dataclasses.field(
+        default="val_loss", metadata={"help": "an epoch record's metric, e.g. val_accuracy"}
+    )
+    best_mode: str = dataclasses.field(default="min", metadata={"help": "min | max"})
+    early_stop_patience: int = dataclasses.field(
+        default=0,
+        metadata={"help": "stop after N epochs without --best-metric improving (0: off)"},
+    )
+    early_stop_min_delta: float = dataclasses.field(
+        default=0.0, metadata={"help": "an improvement must be larger than this"}
+    )
+    profile_steps: str = dataclasses.field(
+        default="",
+        metadata={"help": "a:b traces steps [a, b) with jax.profiler into <workdir>/profile"},
+    )
+    health: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "log the gradient norm, parameter norm and learning rate"},
+    )
     checkpoint: bool = dataclasses.field(default=True, metadata={"help": "save checkpoints"})
     restart: bool = dataclasses.field(
         default=False, metadata={"help": "discard the work directory's run and start fresh"}
@@ -118,6 +140,7 @@ class RunConfig:
 
     def __post_init__(self):
         check_config(self)
+        monitoring.parse_steps(self.profile_steps)
 
 
 # The `sharding` flag's rules.
@@ -167,6 +190,8 @@ class Run:
         self._data_fingerprint: dict | None = None  # of the data given to `fit`
         self.is_main = sharding.is_main_process()
         self._started = time.perf_counter()
+        self.throughput: monitoring.Throughput | None = None
+        self.early_stopping: jhooks.EarlyStopping | None = None
         self._sinks: list[Any] = []
         # A finished run trains nothing, so it opens no writer (and purges no event).
         if self.is_main and (total_steps is None or start_step < total_steps):
@@ -182,16 +207,31 @@ class Run:
         return self.path if self.is_main else None
 
     def hooks(self, *, epochs: int, nonfinite: str = "raise") -> list[jhooks.Hook]:
-        """The run's hooks: the non-finite guard, JSONL + TensorBoard logs and the progress
-        bar (process 0), checkpoints (with the feed's position; resumed from the restored
-        one), and the stop signal (SIGTERM/SIGINT: save, then stop)."""
+        """The run's hooks: the non-finite guard, throughput and time accounting, JSONL +
+        TensorBoard logs and the progress bar (process 0), checkpoints (with the feed's
+        position and the hooks' state; resumed from the restored one; the best N by a metric
+        with `keep_best`), early stopping (`early_stop_patience`), the profiler window
+        (`profile_steps`), and the stop signal (SIGTERM/SIGINT: save, then stop)."""
         flags = self.flags
+        self.throughput = monitoring.Throughput(flags.log_every_steps)
         out: list[jhooks.Hook] = [
             jhooks.NonFinite(nonfinite),
+            self.throughput,
             jhooks.Log(*self._sinks, every_steps=flags.log_every_steps, close=False),
             jhooks.Progress(epochs, disable=not (flags.progress and self.is_main)),
             jhooks.Preemption(self.guard),
         ]
+        if flags.early_stop_patience:
+            self.early_stopping = jhooks.EarlyStopping(
+                flags.best_metric,
+                mode=flags.best_mode,
+                patience=flags.early_stop_patience,
+                min_delta=flags.early_stop_min_delta,
+            )
+            out.append(self.early_stopping)
+        steps = monitoring.parse_steps(flags.profile_steps)
+        if steps is not None:
+            out.append(monitoring.Profile(self.path / "profile", steps=steps))
         if self.checkpointer is not None:
             # With several processes the wall-clock cadence is off: each process's clock
             # could decide differently, and Orbax saves collectively.
@@ -203,6 +243,7 @@ class Run:
                     every_seconds=60.0 * minutes,
                     metadata={"config": self.config, "data_fingerprint": self._data_fingerprint},
                     position=self.metadata.get("data"),
+                    hook_state=self.metadata.get("hooks"),
                 )
             )
         return out
@@ -280,7 +321,23 @@ class Run:
                 "sharding": self.flags.sharding,
             },
             "params_sha256": train.params_sha256(result.state.params),
+            "throughput": self.throughput.summary() if self.throughput else {},
+            **self._best_and_stopping(),
         }
+
+    def _best_and_stopping(self) -> dict:
+        out: dict = {}
+        if self.early_stopping is not None:
+            out["early_stopping"] = self.early_stopping.checkpoint_state()
+        if self.checkpointer is not None and self.flags.keep_best:
+            self.checkpointer.wait_until_finished()
+            best = self.checkpointer.best_step()
+            metrics = self.checkpointer.metrics(best) if best is not None else None
+            out["best_checkpoint"] = {
+                "step": best,
+                self.flags.best_metric: (metrics or {}).get(self.flags.best_metric),
+            }
+        return out
 
     def finish(self, summary: Mapping[str, Any], *, title: str, metric: str) -> None:
         """Writes summary.json and curves.png (loss and `metric`) on process 0."""
@@ -373,7 +430,13 @@ def _open(flags, config, state, mesh, result_fields, total_steps, path, lock, tx
         discard_run(path)  # refuses a directory holding files jaxnets did not write
     manager = None
     if flags.checkpoint:
-        manager = ckpt.Checkpointer(path / CHECKPOINTS, max_to_keep=flags.keep_checkpoints)
+        manager = ckpt.Checkpointer(
+            path / CHECKPOINTS,
+            max_to_keep=flags.keep_checkpoints,
+            best_metric=flags.best_metric if flags.keep_best else None,
+            best_mode=flags.best_mode,
+            keep_best=max(1, flags.keep_best),
+        )
     try:
         return _resume(
             flags, dict(config), state, mesh, result_fields, total_steps, path, lock, manager, tx

@@ -46,6 +46,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxnets import metrics as jmetrics
 from jaxnets.accumulation import microbatch_grad
 from jaxnets.regularizers import check_l1_last
 from jaxnets.types import Array, Batch, Params, PRNGKey, PyTree
@@ -152,7 +153,13 @@ def example_keys(key: PRNGKey, batch: int) -> Array:
 
 
 def make_train_step(
-    loss_fn: LossFn, tx: optax.GradientTransformation, *, microbatches: int = 1
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    microbatches: int = 1,
+    health: bool = False,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`, big_vision's `update_fn`.
 
@@ -167,6 +174,16 @@ def make_train_step(
       microbatches: gradient accumulation: the batch's gradient as the mean over k
         micro-batches scanned inside the step (the memory of one micro-batch; one optimiser
         step per batch). Semantics, BatchNorm's included: `jaxnets.accumulation`.
+      health: also report `grad_norm` (the global L2 norm of the gradient), `param_norm`
+        (of the parameters after the update) and, when found, `learning_rate` (the step's:
+        from `optax.inject_hyperparams` state, else `learning_rate` at the optimiser's
+        count), as `metrics.Mean` per step (logs show window means).
+      learning_rate: the schedule (or constant) `tx` was built with, for `health` when
+        `tx` does not inject it into its state.
+      skip_nonfinite: a step whose gradient norm is not finite leaves params, optimiser
+        state and model state as they were (the step count and data move on), and reports
+        `skipped` (the fraction of such steps). Like `optax.apply_if_finite`, without its
+        limit on consecutive skips; use it with `hooks.NonFinite("warn")`.
     """
     grad_fn = microbatch_grad(loss_fn, microbatches)
 
@@ -175,9 +192,56 @@ def make_train_step(
         (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if health or skip_nonfinite:
+            grad_norm = optax.tree.norm(grads)
+            metrics = dict(metrics)
+        if skip_nonfinite:
+            ok = jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+            params = keep(params, state.params)
+            opt_state = keep(opt_state, state.opt_state)
+            model_state = keep(model_state, state.model_state)
+            metrics["skipped"] = jmetrics.Mean.from_scalar(1.0 - ok.astype(jnp.float32))
+        if health:
+            metrics["grad_norm"] = jmetrics.Mean.from_scalar(grad_norm)
+            metrics["param_norm"] = jmetrics.Mean.from_scalar(optax.tree.norm(params))
+            lr = current_learning_rate(opt_state, state.opt_state, learning_rate)
+            if lr is not None:
+                metrics["learning_rate"] = jmetrics.Mean.from_scalar(lr)
         return TrainState(state.step + 1, params, opt_state, model_state, state.key), metrics
 
     return step_fn
+
+
+def current_learning_rate(
+    opt_state: optax.OptState,
+    previous: optax.OptState | None = None,
+    schedule: optax.ScalarOrSchedule | None = None,
+) -> Array | None:
+    """The learning rate of the update that produced `opt_state`.
+
+    The first `learning_rate` in an `optax.inject_hyperparams` state; else `schedule`
+    at the count of the first `ScaleByScheduleState` (or any state with a `count`) in
+    `previous` (the state before the update, whose count the schedule was called with);
+    else a constant `schedule`; else None.
+    """
+    is_injected = lambda x: hasattr(x, "hyperparams") and isinstance(x.hyperparams, dict)
+    for node in jax.tree.leaves(opt_state, is_leaf=is_injected):
+        if is_injected(node) and "learning_rate" in node.hyperparams:
+            return jnp.asarray(node.hyperparams["learning_rate"], jnp.float32)
+    if schedule is None:
+        return None
+    if not callable(schedule):
+        return jnp.asarray(schedule, jnp.float32)
+    has_count = lambda x: "count" in getattr(x, "_fields", ())
+    counts = [
+        n.count
+        for n in jax.tree.leaves(previous if previous is not None else opt_state, is_leaf=has_count)
+        if has_count(n)
+    ]
+    if not counts:
+        return None
+    return jnp.asarray(schedule(counts[0]), jnp.float32)
 
 
 def make_eval_step(eval_fn: EvalFn) -> Callable[[TrainState, Batch, Array], dict]:
