@@ -1,6 +1,7 @@
 """Losses: SEEDS.md golden values, numpy references, finite differences, PyTorch semantics."""
 
 import functools
+import importlib
 import itertools
 
 import jax
@@ -9,6 +10,13 @@ import numpy as np
 import pytest
 
 from jaxnets import losses
+
+# Newer jax has jax.enable_x64; 0.7.2 (the Colab stack) only jax.experimental's.
+enable_x64 = (
+    jax.enable_x64
+    if hasattr(jax, "enable_x64")
+    else importlib.import_module("jax.experimental").enable_x64
+)
 
 # SEEDS.md section 4: 10 classes, correct label 2.
 T = np.eye(10, dtype=np.float32)[2]
@@ -31,7 +39,7 @@ def test_tutorial_cross_entropy_error(y, expected):
     np.testing.assert_allclose(
         losses.cross_entropy(np.asarray(y, np.float32), T), expected, rtol=1e-6
     )
-    with jax.enable_x64(True):
+    with enable_x64(True):
         got = losses.cross_entropy(np.asarray(y, np.float64), T.astype(np.float64))
         np.testing.assert_allclose(got, expected, rtol=1e-14)
 
@@ -220,7 +228,7 @@ def _numeric_grad(f, x, eps=1e-6):
 def test_gradient_matches_finite_differences(name):
     fn = CASES[name][0]
     a, b = _inputs(name, (3, 4), seed=2)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         # Distinct weights per output value, so a wrong per-example gradient cannot cancel out.
         scale = np.arange(1.0, 1.0 + np.asarray(fn(a, b)).size).reshape(np.shape(fn(a, b)))
         loss = jax.jit(lambda x: jnp.sum(fn(x, b) * scale))
@@ -425,7 +433,7 @@ TORCH_GOLDEN = {
 def test_softmax_cross_entropy_pytorch_golden_values(reduction):
     kwargs = dict(class_weights=np.array(TORCH_WEIGHTS), ignore_index=2, label_smoothing=0.1)
     labels = np.array(TORCH_LABELS)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         got = losses.softmax_cross_entropy(
             np.array(TORCH_LOGITS), labels, reduction=reduction, **kwargs
         )

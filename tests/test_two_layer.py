@@ -1,6 +1,7 @@
 """The seed's two-layer net: hand backprop == jax.grad, golden numbers, many nets at once."""
 
 import dataclasses
+import importlib
 import json
 
 import chex
@@ -22,6 +23,13 @@ from jaxnets.models.mlp import (
     two_layer_params_to_flax,
 )
 from jaxnets.models.two_layer_many import two_layer_train_many
+
+# Newer jax has jax.enable_x64; 0.7.2 (the Colab stack) only jax.experimental's.
+enable_x64 = (
+    jax.enable_x64
+    if hasattr(jax, "enable_x64")
+    else importlib.import_module("jax.experimental").enable_x64
+)
 
 # SEEDS.md section 1 / PERF-NOTES.md: np.random.seed(1), W1 = rand(3,4), W2 = rand(4,1), 1500 steps.
 GOLDEN_LOSS = 0.0033558
@@ -173,7 +181,7 @@ def test_train_many_one_step_equals_vmapped_jax_grad():
 def test_train_many_10000_nets_equals_a_python_loop_over_three():
     # float64: over 1500 steps of lr 1 a few nets are chaotic, and float32 rounding differences
     # between two evaluation orders grow to O(0.1) on them.
-    with jax.enable_x64(True):
+    with enable_x64(True):
         x, y = exp.X.astype(np.float64), exp.Y.astype(np.float64)
         draws = np.random.RandomState(1).rand(10_000, 16)
         params = {"w1": draws[:, :12].reshape(-1, 3, 4), "w2": draws[:, 12:].reshape(-1, 4, 1)}
@@ -191,7 +199,7 @@ def test_train_many_10000_nets_equals_a_python_loop_over_three():
 
 def test_train_many_biases_padding_and_no_recompile():
     # 10 nets in chunks of 4: three chunks, two padded nets; biases and a 5-3-2 shape.
-    with jax.enable_x64(True):
+    with enable_x64(True):
         params = _random_params(3, 5, 3, 2, bias=True, nets=10, dtype=np.float64)
         rng = np.random.RandomState(4)
         x, y = rng.standard_normal((6, 5)), rng.rand(6, 2)
