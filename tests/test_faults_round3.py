@@ -22,7 +22,9 @@ ROOT = Path(__file__).parent.parent
 # `_tiny_run`), so that environment variables and signals are those of a real run.
 TINY_RUN = textwrap.dedent(
     """
-    import sys
+    import logging, sys
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("jaxnets").setLevel(logging.INFO)  # the run's status lines, as the CLI
     sys.path.insert(0, {tests!r})
     from test_refusals import _tiny_run
     from jaxnets import run
@@ -386,7 +388,9 @@ FLAG = re.compile(r"(?<![\w-])--[a-z{][a-z0-9{}_-]*(?![\w])")
 # the config fields' flags that `config.check_config` names by design (BAD_FLAG: the
 # config is the command line), and another tool's command (`tfds build --file_format=...`).
 ALLOWED = {
-    ("__main__.py", "--json"),
+    ("__main__.py", "--json"),  # the library's own command line names its own flags
+    ("__main__.py", "--source"),
+    ("__main__.py", "--help"),
     ("checks.py", "--{flag}"),
     ("config.py", "--no-"),  # flags_of: writing arguments as the config's flags is its job
     ("data/tfds_source.py", "--file_format"),
