@@ -149,12 +149,16 @@ class StreamFeed(_Order):
         position: int | dict = start
         if self._resume is not None:  # the first epoch of a resumed run: Grain's own state
             position, self._resume = self._resume, None
-        it = self.stream.batches(self.rows(epoch), position)
+        rows = self.rows(epoch)
+        it = self.stream.batches(rows, position)
         try:
             for c in plan:
                 got = [next(it) for _ in range(c)]
                 self._pending.append(got[-1][1])
-                yield (sharding.place_columns(self.mesh, _stack([b for b, _ in got])),)
+                batches = _stack([b for b, _ in got])
+                _check_streamed_finite(batches, rows[start : start + c])
+                start += c
+                yield (sharding.place_columns(self.mesh, batches),)
         finally:
             it.close()
 
@@ -204,6 +208,22 @@ class StreamFeed(_Order):
             )
         if position < steps_per_epoch:
             self._resume = saved["grain"]
+
+
+def _check_streamed_finite(batches: Batch, rows: np.ndarray) -> None:
+    """NaN or Inf in a streamed chunk's float inputs, named by the example (as the resident
+    path names them before training) instead of surfacing as a non-finite loss."""
+    for path, x in jax.tree_util.tree_flatten_with_path(batches)[0]:
+        if not np.issubdtype(x.dtype, np.inexact) or np.isfinite(x.sum()):
+            continue  # the sum is finite only if every value is (a cheap first look)
+        bad = ~np.isfinite(x.reshape(*rows.shape, -1)).all(-1)
+        if bad.any():
+            step, column = np.argwhere(bad)[0]
+            raise ValueError(
+                f"training data{jax.tree_util.keystr(path)}: streamed example "
+                f"{int(rows[step, column])} holds NaN or Inf ({int(bad.sum())} of the "
+                f"{bad.size} examples of this chunk); fix or drop it in the source"
+            )
 
 
 def _stack(batches: list[Batch]) -> Batch:

@@ -719,3 +719,84 @@ def test_a_users_config_json_is_kept_not_overwritten(tmp_path):
     assert (tmp_path / "wd" / "previous" / "1" / "config.json").read_text() == '{"mine": true}'
     _tiny_run(tmp_path / "wd", epochs=1)  # finished: resumed, nothing moved
     assert not (tmp_path / "wd" / "previous" / "2").exists()
+
+
+class TestNoCheckpointHoldsADivergedState:
+    """Before: the non-finite check ran when a log window completed, but checkpoints were
+    written at chunk boundaries, so with frequent saves and rare logs every kept checkpoint
+    could hold NaN."""
+
+    @staticmethod
+    def _diverging(tmp_path, fit_hooks):
+        import flax.linen as nn
+        import jax
+        import optax
+
+        from jaxnets import adapters, checkpoint, loop, train
+
+        data = __import__("test_refusals")._tiny()
+        objective = adapters.linen(  # squared error: its gradient grows with the weights
+            nn.Dense(3),
+            loss=lambda z, y: ((z - jax.nn.one_hot(y, 3)) ** 2).mean(-1),
+        )
+        tx = optax.sgd(1e38)  # the weights finite after one step, inf after two
+        state = train.create_train_state(objective.init, tx, data, key=jax.random.key(0))
+        with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=100) as ckpt:
+            with pytest.raises(FloatingPointError) as e:
+                loop.fit(
+                    state,
+                    train.make_train_step(objective.loss_fn, tx),
+                    data,
+                    data_key=jax.random.key(1),
+                    epochs=3,
+                    batch_size=8,
+                    hooks=fit_hooks(ckpt),
+                    steps_per_call=1,
+                )
+            ckpt.wait_until_finished()
+            saved = [ckpt.restore(state, step=s)[0] for s in ckpt.all_steps()]
+        return str(e.value), saved
+
+    @staticmethod
+    def _finite(state):
+        import jax
+
+        return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+    def test_the_checkpoint_hook_refuses_a_non_finite_state_without_any_guard(self, tmp_path):
+        from jaxnets import hooks
+
+        message, saved = self._diverging(
+            tmp_path, lambda ckpt: [hooks.Checkpoint(ckpt, every_steps=1)]
+        )
+        assert "holds NaN or Inf: not saved" in message
+        assert saved and all(self._finite(s) for s in saved)
+
+    def test_frequent_saves_and_rare_logs_keep_only_finite_checkpoints(self, tmp_path):
+        from jaxnets import hooks
+
+        sink = type("Sink", (), {"write": lambda self, r: None, "close": lambda self: None})()
+        message, saved = self._diverging(
+            tmp_path,
+            lambda ckpt: [
+                hooks.NonFinite(),
+                hooks.Log(sink, every_steps=100),
+                hooks.Checkpoint(ckpt, every_steps=1),
+            ],
+        )
+        assert message.startswith("non-finite training loss at step")
+        assert saved and all(self._finite(s) for s in saved)
+
+
+def test_a_streamed_example_holding_nan_is_named():
+    """Before: NaN inputs in a streamed set surfaced as "lower the learning rate"."""
+    import test_train
+
+    from jaxnets import inputs
+
+    images, labels = test_train._data()
+    images = images.astype(np.float32)
+    images[37, 2, 3, 0] = np.nan
+    stream = inputs.Stream(inputs.ArraySource(test_train._batch(images, labels)))
+    with pytest.raises(ValueError, match=r"streamed example 37 holds NaN or Inf"):
+        test_train._run(devices=1, k=2, train_data=stream, evaluate=False)
