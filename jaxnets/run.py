@@ -96,7 +96,7 @@ class RunConfig:
     )
     keep_checkpoints: int = 3
     keep_best: int = dataclasses.field(
-        default=0, metadata={"help": "also keep the N best checkpoints by --best-metric (0: off)"}
+        default=0, metadata={"help": "also keep the N best checkpoints by best_metric (0: off)"}
     )
     best_metric: str = dataclasses.field(
         default="val_loss", metadata={"help": "an epoch record's metric, e.g. val_accuracy"}
@@ -104,7 +104,7 @@ class RunConfig:
     best_mode: str = dataclasses.field(default="min", metadata={"help": "min | max"})
     early_stop_patience: int = dataclasses.field(
         default=0,
-        metadata={"help": "stop after N epochs without --best-metric improving (0: off)"},
+        metadata={"help": "stop after N epochs without best_metric improving (0: off)"},
     )
     early_stop_min_delta: float = dataclasses.field(
         default=0.0, metadata={"help": "an improvement must be larger than this"}
@@ -130,7 +130,7 @@ class RunConfig:
     )
     warm_start_model_state: bool = dataclasses.field(
         default=False,
-        metadata={"help": "with --warm-start, also take its model state (BatchNorm statistics)"},
+        metadata={"help": "with warm_start, also take its model state (BatchNorm statistics)"},
     )
     progress: bool = True
     workdir: str = "runs/run"
