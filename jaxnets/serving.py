@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax import export as jax_export  # not imported by `import jax` on jax 0.7
 
 from jaxnets import sharding, train
 from jaxnets.checks import POSITIVE_INT, check_argument
@@ -110,7 +111,7 @@ def export(
     path: str | os.PathLike | None = None,
     polymorphic_batch: bool = True,
     platforms: tuple[str, ...] | None = None,
-) -> jax.export.Exported:
+) -> jax_export.Exported:
     """The trained forward function `inputs -> outputs` as a `jax.export.Exported`.
 
     The parameters and model state are constants of the exported program, so the file
@@ -132,18 +133,18 @@ def export(
     """
     apply = forward_fn(objective_or_apply_fn)
     params, model_state = jax.device_get(_variables(state))
-    scope = jax.export.SymbolicScope()
+    scope = jax_export.SymbolicScope()
 
     def spec(x):
         x = np.asarray(x)
         shape = x.shape
         if polymorphic_batch:
-            shape = jax.export.symbolic_shape("b, ...", like=x.shape, scope=scope)
+            shape = jax_export.symbolic_shape("b, ...", like=x.shape, scope=scope)
         return jax.ShapeDtypeStruct(shape, x.dtype)
 
     fn = jax.jit(lambda inputs: apply(params, model_state, inputs))
     try:
-        exported = jax.export.export(fn, platforms=platforms)(jax.tree.map(spec, sample_inputs))
+        exported = jax_export.export(fn, platforms=platforms)(jax.tree.map(spec, sample_inputs))
     except Exception as e:
         if not polymorphic_batch or type(e).__name__ != "InconclusiveDimensionOperation":
             raise
