@@ -33,10 +33,8 @@ finished; `--restart` starts over.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
@@ -48,7 +46,7 @@ import optax
 from jaxnets import adapters, evaluation, hooks, losses, optim, run, sharding, train
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import POSITIVE_INT, TRAINING_CHECKS
-from jaxnets.config import config_to_dict, errors_in_flags, parse_config
+from jaxnets.config import config_to_dict, errors_in_flags
 from jaxnets.types import Array
 
 log = logging.getLogger("jaxnets.diabetes")
@@ -298,20 +296,6 @@ def main(config: Config) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(message)s", force=True)
-    logging.getLogger("jaxnets").setLevel(logging.INFO)  # the run's status lines
-    cfg = parse_config(get_config(), description=__doc__)
-    out = main(cfg)
-    wd = Path(cfg.workdir)
-    shown = {k: out[k] for k in ("test", "test_original_units", "params_sha256")}
-    print(json.dumps(shown, indent=2))
-    if out["stopped_early"]:
-        print(
-            f"stopped by a signal at step {out['step']} (checkpoint saved); "
-            "run the same command again to resume"
-        )
-    print(
-        f"plot: {wd / 'curves.png'}\nmetrics: {wd / 'metrics.jsonl'}\n"
-        f"summary: {wd / 'summary.json'}\ntensorboard events: {wd / 'tb'}"
+    run.command_line(
+        get_config, main, __doc__, shown=("test", "test_original_units", "params_sha256")
     )
-    raise SystemExit(run.exit_status(out))

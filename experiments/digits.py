@@ -34,9 +34,7 @@ finished; `--restart` starts over.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from pathlib import Path
 from typing import ClassVar
 
 import flax.linen as nn
@@ -47,7 +45,7 @@ import optax
 from jaxnets import adapters, ema, evaluation, hooks, losses, optim, run, sharding, train
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import FRACTION, TRAINING_CHECKS
-from jaxnets.config import config_to_dict, errors_in_flags, parse_config
+from jaxnets.config import config_to_dict, errors_in_flags
 
 log = logging.getLogger("jaxnets.digits")
 
@@ -245,19 +243,4 @@ def main(config: Config) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(message)s", force=True)
-    logging.getLogger("jaxnets").setLevel(logging.INFO)  # the run's status lines
-    cfg = parse_config(get_config(), description=__doc__)
-    out = main(cfg)
-    wd = Path(cfg.workdir)
-    print(json.dumps({"test": out["test"], "params_sha256": out["params_sha256"]}, indent=2))
-    if out["stopped_early"]:
-        print(
-            f"stopped by a signal at step {out['step']} (checkpoint saved); "
-            "run the same command again to resume"
-        )
-    print(
-        f"plot: {wd / 'curves.png'}\nmetrics: {wd / 'metrics.jsonl'}\n"
-        f"summary: {wd / 'summary.json'}\ntensorboard events: {wd / 'tb'}"
-    )
-    raise SystemExit(run.exit_status(out))
+    run.command_line(get_config, main, __doc__)

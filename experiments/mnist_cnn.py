@@ -24,9 +24,7 @@ checkpoint (bit-identical to an uninterrupted run on the same devices).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from pathlib import Path
 from typing import ClassVar
 
 import jax
@@ -48,7 +46,7 @@ from jaxnets import (
 from jaxnets import data as jdata
 from jaxnets import metrics as jmetrics
 from jaxnets.checks import NONNEGATIVE, TRAINING_CHECKS, Rule
-from jaxnets.config import config_to_dict, errors_in_flags, parse_config
+from jaxnets.config import config_to_dict, errors_in_flags
 from jaxnets.data import augment as aug
 from jaxnets.models.cnn import MnistCNN
 
@@ -284,20 +282,4 @@ def main(config: Config) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(message)s", force=True)
-    logging.getLogger("jaxnets").setLevel(logging.INFO)  # the run's status lines
-    cfg = parse_config(get_config(), description=__doc__)
-    out = main(cfg)
-    wd = Path(cfg.workdir)
-    print(json.dumps({"test": out["test"], "params_sha256": out["params_sha256"]}, indent=2))
-    if out["stopped_early"]:
-        print(
-            f"stopped by a signal at step {out['step']} (checkpoint saved); "
-            "run the same command again to resume"
-        )
-    print(
-        f"plot: {wd / 'curves.png'}\nmetrics: {wd / 'metrics.jsonl'}\n"
-        f"summary: {wd / 'summary.json'}\ntensorboard events: {wd / 'tb'} (to view them: "
-        f"pip install tensorboard && tensorboard --logdir {wd / 'tb'})"
-    )
-    raise SystemExit(run.exit_status(out))
+    run.command_line(get_config, main, __doc__)
