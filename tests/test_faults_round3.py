@@ -395,6 +395,7 @@ ALLOWED = {
     ("config.py", "--no-"),  # flags_of: writing arguments as the config's flags is its job
     ("data/tfds_source.py", "--file_format"),
     ("data/tfds_source.py", "--data_dir"),
+    ("run.py", "--logdir"),  # TensorBoard's own flag, in the line that says how to view the logs
 }
 
 
