@@ -45,9 +45,9 @@ import optax
 
 from jaxnets import adapters, evaluation, hooks, losses, optim, run, sharding, train
 from jaxnets import metrics as jmetrics
-from jaxnets.checks import POSITIVE_INT, TRAINING_CHECKS
-from jaxnets.config import config_to_dict, errors_in_flags
-from jaxnets.types import Array
+from jaxnets.core.checks import POSITIVE_INT, TRAINING_CHECKS
+from jaxnets.core.types import Array
+from jaxnets.runs.config import config_to_dict, errors_in_flags
 
 log = logging.getLogger("jaxnets.diabetes")
 

@@ -19,9 +19,9 @@ mask for the global batch, with no axis name in the model: a run on N devices eq
 1-device run to float rounding, dropout on (tested).
 
 Options of the run (tested): `--ema-decay 0.99` keeps an exponential moving average of the
-parameters (`jaxnets.ema`), validated (`val_ema_*`) and tested (`test_ema` in summary.json)
+parameters (`jaxnets.core.ema`), validated (`val_ema_*`) and tested (`test_ema` in summary.json)
 next to the parameters themselves; `--microbatches 2` accumulates the gradient of each batch
-over 2 micro-batches (`jaxnets.accumulation`: BatchNorm then normalises each micro-batch by
+over 2 micro-batches (`jaxnets.core.accumulation`: BatchNorm then normalises each micro-batch by
 its own statistics); `--warm-start runs/digits` starts a fresh run from that run's parameters
 (`--warm-start-model-state`: and its BatchNorm statistics) with a fresh optimiser at step 0.
 
@@ -44,8 +44,8 @@ import optax
 
 from jaxnets import adapters, ema, evaluation, hooks, losses, optim, run, sharding, train
 from jaxnets import metrics as jmetrics
-from jaxnets.checks import FRACTION, TRAINING_CHECKS
-from jaxnets.config import config_to_dict, errors_in_flags
+from jaxnets.core.checks import FRACTION, TRAINING_CHECKS
+from jaxnets.runs.config import config_to_dict, errors_in_flags
 
 log = logging.getLogger("jaxnets.digits")
 

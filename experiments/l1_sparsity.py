@@ -37,11 +37,11 @@ import numpy as np
 import optax
 
 from jaxnets import metrics, sharding, train
-from jaxnets.checks import NONNEGATIVE, POSITIVE_INT, TRAINING_CHECKS
-from jaxnets.config import check_config, config_to_dict, errors_in_flags, parse_config
-from jaxnets.optim import inverse_time_decay, sgd
-from jaxnets.regularizers import l1_penalty, l2_penalty
-from jaxnets.workdir import check_workdir_writable
+from jaxnets.core.checks import NONNEGATIVE, POSITIVE_INT, TRAINING_CHECKS
+from jaxnets.core.optim import inverse_time_decay, sgd
+from jaxnets.core.regularizers import l1_penalty, l2_penalty
+from jaxnets.runs.config import check_config, config_to_dict, errors_in_flags, parse_config
+from jaxnets.runs.workdir import check_workdir_writable
 
 METHODS = (
     "l1_proximal",

@@ -45,10 +45,10 @@ from jaxnets import (
 )
 from jaxnets import data as jdata
 from jaxnets import metrics as jmetrics
-from jaxnets.checks import NONNEGATIVE, TRAINING_CHECKS, Rule
-from jaxnets.config import config_to_dict, errors_in_flags
+from jaxnets.core.checks import NONNEGATIVE, TRAINING_CHECKS, Rule
 from jaxnets.data import augment as aug
 from jaxnets.models.cnn import MnistCNN
+from jaxnets.runs.config import config_to_dict, errors_in_flags
 
 log = logging.getLogger("jaxnets.mnist_cnn")
 

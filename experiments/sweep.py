@@ -2,7 +2,7 @@
 
 Every configuration of the grid (the product of the --sweep flags) is one model; all of them
 train together in one jitted step, `jax.vmap` over the train state, with the batch split over
-every device (`jaxnets.sweep`). Model k's run is the one `loop.fit` would give for its seed
+every device (`jaxnets.engine.sweep`). Model k's run is the one `loop.fit` would give for its seed
 and hyperparameters alone.
 
 Run:
@@ -45,12 +45,12 @@ import numpy as np
 
 from jaxnets import adapters, data, losses, sharding, sweep, writers
 from jaxnets import metrics as jmetrics
-from jaxnets.checks import NONNEGATIVE_INT, POSITIVE_INT, RUN_CHECKS, TRAINING_CHECKS, Rule
-from jaxnets.config import add_config_flags, check_config, config_to_dict, errors_in_flags
+from jaxnets.core.checks import NONNEGATIVE_INT, POSITIVE_INT, RUN_CHECKS, TRAINING_CHECKS, Rule
+from jaxnets.engine.sweep import VECTORIZE
 from jaxnets.models import MnistCNN, TwoLayerSigmoid
 from jaxnets.models.cnn import CONV_IMPLS
-from jaxnets.sweep import VECTORIZE
-from jaxnets.workdir import check_workdir_writable
+from jaxnets.runs.config import add_config_flags, check_config, config_to_dict, errors_in_flags
+from jaxnets.runs.workdir import check_workdir_writable
 
 MODELS = ("two_layer", "mnist_cnn")
 

@@ -32,8 +32,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jaxnets import metrics, sharding, train
-from jaxnets.checks import POSITIVE, POSITIVE_INT, Rule
-from jaxnets.config import check_config, config_to_dict, errors_in_flags, parse_config
+from jaxnets.core.checks import POSITIVE, POSITIVE_INT, Rule
 from jaxnets.models import two_layer_train_many
 from jaxnets.models.mlp import (
     sum_squared_error,
@@ -41,7 +40,8 @@ from jaxnets.models.mlp import (
     two_layer_forward,
     uniform_01,
 )
-from jaxnets.workdir import check_workdir_writable
+from jaxnets.runs.config import check_config, config_to_dict, errors_in_flags, parse_config
+from jaxnets.runs.workdir import check_workdir_writable
 
 INITS = ("numpy", "jax")
 # Largest allowed |hand-written - jax.grad| per step, relative to 1 + max|jax.grad|: float32

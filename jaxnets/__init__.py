@@ -1,35 +1,44 @@
 """jaxnets: a small functional JAX/Flax/Optax training toolkit."""
 
-from jaxnets import (
+# The library is three wings: `core` (the math: losses, metrics, optimisers, regularisers),
+# `engine` (the step, its programs on the devices, feeds, the loop and its hooks) and `runs`
+# (a run's bookkeeping on disk: work directory, checkpoints, logs, configs); besides them
+# `data` and `models`. Every module is also a name here: `from jaxnets import train`.
+from jaxnets import data, models
+from jaxnets.core import (
     accumulation,
-    adapters,
-    checkpoint,
-    config,
-    data,
     ema,
+    losses,
+    metrics,
+    optim,
+    regularizers,
+)
+from jaxnets.core.ema import with_ema
+from jaxnets.core.optim import inverse_time_decay, sgd
+from jaxnets.core.regularizers import (
+    add_decoupled_weight_decay,
+    kernel_mask,
+    l1_penalty,
+    l1_proximal,
+    l2_penalty,
+    sparsity,
+)
+from jaxnets.engine import (
+    adapters,
     evaluation,
     feeds,
     hooks,
     loop,
-    losses,
-    metrics,
-    models,
     monitoring,
-    optim,
     pmap,
-    regularizers,
     serving,
     sharding,
     sweep,
     train,
-    warmstart,
-    writers,
 )
-from jaxnets.adapters import Objective
-from jaxnets.checkpoint import Checkpointer
-from jaxnets.ema import with_ema
-from jaxnets.evaluation import evaluate, make_evaluation
-from jaxnets.hooks import (
+from jaxnets.engine.adapters import Objective
+from jaxnets.engine.evaluation import evaluate, make_evaluation
+from jaxnets.engine.hooks import (
     Checkpoint,
     EarlyStopping,
     Evaluate,
@@ -40,29 +49,22 @@ from jaxnets.hooks import (
     Preemption,
     Progress,
 )
-from jaxnets.loop import Chunks, fit
-from jaxnets.models import MnistCNN, TwoLayerSigmoid
-from jaxnets.monitoring import Profile, Throughput
-from jaxnets.optim import inverse_time_decay, sgd
-from jaxnets.preemption import PreemptionGuard
-from jaxnets.regularizers import (
-    add_decoupled_weight_decay,
-    kernel_mask,
-    l1_penalty,
-    l1_proximal,
-    l2_penalty,
-    sparsity,
-)
-from jaxnets.serving import predict
-from jaxnets.sharding import fsdp, make_mesh, replicated
-from jaxnets.train import (
+from jaxnets.engine.loop import Chunks, fit
+from jaxnets.engine.monitoring import Profile, Throughput
+from jaxnets.engine.preemption import PreemptionGuard
+from jaxnets.engine.serving import predict
+from jaxnets.engine.sharding import fsdp, make_mesh, replicated
+from jaxnets.engine.train import (
     TrainState,
     create_train_state,
     make_epoch_runner,
     make_eval_step,
     make_train_step,
 )
-from jaxnets.warmstart import warm_start
+from jaxnets.models import MnistCNN, TwoLayerSigmoid
+from jaxnets.runs import checkpoint, config, warmstart, writers
+from jaxnets.runs.checkpoint import Checkpointer
+from jaxnets.runs.warmstart import warm_start
 
 __version__ = "0.1.0"
 

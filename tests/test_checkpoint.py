@@ -1,4 +1,4 @@
-"""Tests for jaxnets.checkpoint: round trips, retention, faults, topology, kill -9, signals."""
+"""Tests for jaxnets.runs.checkpoint: round trips, retention, faults, topology, kill -9, signals."""
 
 import asyncio
 import gc
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from jaxnets.checkpoint import Checkpointer, CheckpointError
-from jaxnets.preemption import PreemptionGuard
-from jaxnets.workdir import check_resumable, check_workdir_writable
+from jaxnets.engine.preemption import PreemptionGuard
+from jaxnets.runs.checkpoint import Checkpointer, CheckpointError
+from jaxnets.runs.workdir import check_resumable, check_workdir_writable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -310,7 +310,7 @@ def test_restore_on_another_topology(tmp_path, save_on, restore_on):
 # A training run that saves a large state asynchronously and waits to be killed.
 KILL_SCRIPT = """
 import sys, time, jax
-from jaxnets.checkpoint import Checkpointer
+from jaxnets.runs.checkpoint import Checkpointer
 directory, size = sys.argv[1], int(sys.argv[2])
 ckpt = Checkpointer(directory, max_to_keep=2)
 for step in (1, 2, 3):

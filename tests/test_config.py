@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from jaxnets.config import config_diff, config_to_dict, parse_config
+from jaxnets.runs.config import config_diff, config_to_dict, parse_config
 
 
 @dataclasses.dataclass(frozen=True)

@@ -116,7 +116,7 @@ def test_resume_after_an_epoch_is_bit_identical(full, tmp_path):
 
 
 def test_a_finished_run_says_so(full, caplog):
-    with caplog.at_level(logging.INFO, logger="jaxnets.run"):
+    with caplog.at_level(logging.INFO, logger="jaxnets.runs.run"):
         again = digits.main(dataclasses.replace(TINY, workdir=full["config"]["workdir"]))
     assert "has already finished (step 32 of 32)" in caplog.text
     assert again["params_sha256"] == full["params_sha256"] and again["test"] == full["test"]
@@ -139,7 +139,7 @@ def test_one_device_equals_eight_with_dropout_and_batchnorm(tmp_path):
 def test_ema_microbatches_and_warm_start(full, tmp_path, caplog):
     """--ema-decay, --microbatches and --warm-start together: the EMA's test metrics are
     those of the averaged parameters applied by hand."""
-    with caplog.at_level(logging.WARNING, logger="jaxnets.run"):
+    with caplog.at_level(logging.WARNING, logger="jaxnets.runs.run"):
         out = _run(
             tmp_path,
             "ema",

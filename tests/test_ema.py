@@ -1,4 +1,4 @@
-"""EMA of the parameters (`jaxnets.ema`): the numpy recursion, evaluation on the average."""
+"""EMA of the parameters (`jaxnets.core.ema`): the numpy recursion, evaluation on the average."""
 
 import chex
 import flax.linen as nn

@@ -343,7 +343,7 @@ class TestDataIdentityOnResume:
 
     def test_replaced_files_of_an_idx_directory_change_its_fingerprint(self, tmp_path):
         from jaxnets import inputs
-        from jaxnets.fingerprint import data_fingerprint
+        from jaxnets.runs.fingerprint import data_fingerprint
 
         def write(images, labels):
             for name, array, code in (("images", images, 3), ("labels", labels, 1)):
@@ -391,11 +391,11 @@ ALLOWED = {
     ("__main__.py", "--json"),  # the library's own command line names its own flags
     ("__main__.py", "--source"),
     ("__main__.py", "--help"),
-    ("checks.py", "--{flag}"),
-    ("config.py", "--no-"),  # flags_of: writing arguments as the config's flags is its job
+    ("core/checks.py", "--{flag}"),
+    ("runs/config.py", "--no-"),  # flags_of: writing arguments as the config's flags is its job
     ("data/tfds_source.py", "--file_format"),
     ("data/tfds_source.py", "--data_dir"),
-    ("run.py", "--logdir"),  # TensorBoard's own flag, in the line that says how to view the logs
+    ("runs/run.py", "--logdir"),  # TensorBoard's own flag: the line saying how to view the logs
 }
 
 
@@ -469,7 +469,7 @@ class TestClearRefusals:
     def test_limit_train_1_is_refused_before_the_model_divides_by_zero(self, tmp_path):
         """Before: ZeroDivisionError inside the model (0 training examples after the split)."""
         proc = _python(
-            "from experiments import mnist_cnn; from jaxnets.config import parse_config;"
+            "from experiments import mnist_cnn; from jaxnets.runs.config import parse_config;"
             f"mnist_cnn.main(parse_config(mnist_cnn.get_config(), ['--limit-train', '1', "
             f"'--workdir', {str(tmp_path / 'wd')!r}, '--dataset', 'mnist_sample']))"
         )
@@ -480,7 +480,7 @@ class TestClearRefusals:
     def test_a_fractional_epochs_flag_says_what_it_must_be(self):
         """Before: "argument --epochs: invalid parse value: '1.5'"."""
         proc = _python(
-            "from experiments import mnist_cnn; from jaxnets.config import parse_config;"
+            "from experiments import mnist_cnn; from jaxnets.runs.config import parse_config;"
             "parse_config(mnist_cnn.get_config(), ['--epochs', '1.5'])"
         )
         assert proc.returncode == 2
@@ -511,7 +511,7 @@ class TestClearRefusals:
 
         import jax.numpy as jnp
 
-        from jaxnets.checkpoint import Checkpointer
+        from jaxnets.runs.checkpoint import Checkpointer
 
         with Checkpointer(tmp_path / "c") as ckpt:
             for step in (1, 2):

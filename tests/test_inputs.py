@@ -100,11 +100,11 @@ def test_resident_memory_check_points_at_streaming(monkeypatch, caplog):
     monkeypatch.setattr(inputs, "free_bytes", lambda devices: 10_000)  # 12,032 bytes of data
     with pytest.raises(MemoryError, match=r"takes 0.00 GiB per device.*input='stream'"):
         test_train._run(devices=1, train_input="resident")
-    with caplog.at_level(logging.INFO, logger="jaxnets.inputs"):
+    with caplog.at_level(logging.INFO, logger="jaxnets.engine.inputs"):
         auto, _ = test_train._run(devices=1, k=2)
     assert "input: streaming the training set" in caplog.text
     monkeypatch.undo()
-    with caplog.at_level(logging.INFO, logger="jaxnets.inputs"):
+    with caplog.at_level(logging.INFO, logger="jaxnets.engine.inputs"):
         resident, _ = test_train._run(devices=1, k=2)
     assert "input: resident" in caplog.text
     _assert_equal(auto, resident)

@@ -1,4 +1,5 @@
-"""Tests of jaxnets.optim and jaxnets.regularizers against numpy transcriptions of the maths."""
+"""Tests of jaxnets.core.optim and jaxnets.core.regularizers against numpy transcriptions of
+the maths."""
 
 import functools
 
@@ -9,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnets.optim import inverse_time_decay, sgd
-from jaxnets.regularizers import (
+from jaxnets.core.optim import inverse_time_decay, sgd
+from jaxnets.core.regularizers import (
     add_decoupled_weight_decay,
     kernel_mask,
     l1_penalty,

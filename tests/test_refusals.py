@@ -18,12 +18,12 @@ import pytest
 
 from jaxnets import adapters, hooks, loop, losses, run, sharding, train, writers
 from jaxnets import metrics as jmetrics
-from jaxnets.lock import WorkdirLock
+from jaxnets.runs.lock import WorkdirLock
 
 ROOT = Path(__file__).parent.parent
 _HOLD = (
     "import sys, time\n"
-    "from jaxnets.lock import WorkdirLock\n"
+    "from jaxnets.runs.lock import WorkdirLock\n"
     "lock = WorkdirLock(sys.argv[1])\n"
     "print('locked', flush=True)\n"
     "time.sleep(120)\n"
@@ -136,7 +136,7 @@ class TestOneRunPerWorkdir:
             pass
 
     def test_one_process_may_claim_its_own_directory_twice(self, tmp_path):
-        from jaxnets.lock import claim_workdir
+        from jaxnets.runs.lock import claim_workdir
 
         first = claim_workdir(tmp_path / "wd")
         assert claim_workdir(tmp_path / "wd") is first
@@ -245,7 +245,7 @@ class TestFlagsAndArguments:
 
     def test_several_bad_flags_are_named_together_and_the_cli_exits_2(self, capsys):
         from experiments import mnist_cnn
-        from jaxnets.config import parse_config
+        from jaxnets.runs.config import parse_config
 
         with pytest.raises(SystemExit) as e:
             parse_config(mnist_cnn.get_config(), ["--batch-size", "0", "--epochs", "-1"])
@@ -491,7 +491,7 @@ def _fill(disk, leave=0):
 
 class TestDiskFull:
     def test_a_save_on_a_full_disk_is_refused_and_the_previous_checkpoint_kept(self, small_disk):
-        from jaxnets.checkpoint import Checkpointer
+        from jaxnets.runs.checkpoint import Checkpointer
 
         state = {"w": np.arange(4096, dtype=np.float32)}  # 16 KiB
         with Checkpointer(small_disk / "ck") as ckpt:

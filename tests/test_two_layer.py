@@ -12,7 +12,6 @@ import pytest
 from jax import lax
 
 from experiments import two_layer_sigmoid as exp
-from jaxnets.config import parse_config
 from jaxnets.models import mlp, two_layer_many
 from jaxnets.models.mlp import (
     TwoLayerSigmoid,
@@ -23,6 +22,7 @@ from jaxnets.models.mlp import (
     two_layer_params_to_flax,
 )
 from jaxnets.models.two_layer_many import two_layer_train_many
+from jaxnets.runs.config import parse_config
 
 # Newer jax has jax.enable_x64; 0.7.2 (the Colab stack) only jax.experimental's.
 enable_x64 = (

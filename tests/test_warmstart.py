@@ -1,4 +1,4 @@
-"""Warm start (`jaxnets.warmstart`): another run's parameters, a fresh optimiser, step 0."""
+"""Warm start (`jaxnets.runs.warmstart`): another run's parameters, a fresh optimiser, step 0."""
 
 import chex
 import flax.linen as nn

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets.types import PRNGKey
+from jaxnets.core.types import PRNGKey
 
 KERAS_STD_EPSILON = 1e-6  # ImageDataGenerator.standardize: x /= (self.std + 1e-6)
 

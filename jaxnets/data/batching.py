@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets.types import PRNGKey
+from jaxnets.core.types import PRNGKey
 
 
 def epoch_permutation(key: PRNGKey, epoch: int | jax.Array, num_examples: int) -> jax.Array:

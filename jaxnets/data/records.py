@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from jaxnets import train
-from jaxnets.types import Batch
+from jaxnets.core.types import Batch
+from jaxnets.engine import train
 
 
 class ArraySource:

@@ -132,7 +132,7 @@ def load(
       any other TFDS name (``"cifar10"``...): an image classification set prepared in
         array_record format, read without TensorFlow (the error says how to prepare it).
       ``(images, labels)`` or ``{"image": ..., "label": ...}``: the user's arrays, checked.
-    To stream a set instead of loading it, see `jaxnets.inputs.Stream`.
+    To stream a set instead of loading it, see `jaxnets.engine.inputs.Stream`.
 
     Every source but the sample is cached after the first read as an uncompressed ``.npz`` under
     ``cache_dir`` (default ``$JAXNETS_CACHE_DIR`` or ``~/.cache/jaxnets``), so the second load

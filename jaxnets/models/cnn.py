@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
+from jaxnets.core.types import DATA_AXIS, Array
 from jaxnets.models import native_conv
 from jaxnets.models.im2col import LAYOUTS, Layout
 from jaxnets.models.im2col import conv_im2col as _conv_im2col
-from jaxnets.types import DATA_AXIS, Array
 
 ConvImpl = Literal["auto", "native", "im2col", "xla"]
 CONV_IMPLS = ("auto", "native", "im2col", "xla")
@@ -313,7 +313,7 @@ class MnistCNN(nn.Module):
     [B,28,28,1] -> conv1 4@5x5 tanh [B,24,24,4] -> conv2 8@3x3 tanh [B,22,22,8] -> pool
     [B,11,11,8] -> conv3 16@3x3 tanh [B,9,9,16] -> pool [B,4,4,16] -> flatten [B,256] ->
     dense1 128 tanh -> dense2 num_classes logits. Softmax lives in the loss
-    (`jaxnets.losses.softmax_cross_entropy`).
+    (`jaxnets.core.losses.softmax_cross_entropy`).
 
     Initialisers as Keras 1: convolution kernels glorot_uniform, dense kernels
     init='normal' (normal, stddev 0.05), biases zero. Channels-last, so flatten order is

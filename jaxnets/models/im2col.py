@@ -5,7 +5,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from jaxnets.types import Array
+from jaxnets.core.types import Array
 
 # NHWC: [batch, height, width, channels]; CHWN: [channels, height, width, batch].
 Layout = Literal["NHWC", "CHWN"]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 
-from jaxnets.types import Array, Params
+from jaxnets.core.types import Array, Params
 
 uniform_01: Initializer = nn.initializers.uniform(scale=1.0)
 """Uniform on [0, 1): the seed's ``np.random.rand`` initialisation, drawn from a JAX key."""

@@ -40,9 +40,9 @@ import jaxlib
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from jaxnets.core.types import Array
 from jaxnets.data.cache import cache_write_failed, default_cache_dir
 from jaxnets.models.im2col import conv_im2col
-from jaxnets.types import Array
 
 _SOURCE = pathlib.Path(__file__).with_name("native_conv.cc")
 _TARGETS = {

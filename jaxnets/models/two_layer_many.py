@@ -14,7 +14,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxnets.types import Array, Params
+from jaxnets.core.types import Array, Params
 
 # Many nets at once. The nets sit on the LAST axis inside the loop, and every contraction over
 # the tiny axes (samples, d_in, hidden, out) is an unrolled Python sum of broadcast products:

@@ -7,17 +7,17 @@ The contract (what every model, data set and loss goes through):
 - a **loss function** is `loss_fn(params, model_state, batch, key) -> (loss, (metrics,
   new_model_state))`: it calls the model itself, so weighted means and penalties on params
   are the user's; `loss` is differentiated as returned (never re-averaged); `metrics` is a
-  dict of `jaxnets.metrics` values (mergeable sums); `model_state` holds every non-trainable
+  dict of `jaxnets.core.metrics` values (mergeable sums); `model_state` holds every non-trainable
   collection (BatchNorm statistics; `{}` when none);
 - an **eval function** is `eval_fn(params, model_state, batch, mask) -> metrics`, mask
   `[batch]` bool (False for the padding of the last batch).
-`jaxnets.adapters` builds both from a Flax Linen or NNX module, a loss and metrics.
+`jaxnets.engine.adapters` builds both from a Flax Linen or NNX module, a loss and metrics.
 
 Everything a run computes is a pure function of the train state and of `(seed, step)`: the
 key of step s is `fold_in(key, s)`, the data order of epoch e is a permutation drawn from
 `fold_in(data_key, e)`. That is what makes a resumed run bit-identical to an uninterrupted one.
 
-A complete loop from the public parts (what `jaxnets.loop.fit` does, without logging):
+A complete loop from the public parts (what `jaxnets.engine.loop.fit` does, without logging):
 
     mesh = sharding.make_mesh()
     objective = adapters.linen(model, loss=..., metrics={...})
@@ -46,10 +46,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxnets import metrics as jmetrics
-from jaxnets.accumulation import microbatch_grad
-from jaxnets.regularizers import check_l1_last
-from jaxnets.types import Array, Batch, Params, PRNGKey, PyTree
+from jaxnets.core import metrics as jmetrics
+from jaxnets.core.accumulation import microbatch_grad
+from jaxnets.core.regularizers import check_l1_last
+from jaxnets.core.types import Array, Batch, Params, PRNGKey, PyTree
 
 # (params, model_state, batch, key) -> (loss, (metrics, new_model_state))
 LossFn = Callable[[Params, PyTree, Batch, PRNGKey], tuple[Array, tuple[dict, PyTree]]]
@@ -124,9 +124,9 @@ def create_train_state(
     return TrainState(jnp.zeros((), jnp.int32), params, opt_state, model_state, raw_key(state_key))
 
 
-# The pmap adapter (`jaxnets.pmap`) sets this while tracing its per-device step (`per_device`):
-# the offset of the device's first example in the global batch. Under `jax.jit` the batch is
-# global and the offset is 0.
+# The pmap adapter (`jaxnets.engine.pmap`) sets this while tracing its per-device step
+# (`per_device`): the offset of the device's first example in the global batch. Under
+# `jax.jit` the batch is global and the offset is 0.
 _device_offset: Callable[[int], Array] | None = None
 
 
@@ -163,7 +163,7 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch) -> (state, metrics)`, big_vision's `update_fn`.
 
-    A function of the **global** batch: jitted over a mesh (`jaxnets.sharding`), the
+    A function of the **global** batch: jitted over a mesh (`jaxnets.engine.sharding`), the
     gradient of a mean over the batch is the global mean and BatchNorm statistics are the
     global batch's; XLA inserts the collectives. Gradients of `loss_fn`'s loss are taken
     with respect to `state.params`; the key of step s is `fold_in(state.key, s)`.
@@ -173,7 +173,7 @@ def make_train_step(
       tx: the Optax transformation.
       microbatches: gradient accumulation: the batch's gradient as the mean over k
         micro-batches scanned inside the step (the memory of one micro-batch; one optimiser
-        step per batch). Semantics, BatchNorm's included: `jaxnets.accumulation`.
+        step per batch). Semantics, BatchNorm's included: `jaxnets.core.accumulation`.
       health: also report `grad_norm` (the global L2 norm of the gradient), `param_norm`
         (of the parameters after the update) and, when found, `learning_rate` (the step's:
         from `optax.inject_hyperparams` state, else `learning_rate` at the optimiser's

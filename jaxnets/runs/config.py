@@ -13,7 +13,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from jaxnets.checks import BAD_FLAG, Rule
+from jaxnets.core.checks import BAD_FLAG, Rule
 
 C = TypeVar("C")
 

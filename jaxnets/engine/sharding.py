@@ -23,8 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxnets.platform import check_backend
-from jaxnets.types import DATA_AXIS
+from jaxnets.core.types import DATA_AXIS
+from jaxnets.engine.platform import check_backend
 
 DATA = DATA_AXIS  # the mesh axis the batch (and FSDP's state) is split over
 

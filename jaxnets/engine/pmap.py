@@ -1,6 +1,6 @@
 """The `jax.pmap` adapter: the mission's pmapped train step, with the numbers of the jit path.
 
-`jaxnets.loop.fit` trains with global arrays under `jax.jit` (`jaxnets.sharding`). Code in
+`jaxnets.fit` trains with global arrays under `jax.jit` (`jaxnets.engine.sharding`). Code in
 the pmap programming model (per-device functions with `lax.pmean` over a named axis, as most
 TPU tutorials write it) runs through this module, the only place in jaxnets where an axis
 name lives. For a loss that is a mean over examples, equal shards and a model without
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import train
-from jaxnets.types import Batch
+from jaxnets.core.types import Batch
+from jaxnets.engine import train
 
 AXIS = "batch"
 

@@ -42,15 +42,16 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from jaxnets import checkpoint as ckpt
-from jaxnets import fingerprint, loop, monitoring, sharding, train, writers
-from jaxnets import hooks as jhooks
-from jaxnets.checks import RUN_CHECKS, Rule
-from jaxnets.config import check_config
-from jaxnets.lock import WorkdirLock, claim_workdir
-from jaxnets.platform import check_backend
-from jaxnets.preemption import PreemptionGuard
-from jaxnets.workdir import (
+from jaxnets.runs import checkpoint as ckpt
+from jaxnets.runs import fingerprint, writers
+from jaxnets.engine import loop, monitoring, sharding, train
+from jaxnets.engine import hooks as jhooks
+from jaxnets.core.checks import RUN_CHECKS, Rule
+from jaxnets.runs.config import check_config
+from jaxnets.runs.lock import WorkdirLock, claim_workdir
+from jaxnets.engine.platform import check_backend
+from jaxnets.engine.preemption import PreemptionGuard
+from jaxnets.runs.workdir import (
     START_FRESH,
     check_resumable,
     check_same_program,
@@ -60,7 +61,7 @@ from jaxnets.workdir import (
     keep_previous_logs,
 )
 
-log = logging.getLogger("jaxnets.run")
+log = logging.getLogger("jaxnets.runs.run")
 
 CHECKPOINTS = "checkpoints"
 
@@ -498,7 +499,7 @@ def _resume(flags, config, state, mesh, result_fields, total_steps, path, lock, 
 
 
 def _warm_start(flags: RunConfig, state: train.TrainState, tx: Any, mesh: Any) -> train.TrainState:
-    from jaxnets.warmstart import warm_start
+    from jaxnets.runs.warmstart import warm_start
 
     if tx is None:
         raise ValueError(
@@ -522,7 +523,7 @@ def command_line(
     """An experiment's `__main__`: its flags parsed into its config, `main(config)` run, the
     summary's `shown` entries printed with where the work directory's files are, and the
     process exiting with the run's status (`exit_status`)."""
-    from jaxnets.config import parse_config
+    from jaxnets.runs.config import parse_config
 
     logging.basicConfig(format="%(message)s", force=True)
     logging.getLogger("jaxnets").setLevel(logging.INFO)  # the run's status lines
@@ -555,7 +556,7 @@ def exit_status(summary: Mapping[str, Any]) -> int:
 def _defaults(flags: RunConfig) -> dict:
     """The config dict of the experiment's defaults: what a run saved before a field existed
     used (a new field's default keeps the old behaviour), so it still resumes."""
-    from jaxnets.config import config_to_dict
+    from jaxnets.runs.config import config_to_dict
 
     try:
         return config_to_dict(type(flags)())

@@ -2,7 +2,7 @@
 
 `fingerprints`: a 64-bit fingerprint per leaf from wrapping uint32 sums: exact and
 associative, so the value does not depend on how an array is sharded. Orbax does not checksum
-array data (a flipped byte in a data file restores silently); `jaxnets.checkpoint` stores
+array data (a flipped byte in a data file restores silently); `jaxnets.runs.checkpoint` stores
 these and checks them.
 
 `data_fingerprint`: the identity of a training set's content, recorded with a run and checked

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets.types import Params, PyTree
+from jaxnets.core.types import Params, PyTree
 
 Mask = PyTree | Callable[[Params], PyTree] | bool | None
 """Which leaves a regulariser touches.

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from jaxnets.workdir import check_workdir_writable
+from jaxnets.runs.workdir import check_workdir_writable
 
 LOCK_FILE = ".lock"
 WORKDIR_IN_USE = (

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxnets.checks import POSITIVE_INT, check_argument
+from jaxnets.core.checks import POSITIVE_INT, check_argument
 
 MICROBATCH_NOT_DIVISIBLE = (
     "a batch of {batch} examples does not split into microbatches={k}; use a batch size "

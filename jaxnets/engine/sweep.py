@@ -2,7 +2,7 @@
 
 K configurations (a seed and values of the optimiser's hyperparameters) train as **one**
 jitted program: the train state has a leading model axis `[K, ...]` and the step of
-`jaxnets.train.make_train_step` is `jax.vmap`-ed over it. The hyperparameters live in the
+`jaxnets.engine.train.make_train_step` is `jax.vmap`-ed over it. The hyperparameters live in the
 optimiser state through `optax.inject_hyperparams`, so one Optax transform (traced once)
 applies K different learning rates, momenta, weight decays... Any chain works whose
 hyperparameters are injected: `optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3)`
@@ -46,9 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import hooks, loop, optim, sharding, train, writers
-from jaxnets.checks import POSITIVE_INT, check_argument
-from jaxnets.types import Batch, PRNGKey
+from jaxnets.core import optim
+from jaxnets.core.checks import POSITIVE_INT, check_argument
+from jaxnets.core.types import Batch, PRNGKey
+from jaxnets.engine import hooks, loop, sharding, train
+from jaxnets.runs import writers
 
 # The seed CNN's optimiser (SEEDS.md): SGD 0.05, Nesterov 0.9, inverse-time decay 1e-6.
 SGD_HYPERPARAMETERS = ("learning_rate", "decay", "momentum", "weight_decay", "l1")

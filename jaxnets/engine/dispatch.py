@@ -23,10 +23,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxnets import train, writers
 from jaxnets.data.cache import cache_write_failed, default_cache_dir
+from jaxnets.engine import train
+from jaxnets.runs import writers
 
-log = logging.getLogger("jaxnets.loop")
+log = logging.getLogger("jaxnets.engine.loop")
 
 CHOICE_FILE = "steps_per_call.json"
 ROUNDS = 3  # measurement rounds of each chunk length, at most

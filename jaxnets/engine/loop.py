@@ -1,4 +1,4 @@
-"""`fit()`: a short loop over the chunk iterator (`Chunks`) and hooks (`jaxnets.hooks`).
+"""`fit()`: a short loop over the chunk iterator (`Chunks`) and hooks (`jaxnets.engine.hooks`).
 
 What the iterator decides, and why it cannot change the numbers:
 - **Device calls.** Steps run in chunks of `k` scanned steps per call from each epoch's
@@ -6,7 +6,7 @@ What the iterator decides, and why it cannot change the numbers:
   are compiled, once, before the first step. Nothing else cuts a chunk: hooks run between
   device calls, at the first chunk boundary at or after they fall due. So the numbers
   depend on `k` alone, not on any log, save or stop cadence.
-- **k, when not given, is looked up or measured** (`jaxnets.dispatch`): the record of the
+- **k, when not given, is looked up or measured** (`jaxnets.engine.dispatch`): the record of the
   run being resumed, then the jaxnets cache, and only then a timing of 1 against k steps.
 - The metrics of a chunk are read back while the next chunk runs (one chunk late); all of
   them at an epoch's end, a stop, or before a hook that needs them (`Hook.flush`: a
@@ -22,11 +22,11 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxnets import dispatch, feeds, sharding, train
-from jaxnets import metrics as jmetrics
-from jaxnets.checks import POSITIVE_INT, Rule, check_argument
-from jaxnets.hooks import Hook
-from jaxnets.types import PRNGKey
+from jaxnets.core import metrics as jmetrics
+from jaxnets.core.checks import POSITIVE_INT, Rule, check_argument
+from jaxnets.core.types import PRNGKey
+from jaxnets.engine import dispatch, feeds, sharding, train
+from jaxnets.engine.hooks import Hook
 
 __all__ = ["Chunk", "Chunks", "Context", "FitResult", "chunk_plan", "fit"]
 
@@ -148,7 +148,7 @@ class Chunks:
         t = time.perf_counter()
         compiled = self._compile_one()
         self.seconds["compile"] += time.perf_counter() - t
-        from jaxnets.monitoring import cost_flops
+        from jaxnets.engine.monitoring import cost_flops
 
         return cost_flops(compiled)
 
@@ -333,7 +333,7 @@ def fit(
         random-access source (`feeds.make_feed`).
       data_key: key of the data order (epoch e uses `fold_in(data_key, e)`).
       epochs: total epochs; batch_size: the global batch.
-      hooks: `jaxnets.hooks` run between device calls when due (logs, evaluation,
+      hooks: `jaxnets.engine.hooks` run between device calls when due (logs, evaluation,
         checkpoints, the non-finite guard, preemption, your own `Hook`).
       mesh: the devices (`sharding.make_mesh()`, default: all); rule: how the state is
         placed (`sharding.replicated`, default, or `sharding.fsdp()`).

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxnets.config import config_diff
+from jaxnets.runs.config import config_diff
 
 START_FRESH = (
     "To start fresh, pass restart=True (discards this run's checkpoints) or another "

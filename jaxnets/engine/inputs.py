@@ -26,12 +26,12 @@ import grain
 import jax
 import numpy as np
 
+from jaxnets.core.types import Batch
 from jaxnets.data.records import ArraySource, RowFile, open_idx, open_npy
-from jaxnets.types import Batch
 
 __all__ = ["ArraySource", "RowFile", "Stream", "open_idx", "open_npy", "resolve"]
 
-log = logging.getLogger("jaxnets.inputs")
+log = logging.getLogger("jaxnets.engine.inputs")
 
 INPUTS = ("auto", "resident", "stream")
 # `auto` keeps a data set resident when its copies take at most this share of free memory.

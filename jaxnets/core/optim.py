@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets.regularizers import Mask, add_decoupled_weight_decay, check_nonnegative, l1_proximal
+from jaxnets.core.regularizers import (
+    Mask,
+    add_decoupled_weight_decay,
+    check_nonnegative,
+    l1_proximal,
+)
 
 
 def inverse_time_decay(init_value: float | jax.Array, decay: float | jax.Array) -> optax.Schedule:

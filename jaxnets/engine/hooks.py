@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import feeds, sharding
-from jaxnets import metrics as jmetrics
+from jaxnets.core import metrics as jmetrics
+from jaxnets.engine import feeds, sharding
 
-log = logging.getLogger("jaxnets.hooks")
+log = logging.getLogger("jaxnets.engine.hooks")
 
 # `order`: lower runs first. Guards see the metrics before anything is written, evaluation
 # fills the epoch record before loggers write it, checkpoints come last.
@@ -235,7 +235,7 @@ class Progress(Hook):
         self._sums: Any = None
 
     def __call__(self, ctx: Any) -> None:
-        from jaxnets.writers import ProgressBar
+        from jaxnets.runs.writers import ProgressBar
 
         if self._bar is None:
             start = ctx.position - ctx.length
@@ -458,7 +458,7 @@ class Preemption(Hook):
     """
 
     def __init__(self, guard: Any = None):
-        from jaxnets.preemption import PreemptionGuard
+        from jaxnets.engine.preemption import PreemptionGuard
 
         self.owned = guard is None
         self.guard = PreemptionGuard() if guard is None else guard

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets.types import Array
+from jaxnets.core.types import Array
 
 SUM_DTYPE = jnp.float32
 

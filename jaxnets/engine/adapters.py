@@ -2,7 +2,7 @@
 
 `linen(module, loss=..., metrics=...)` and `nnx(module, loss=..., metrics=...)` return an
 `Objective(init, loss_fn, eval_fn)`: `init(key, batch) -> (params, model_state)`, and the two
-pure functions `jaxnets.train` takes. They handle what a hand-written step gets wrong:
+pure functions `jaxnets.engine.train` takes. They handle what a hand-written step gets wrong:
 - the model's non-trainable collections (Linen `batch_stats`, NNX `BatchStat`) live in
   `model_state`, are updated in training (`mutable`) and read, not updated, in evaluation;
 - randomness (dropout) comes from the step key, a different key every step;
@@ -34,9 +34,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxnets import metrics as jmetrics
-from jaxnets import train
-from jaxnets.types import Array, Batch, Params, PRNGKey, PyTree
+from jaxnets.core import metrics as jmetrics
+from jaxnets.core.types import Array, Batch, Params, PRNGKey, PyTree
+from jaxnets.engine import train
 
 # (inputs, *, keys) -> model inputs; keys: [batch] per-example keys in training, else None.
 Preprocess = Callable[..., Any]
@@ -55,9 +55,9 @@ INTEGER_LOSS = (
 
 
 class Objective(NamedTuple):
-    """A model's pure functions for `jaxnets.train`: init, loss_fn, eval_fn, and the
+    """A model's pure functions for `jaxnets.engine.train`: init, loss_fn, eval_fn, and the
     forward pass `apply(params, model_state, inputs) -> outputs` in evaluation mode (what
-    `jaxnets.serving` predicts with and exports; `inputs` are the model's, not a batch)."""
+    `jaxnets.engine.serving` predicts with and exports; `inputs` are the model's, not a batch)."""
 
     init: train.InitFn
     loss_fn: train.LossFn
@@ -292,7 +292,7 @@ def linen(
         Default: found by name; a module with two known names, or with an unknown boolean
         `__call__` argument, is refused (ValueError) rather than trained in the wrong mode.
 
-    The functions are written for the global batch (jitted over a mesh by `jaxnets.loop`):
+    The functions are written for the global batch (jitted over a mesh by `jaxnets.engine.loop`):
     BatchNorm statistics are the global batch's and a dropout mask is drawn for the global
     batch (JAX's partitionable threefry), so 1 and N devices give the same numbers; no axis
     name is needed anywhere in the module.

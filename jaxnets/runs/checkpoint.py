@@ -18,17 +18,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxnets import fingerprint
-from jaxnets.orbax_faults import (
+from jaxnets.runs import fingerprint
+from jaxnets.runs.orbax_faults import (
     await_background_cleanup,
     disk_bytes,
     disk_errors,
     silence_abandoned_reads,
 )
-from jaxnets.types import PyTree
-from jaxnets.workdir import check_free_space, check_workdir_writable
+from jaxnets.core.types import PyTree
+from jaxnets.runs.workdir import check_free_space, check_workdir_writable
 
-FORMAT = "jaxnets.checkpoint/1"
+FORMAT = "jaxnets.runs.checkpoint/1"
 _STATE, _META = "state", "meta"
 _QUARANTINE = "corrupted"
 # The library's words (a run's `open_run` adds the experiments' flags).

@@ -25,10 +25,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxnets import inputs, sharding, train
-from jaxnets.types import Batch, PRNGKey
+from jaxnets.core.types import Batch, PRNGKey
+from jaxnets.engine import inputs, sharding, train
 
-log = logging.getLogger("jaxnets.feeds")
+log = logging.getLogger("jaxnets.engine.feeds")
 
 EVAL_STEPS_PER_CALL = 50  # streamed evaluation: batches per device call
 

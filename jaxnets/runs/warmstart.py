@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import fingerprint, train
+from jaxnets.runs import fingerprint
+
+from jaxnets.engine import train
 
 PARTS = ("params", "model_state")
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets.types import Array
+from jaxnets.core.types import Array
 
 _REDUCTIONS = ("none", "mean", "sum")
 

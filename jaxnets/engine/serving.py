@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from jax import export as jax_export  # not imported by `import jax` on jax 0.7
 
-from jaxnets import sharding, train
-from jaxnets.checks import POSITIVE_INT, check_argument
+from jaxnets.core.checks import POSITIVE_INT, check_argument
+from jaxnets.engine import sharding, train
 
 # (params, model_state, inputs) -> outputs: the forward pass in evaluation mode.
 ApplyFn = Callable[[Any, Any, Any], Any]

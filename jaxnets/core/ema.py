@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxnets.checks import Rule, check_argument
+from jaxnets.core.checks import Rule, check_argument
 
 DECAY = Rule(float, low=0, high=1, high_open=True)
 
@@ -87,7 +87,7 @@ def ema_params(opt_state: optax.OptState) -> optax.Params:
     if len(found) != 1:
         raise ValueError(
             f"the optimiser state holds {len(found)} parameter averages; build the optimiser "
-            "with jaxnets.ema.with_ema(tx, decay=...) (once)"
+            "with jaxnets.core.ema.with_ema(tx, decay=...) (once)"
         )
     return found[0].ema
 

@@ -10,6 +10,6 @@ PyTree = Any
 Params = PyTree
 Batch = PyTree  # any pytree of arrays with a leading example axis, e.g. {'image', 'label'}
 
-# The mesh axis the batch is split over (`jaxnets.sharding`); models that run per-device code
+# The mesh axis the batch is split over (`jaxnets.engine.sharding`); models that run per-device code
 # (`shard_map`) find it here without importing the engine.
 DATA_AXIS = "data"

@@ -19,9 +19,9 @@ from typing import Any
 
 import jax
 
-from jaxnets.hooks import LOGGING, Hook, _check_schedule
+from jaxnets.engine.hooks import LOGGING, Hook, _check_schedule
 
-log = logging.getLogger("jaxnets.monitoring")
+log = logging.getLogger("jaxnets.engine.monitoring")
 
 # Dense bfloat16 peak FLOP/s of one JAX device (a GPU; a TPU chip, or a core where a core is
 # the device: v2, v3), from the vendors' data sheets. MFU is against this peak whatever dtype

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from jaxnets import feeds, sharding, train
-from jaxnets import metrics as jmetrics
+from jaxnets.core import metrics as jmetrics
+from jaxnets.engine import feeds, sharding, train
 
 
 class Evaluation(NamedTuple):
