@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxnets import adapters, loop, losses, metrics, sharding, train
+from jaxnets import adapters, indices, loop, losses, metrics, sharding, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workload  # noqa: E402
@@ -109,7 +109,7 @@ def _plain_loop(module, data, epochs):
     n = len(data["label"])
     seconds, correct = [], 0.0
     for epoch in range(epochs):
-        idx = train.epoch_indices(jax.random.key(1), epoch, n, BATCH)
+        idx = indices.epoch_indices(jax.random.key(1), epoch, n, BATCH)
         t0 = time.perf_counter()
         sums = []
         for ix in idx:

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import adapters, evaluation, hooks, losses, optim, run, sharding, train
+from jaxnets import adapters, cli, evaluation, hooks, losses, optim, run, sharding, train
 from jaxnets import metrics as jmetrics
 from jaxnets.core.checks import POSITIVE_INT, TRAINING_CHECKS
 from jaxnets.core.types import Array
@@ -296,6 +296,6 @@ def main(config: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run.command_line(
+    cli.command_line(
         get_config, main, __doc__, shown=("test", "test_original_units", "params_sha256")
     )

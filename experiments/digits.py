@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxnets import adapters, ema, evaluation, hooks, losses, optim, run, sharding, train
+from jaxnets import adapters, cli, ema, evaluation, hooks, losses, optim, run, sharding, train
 from jaxnets import metrics as jmetrics
 from jaxnets.core.checks import FRACTION, TRAINING_CHECKS
 from jaxnets.runs.config import config_to_dict, errors_in_flags
@@ -243,4 +243,4 @@ def main(config: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run.command_line(get_config, main, __doc__)
+    cli.command_line(get_config, main, __doc__)

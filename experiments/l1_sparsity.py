@@ -3,7 +3,7 @@
 A linear regression with 200 features of which 10 matter (fewer training examples than
 features), trained by full-batch SGD with momentum through the engine's step
 (`train.make_train_step` of a loss function that sees the params, so penalties are in the
-loss; all steps in one `make_epoch_runner` call) six ways: L1 as a proximal step
+loss; all steps in one `make_epoch_program` call) six ways: L1 as a proximal step
 (`sgd(l1=)`), L1 as a subgradient (`l1_penalty` in the loss), no regulariser, L2 coupled
 (`l2_penalty` in the loss) and decoupled (`sgd(weight_decay=)`), and the elastic net (both
 proximal L1 and decoupled L2). For each: the number of exactly-zero weights, the precision and
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets import metrics, sharding, train
+from jaxnets import metrics, programs, sharding, train
 from jaxnets.core.checks import NONNEGATIVE, POSITIVE_INT, TRAINING_CHECKS
 from jaxnets.core.optim import inverse_time_decay, sgd
 from jaxnets.core.regularizers import l1_penalty, l2_penalty
@@ -162,7 +162,7 @@ def fit_full_batch(tx: optax.GradientTransformation, penalty: Callable, x, y, st
     state = train.create_train_state(params, tx, key=jax.random.key(0))
     mesh = sharding.make_mesh(1)
     replicated = sharding.replicated_sharding(mesh)
-    run = train.make_epoch_runner(
+    run = programs.make_epoch_program(
         train.make_train_step(make_loss_fn(penalty), tx), mesh, replicated
     )
     every_example = np.tile(np.arange(len(y), dtype=np.int32), (steps, 1))

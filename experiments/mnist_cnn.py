@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxnets import (
     adapters,
+    cli,
     ema,
     evaluation,
     hooks,
@@ -282,4 +283,4 @@ def main(config: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run.command_line(get_config, main, __doc__)
+    cli.command_line(get_config, main, __doc__)

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets import adapters, data, losses, sharding, sweep, writers
+from jaxnets import adapters, data, losses, sharding, sweep, sweep_results, writers
 from jaxnets import metrics as jmetrics
 from jaxnets.core.checks import NONNEGATIVE_INT, POSITIVE_INT, RUN_CHECKS, TRAINING_CHECKS, Rule
 from jaxnets.engine.sweep import VECTORIZE
@@ -230,7 +230,7 @@ def main(config: Config) -> dict:
             f"({time.perf_counter() - start:.1f} s)"
         )
 
-    result = sweep.run_sweep(
+    result = sweep.fit_sweep(
         build_objective(config),
         sweep.make_sweep_tx(sweep.DEFAULTS, nesterov=config.nesterov),
         configs,
@@ -249,13 +249,13 @@ def main(config: Config) -> dict:
     if not sharding.is_main_process():
         return results
     os.makedirs(config.workdir, exist_ok=True)
-    table = sweep.format_results(results)
-    winner = sweep.best(results)
+    table = sweep_results.format_results(results)
+    winner = sweep_results.best(results)
     print(table)
     print(f"best ({results['metric']}): run {results['best']}, {winner['label']}")
     with open(os.path.join(config.workdir, "table.md"), "w") as f:
         f.write(table + "\n")
-    sweep.plot_results(
+    sweep_results.plot_results(
         results,
         os.path.join(config.workdir, "curves.png"),
         title=f"{len(configs)} {config.model} models trained as one program",
@@ -263,7 +263,7 @@ def main(config: Config) -> dict:
     writers.write_json(os.path.join(config.workdir, "sweep.json"), results)
     tb = os.path.join(config.workdir, "tb")
     shutil.rmtree(tb, ignore_errors=True)  # a rerun's sessions replace the last run's
-    sweep.write_hparams(results, tb)
+    sweep_results.write_hparams(results, tb)
     return results
 
 

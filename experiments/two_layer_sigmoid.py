@@ -31,7 +31,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxnets import metrics, sharding, train
+from jaxnets import metrics, programs, sharding, train
 from jaxnets.core.checks import POSITIVE, POSITIVE_INT, Rule
 from jaxnets.models import two_layer_train_many
 from jaxnets.models.mlp import (
@@ -159,7 +159,7 @@ def make_train_one(config: Config, x, y):
             sharding.place_columns(mesh, every_example),
         )
 
-    run = train.make_epoch_runner(step, mesh, sharding.replicated_sharding(mesh))
+    run = programs.make_epoch_program(step, mesh, sharding.replicated_sharding(mesh))
     return run, start
 
 

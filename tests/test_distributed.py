@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import test_train
 
-from jaxnets import train
+from jaxnets import indices
 
 HERE = Path(__file__).parent
 
@@ -60,7 +60,7 @@ def test_two_processes_equal_one_process_four_devices(tmp_path):
     for i, leaf in enumerate(ref_leaves):
         np.testing.assert_allclose(streamed[f"arr_{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-6)
     n, batch = len(test_train._data()[1]), 32
-    orders = [train.epoch_indices(jax.random.key(1), e, n, batch) for e in (0, 1)]
+    orders = [indices.epoch_indices(jax.random.key(1), e, n, batch) for e in (0, 1)]
     reads = [set(np.load(f"{out}.reads{p}.npy").tolist()) for p in (0, 1)]
     for p in (0, 1):  # 2 devices of 16 examples each per process
         mine = set(np.concatenate([o[:, 16 * p : 16 * p + 16].ravel() for o in orders]).tolist())

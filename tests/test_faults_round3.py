@@ -28,10 +28,11 @@ TINY_RUN = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_refusals import _tiny_run
     from jaxnets import run
+    from jaxnets import cli
     summaries = []
     result = _tiny_run({workdir!r}, epochs={epochs}, summaries=summaries, **{flags!r})
     print("STEP", int(result.state.step), flush=True)
-    sys.exit(run.exit_status(summaries[0]))
+    sys.exit(cli.exit_status(summaries[0]))
     """
 )
 
@@ -395,7 +396,7 @@ ALLOWED = {
     ("runs/config.py", "--no-"),  # flags_of: writing arguments as the config's flags is its job
     ("data/tfds_source.py", "--file_format"),
     ("data/tfds_source.py", "--data_dir"),
-    ("runs/run.py", "--logdir"),  # TensorBoard's own flag: the line saying how to view the logs
+    ("runs/cli.py", "--logdir"),  # TensorBoard's own flag: the line saying how to view the logs
 }
 
 
@@ -608,7 +609,7 @@ class TestNumericsInUserCode:
         """Before: a confusion matrix never reached TensorBoard or the progress bar."""
         from tensorboardX.proto import event_pb2
 
-        from jaxnets import writers
+        from jaxnets import hooks, writers
 
         record = {"kind": "epoch", "step": 6, "loss": 0.5, "confusion": [[3.0, 1.0], [0.0, 4.0]]}
         tb = writers.TensorBoardWriter(tmp_path / "tb")
@@ -626,8 +627,8 @@ class TestNumericsInUserCode:
         assert any(t.startswith("epoch/confusion") and k == "tensor" for t, k in tags)  # text
         assert ("epoch/loss", "simple_value") in tags
         assert "| 0 | 3 | 1 |" in writers.array_markdown(np.array(record["confusion"]))
-        assert writers._postfix(record["confusion"]) == "[3 1 0 4]"
-        assert writers._postfix(np.zeros((3, 3)).tolist()) == "[3x3]"
+        assert hooks._postfix(record["confusion"]) == "[3 1 0 4]"
+        assert hooks._postfix(np.zeros((3, 3)).tolist()) == "[3x3]"
         jsonl = writers.JsonlWriter(tmp_path / "m.jsonl")
         jsonl.write(record)
         jsonl.close()
@@ -638,8 +639,6 @@ class TestNumericsInUserCode:
         import warnings
 
         from test_refusals import _tiny, _tiny_run
-
-        from jaxnets import train
 
         data = {k: v[:44] for k, v in _tiny().items()}  # 44 examples at batch 8: 4 left out
         with warnings.catch_warnings(record=True) as caught:
@@ -652,7 +651,9 @@ class TestNumericsInUserCode:
             "epoch). For every example every epoch, use a batch_size that divides 44 (e.g. 4 "
             "or 11)"
         ]
-        train._WARNED_DROPPED.clear()
+        from jaxnets.engine import indices
+
+        indices._WARNED_DROPPED.clear()
 
 
 class SeekSource:

@@ -4,7 +4,7 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from jaxnets import adapters, losses, sweep
+from jaxnets import adapters, losses, sweep, sweep_results
 from jaxnets import metrics as jmetrics
 
 
@@ -42,7 +42,7 @@ def test_sweep_hparams_read_by_tensorboard(tmp_path):
         metrics={"accuracy": jmetrics.accuracy},
     )
     configs = sweep.grid(seed=[0, 1], learning_rate=[0.01, 0.3])
-    result = sweep.run_sweep(
+    result = sweep.fit_sweep(
         objective,
         sweep.make_sweep_tx(sweep.DEFAULTS),
         configs,
@@ -52,7 +52,7 @@ def test_sweep_hparams_read_by_tensorboard(tmp_path):
         batch_size=16,
         steps_per_call=1,
     )
-    names = sweep.write_hparams(result.results, tmp_path / "tb")
+    names = sweep_results.write_hparams(result.results, tmp_path / "tb")
     assert names == ["run0", "run1", "run2", "run3"]
     read = _read(tmp_path / "tb")
     assert sorted(read) == names

@@ -212,7 +212,7 @@ def test_the_cnn_on_a_mesh_runs_its_kernels_per_device_with_the_one_device_gradi
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxnets import adapters, losses, sharding, train
+    from jaxnets import adapters, losses, programs, sharding
     from jaxnets.models import MnistCNN
 
     objective = adapters.linen(
@@ -232,7 +232,7 @@ def test_the_cnn_on_a_mesh_runs_its_kernels_per_device_with_the_one_device_gradi
     got = {}
     for n in (1, 8):
         mesh = sharding.make_mesh(n)
-        fn = jax.jit(train.in_mesh(grads, mesh))
+        fn = jax.jit(programs.in_mesh(grads, mesh))
         b = jax.device_put(batch, NamedSharding(mesh, P(sharding.DATA)))
         p = jax.device_put(params, NamedSharding(mesh, P()))
         got[n] = jax.device_get(fn(p, b))

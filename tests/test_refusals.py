@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnets import adapters, hooks, loop, losses, run, sharding, train, writers
+from jaxnets import adapters, cli, hooks, loop, losses, run, sharding, train, writers
 from jaxnets import metrics as jmetrics
 from jaxnets.runs.lock import WorkdirLock
 
@@ -308,7 +308,7 @@ class TestFlagsAndArguments:
         ]:
             args = {"epochs": 1, "batch_size": 8, **change}
             with pytest.raises(ValueError, match="^" + message):
-                sweep.run_sweep(objective, tx, [{"seed": 0}], _tiny(), **args)
+                sweep.fit_sweep(objective, tx, [{"seed": 0}], _tiny(), **args)
 
 
 class TestModesDoWhatTheySay:
@@ -591,12 +591,12 @@ class TestExitStatus:
         (summary,) = summaries
         assert summary["stopped_early"] and summary["step"] < 18
         assert summary["stop_signal"] == signum
-        assert run.exit_status(summary) == 128 + signum  # 130 for SIGINT, 143 for SIGTERM
+        assert cli.exit_status(summary) == 128 + signum  # 130 for SIGINT, 143 for SIGTERM
         saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
         assert saved[-1] == summary["step"]  # saved before it stopped
 
     def test_a_finished_run_exits_0(self):
-        assert run.exit_status({"stopped_early": False, "stop_signal": None}) == 0
+        assert cli.exit_status({"stopped_early": False, "stop_signal": None}) == 0
 
 
 def test_normalize_checks_the_dtype_of_traced_images_too():

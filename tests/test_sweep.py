@@ -10,7 +10,18 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnets import adapters, evaluation, hooks, loop, metrics, optim, sharding, sweep, train
+from jaxnets import (
+    adapters,
+    evaluation,
+    hooks,
+    loop,
+    metrics,
+    optim,
+    sharding,
+    sweep,
+    sweep_results,
+    train,
+)
 
 
 class _TinyNet(nn.Module):
@@ -71,7 +82,7 @@ EPOCHS, BATCH = 2, 32
 
 def _separate_run(tx, seed, train_data, val_data, module=None):
     """One configuration through the ordinary single-model path: loop.fit on 1 device."""
-    model_key, data_key = sweep.run_keys(seed)
+    model_key, data_key = sweep.seed_keys(seed)
     objective = _objective(module)
     state = train.create_train_state(objective.init, tx, _batch(train_data), key=model_key)
     step = train.make_train_step(objective.loss_fn, tx)
@@ -121,7 +132,7 @@ def _assert_sweep_equals_runs(results, configs, separate, train_data, val_data):
 def test_sweep_on_several_devices_equals_separate_runs_on_1():
     train_data, val_data = _data(160, 0), _data(40, 1)
     results = [
-        sweep.run_sweep(
+        sweep.fit_sweep(
             _objective(),
             sweep.make_sweep_tx(sweep.DEFAULTS, nesterov=True),
             CONFIGS,
@@ -160,7 +171,7 @@ def test_sweep_of_any_injected_chain_and_a_batchnorm_model():
     train_data, val_data = _data(128, 4), _data(40, 5)
     tx = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, weight_decay=1e-4)
     configs = [{"seed": 0, "learning_rate": 0.01}, {"seed": 1, "b1": 0.5}]
-    result = sweep.run_sweep(
+    result = sweep.fit_sweep(
         _objective(_BatchNormNet()),
         tx,
         configs,
@@ -191,7 +202,7 @@ def test_sweep_state_matches_create_train_state_bit_for_bit():
         _objective().init,
         sweep.make_sweep_tx(configs[0], nesterov=True),
         sample,
-        key=sweep.run_keys(5)[0],
+        key=sweep.seed_keys(5)[0],
     )
     chex.assert_trees_all_equal(jax.tree.map(lambda x: x[0], stacked), one)
     hp = jax.tree.map(lambda x: x[0], stacked.opt_state.hyperparams)
@@ -201,7 +212,7 @@ def test_sweep_state_matches_create_train_state_bit_for_bit():
 
 def test_configs_setting_hyperparameters_need_an_injected_transform():
     with pytest.raises(ValueError, match="tx has none injected; build it with"):
-        sweep.run_sweep(
+        sweep.fit_sweep(
             _objective(),
             optax.sgd(0.1),
             [{"seed": 0, "learning_rate": 0.1}],
@@ -225,7 +236,7 @@ def _results_with(val_losses):
 def test_best_is_lowest_validation_loss_and_table_marks_it():
     train_data, val_data = _data(96, 2), _data(64, 3)
     configs = sweep.grid(learning_rate=[0.001, 0.3, 3.0], seed=[0, 1])
-    result = sweep.run_sweep(
+    result = sweep.fit_sweep(
         _objective(),
         sweep.make_sweep_tx(sweep.DEFAULTS),
         configs,
@@ -249,9 +260,9 @@ def test_best_is_lowest_validation_loss_and_table_marks_it():
     ]
     expected = int(np.nanargmin(val))
     assert results["best"] == expected
-    assert sweep.best(results) is results["runs"][expected]
+    assert sweep_results.best(results) is results["runs"][expected]
     np.testing.assert_allclose([r["final"]["val_loss"] for r in results["runs"]], val, rtol=1e-5)
-    table = sweep.format_results(results).splitlines()
+    table = sweep_results.format_results(results).splitlines()
     assert len(table) == 2 + len(configs)
     marked = [line for line in table[2:] if line.rstrip().endswith("| * |")]
     assert len(marked) == 1 and marked[0].startswith(f"| {expected} |")

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from experiments import sweep as sweep_experiment
-from jaxnets import sweep
+from jaxnets import sweep_results
 
 
 def test_parse_args_repeated_sweep_flags_and_config_flags():
@@ -56,6 +56,6 @@ def test_smoke_two_layer_grid_writes_json_table_and_plot(tmp_path):
     assert results["best"] == min(range(4), key=val.__getitem__)
     assert [p["step"] for p in results["runs"][0]["curve"]] == [4, 8, 10]  # 160 // 16 steps
     assert json.loads((tmp_path / "sweep.json").read_text()) == results
-    assert (tmp_path / "table.md").read_text() == sweep.format_results(results) + "\n"
+    assert (tmp_path / "table.md").read_text() == sweep_results.format_results(results) + "\n"
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["run0", "run1", "run2", "run3"]

@@ -11,7 +11,19 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnets import adapters, dispatch, evaluation, hooks, loop, metrics, pmap, sharding, train
+from jaxnets import (
+    adapters,
+    dispatch,
+    evaluation,
+    hooks,
+    indices,
+    loop,
+    metrics,
+    pmap,
+    programs,
+    sharding,
+    train,
+)
 
 
 class _TinyNet(nn.Module):
@@ -248,13 +260,13 @@ def test_pmap_adapter_equals_the_jit_path():
     state = train.create_train_state(
         objective.init, TX, _batch(images[:1], labels[:1]), key=jax.random.key(0)
     )
-    idx = train.epoch_indices(jax.random.key(1), 0, 64, 16)  # 4 steps of 16
+    idx = indices.epoch_indices(jax.random.key(1), 0, 64, 16)  # 4 steps of 16
     batches = _batch(images[idx], labels[idx])
     run = pmap.pmapped_steps(pmap.make_train_step(objective.loss_fn, TX), devices=jax.devices()[:4])
     got, got_metrics = run(state, batches)
     mesh = sharding.make_mesh(4)
     shardings = sharding.state_shardings(state, mesh)
-    jit_run = train.make_stream_runner(
+    jit_run = programs.make_stream_program(
         train.make_train_step(objective.loss_fn, TX), mesh, shardings
     )
     want, want_metrics = jit_run(
@@ -354,7 +366,7 @@ def test_skip_nonfinite_skips_the_poisoned_step_and_warns(caplog):
     poisoned = [
         s + 1
         for e in range(2)
-        for s, rows in enumerate(train.epoch_indices(jax.random.key(1), e, 256, 32))
+        for s, rows in enumerate(indices.epoch_indices(jax.random.key(1), e, 256, 32))
         if 7 in rows
     ]
     with pytest.raises(
@@ -418,11 +430,11 @@ def test_fit_compiles_before_the_first_step_and_never_again():
 
 def test_epoch_indices_are_a_pure_function_of_key_and_epoch():
     key = jax.random.key(5)
-    a = train.epoch_indices(key, 3, 100, 10)
-    np.testing.assert_array_equal(a, train.epoch_indices(key, 3, 100, 10))
-    assert not np.array_equal(a, train.epoch_indices(key, 4, 100, 10))
+    a = indices.epoch_indices(key, 3, 100, 10)
+    np.testing.assert_array_equal(a, indices.epoch_indices(key, 3, 100, 10))
+    assert not np.array_equal(a, indices.epoch_indices(key, 4, 100, 10))
     assert a.shape == (10, 10) and sorted(a.ravel().tolist()) == list(range(100))
-    b = train.epoch_indices(key, 0, 105, 10)  # the remainder is dropped
+    b = indices.epoch_indices(key, 0, 105, 10)  # the remainder is dropped
     assert b.shape == (10, 10) and len(set(b.ravel().tolist())) == 100
 
 

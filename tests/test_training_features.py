@@ -269,7 +269,7 @@ def test_the_experiment_flags(tmp_path):
     import json
 
     from experiments import mnist_cnn
-    from jaxnets import run
+    from jaxnets import cli
 
     config = dataclasses.replace(
         mnist_cnn.get_config(),
@@ -293,7 +293,7 @@ def test_the_experiment_flags(tmp_path):
     )
     summary = mnist_cnn.main(config)
     assert summary["stopped_early"] and summary["epochs_completed"] == 2
-    assert run.exit_status(summary) == 0
+    assert cli.exit_status(summary) == 0
     assert summary["early_stopping"]["stopped_epoch"] == 2
     records = writers.read_jsonl(tmp_path / "run" / "metrics.jsonl")
     epochs = [r for r in records if r["kind"] == "epoch"]

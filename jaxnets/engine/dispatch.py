@@ -25,7 +25,6 @@ import numpy as np
 
 from jaxnets.data.cache import cache_write_failed, default_cache_dir
 from jaxnets.engine import train
-from jaxnets.runs import writers
 
 log = logging.getLogger("jaxnets.engine.loop")
 
@@ -63,8 +62,12 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
+    """Atomically (temp file + rename, named for the process): a crash or another process
+    writing the same record never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    writers.write_json(path, obj)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def _time_calls(program, state, chunks) -> float:

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxnets.core.types import Batch, PRNGKey
-from jaxnets.engine import inputs, sharding, train
+from jaxnets.engine import indices, inputs, programs, sharding, train
 
 log = logging.getLogger("jaxnets.engine.feeds")
 
@@ -52,14 +52,14 @@ class Feed(Protocol):
 
 class _Order:
     """The data order shared by both feeds: this process's columns of each epoch's
-    `[steps, batch]` indices (`train.epoch_indices`, a pure function of key and epoch)."""
+    `[steps, batch]` indices (`indices.epoch_indices`, a pure function of key and epoch)."""
 
     def __init__(self, mesh, n, batch_size, data_key, order):
         self.mesh, self.num_examples, self.batch_size = mesh, n, batch_size
         self.data_key = data_key
         self._order = order or (
             lambda e: (
-                train.epoch_indices(data_key, e, n, batch_size)
+                indices.epoch_indices(data_key, e, n, batch_size)
                 if data_key is not None
                 else _no_key()
             )
@@ -70,7 +70,7 @@ class _Order:
 
     def eval_rows(self) -> np.ndarray:
         return sharding.process_columns(
-            self.mesh, train.eval_indices(self.num_examples, self.batch_size)
+            self.mesh, indices.eval_indices(self.num_examples, self.batch_size)
         )
 
 
@@ -83,12 +83,12 @@ class ResidentFeed(_Order):
     the scanned steps. Chunk arguments: `(data, idx)`."""
 
     def __init__(self, data: Batch, mesh: Mesh, batch_size: int, data_key, order=None):
-        super().__init__(mesh, train.num_examples(data), batch_size, data_key, order)
+        super().__init__(mesh, indices.num_examples(data), batch_size, data_key, order)
         self.data = sharding.place(data, sharding.state_shardings(data, mesh))
         self._eval: dict = {}
 
     def train_program(self, train_step: Callable, state_shardings: Any) -> Any:
-        return train.make_epoch_runner(train_step, self.mesh, state_shardings)
+        return programs.make_epoch_program(train_step, self.mesh, state_shardings)
 
     def chunk_args(self, rows: np.ndarray) -> tuple:
         return (self.data, sharding.place_columns(self.mesh, rows))
@@ -105,11 +105,11 @@ class ResidentFeed(_Order):
     def evaluate(self, eval_step: Callable, state: train.TrainState) -> Any:
         if eval_step not in self._eval:
             self._eval[eval_step] = (
-                train.make_eval_runner(eval_step, self.mesh),
+                programs.make_eval_program(eval_step, self.mesh),
                 sharding.place_columns(self.mesh, self.eval_rows()),
             )
-        run, idx = self._eval[eval_step]
-        return _host_sums(run(state, self.data, idx))
+        program, idx = self._eval[eval_step]
+        return _host_sums(program(state, self.data, idx))
 
     def state(self) -> dict | None:
         return None
@@ -140,7 +140,7 @@ class StreamFeed(_Order):
         self._eval: dict = {}
 
     def train_program(self, train_step: Callable, state_shardings: Any) -> Any:
-        return train.make_stream_runner(train_step, self.mesh, state_shardings)
+        return programs.make_stream_program(train_step, self.mesh, state_shardings)
 
     def chunk_args(self, rows: np.ndarray) -> tuple:
         return (sharding.place_columns(self.mesh, _stack([self.stream.read(r) for r in rows])),)
@@ -168,8 +168,8 @@ class StreamFeed(_Order):
 
     def evaluate(self, eval_step: Callable, state: train.TrainState) -> Any:
         if eval_step not in self._eval:
-            self._eval[eval_step] = train.make_stream_eval_runner(eval_step, self.mesh)
-        run, idx = self._eval[eval_step], self.eval_rows()
+            self._eval[eval_step] = programs.make_stream_eval_program(eval_step, self.mesh)
+        program, idx = self._eval[eval_step], self.eval_rows()
         batches = self.stream.batches(np.maximum(idx, 0), 0)
         total = None
         try:
@@ -177,7 +177,7 @@ class StreamFeed(_Order):
                 rows = idx[lo : lo + EVAL_STEPS_PER_CALL]
                 chunk = _stack([next(batches)[0] for _ in range(len(rows))])
                 args = sharding.place_columns(self.mesh, (chunk, rows >= 0))
-                sums = _host_sums(run(state, *args))
+                sums = _host_sums(program(state, *args))
                 total = sums if total is None else jax.tree.map(np.add, total, sums)
         finally:
             batches.close()
@@ -266,6 +266,6 @@ def make_feed(
     log.info("input (%s): %s", what, "streamed (Grain)" if streamed else "resident on the devices")
     if streamed:
         return StreamFeed(resolved, mesh, batch_size, data_key, order)
-    train.num_examples(resolved, what)
+    indices.num_examples(resolved, what)
     inputs.check_finite(resolved, what)
     return ResidentFeed(resolved, mesh, batch_size, data_key, order)

@@ -17,6 +17,7 @@ Example (a user's loop with logs, evaluation and checkpoints, no work-directory 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -235,8 +236,6 @@ class Progress(Hook):
         self._sums: Any = None
 
     def __call__(self, ctx: Any) -> None:
-        from jaxnets.runs.writers import ProgressBar
-
         if self._bar is None:
             start = ctx.position - ctx.length
             self._bar = ProgressBar(
@@ -473,3 +472,38 @@ class Preemption(Hook):
     def end(self, ctx: Any) -> None:
         if self.owned:
             self.guard.__exit__(None, None, None)
+
+
+class ProgressBar:
+    """A tqdm bar for one epoch; `update(n, loss=..., accuracy=...)` after each log point."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, start: int = 0, *, disable=None):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=steps,
+            initial=start,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+            file=sys.stderr,
+            disable=disable,
+        )
+
+    def update(self, n: int, **postfix: float) -> None:
+        self._bar.set_postfix({k: _postfix(v) for k, v in postfix.items()}, refresh=False)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _postfix(value: Any) -> str:
+    """A progress-bar value: a number to 4 decimals, an array metric as its values or shape."""
+    if isinstance(value, (int, float)):
+        return f"{value:.4f}"
+    array = np.asarray(value)
+    if array.size <= 4:
+        return "[" + " ".join(f"{v:.4g}" for v in array.reshape(-1)) + "]"
+    return "[" + "x".join(map(str, array.shape)) + "]"

@@ -5,7 +5,7 @@
   memory check runs before anything is placed.
 - **Streamed**: a Grain pipeline over a random-access source (numpy arrays, `.npy` files
   memory-mapped, a TFDS `data_source`, any object with `__len__` and `__getitem__`). The
-  order is the resident path's (`train.epoch_indices`, a pure function of the data key and
+  order is the resident path's (`indices.epoch_indices`, a pure function of the data key and
   the epoch), each process reads only its columns of every global batch, worker threads
   read ahead a bounded number of batches, and the next chunk of batches is put on the
   devices while the current one runs. The steps are the resident path's on the same
@@ -98,7 +98,7 @@ def _check_thread_safe(source: Any, num_threads: int) -> None:
 class Stream:
     """A training set streamed from a random-access source while training.
 
-    `loop.fit` drives it: epoch `e` reads the batches of `train.epoch_indices(data_key, e,
+    `loop.fit` drives it: epoch `e` reads the batches of `indices.epoch_indices(data_key, e,
     len(source), batch_size)`, this process's columns only, in Grain worker threads that
     read `prefetch` batches ahead. Its position (`get_state`) is saved in checkpoints
     beside the train state (`run.Run` does it), so a resumed run reads on from there.

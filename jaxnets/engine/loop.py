@@ -104,19 +104,19 @@ class Chunks:
         # (and measuring k), reading input, dispatching and waiting for the devices.
         self.seconds = {"compile": 0.0, "input": 0.0, "device": 0.0}
 
-    def _programs(self, run: Any, state: Any, rows: np.ndarray, start: int) -> dict:
+    def _programs(self, program: Any, state: Any, rows: np.ndarray, start: int) -> dict:
         """The compiled programs of the chunk lengths this run calls (k chosen first)."""
         spe, devices = self.steps_per_epoch, list(self.mesh.devices.flat)
         compiled: dict[int, Any] = {}
 
         def compile_fn(c: int):
             if c not in compiled:
-                compiled[c] = run.lower(state, *self.feed.chunk_args(rows[:c])).compile()
+                compiled[c] = program.lower(state, *self.feed.chunk_args(rows[:c])).compile()
             return compiled[c]
 
         k = min(self.requested or dispatch.scan_candidates(devices), spe)
         if self.requested is None and k > 1 and jax.process_count() == 1:
-            key_text = run.lower(state, *self.feed.chunk_args(rows[:1])).as_text()
+            key_text = program.lower(state, *self.feed.chunk_args(rows[:1])).as_text()
             k = dispatch.choose_steps_per_call(
                 compile_fn,
                 k,
@@ -136,7 +136,7 @@ class Chunks:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
         )  # the state itself is donated to the first call
         self._compile_one = lambda: (
-            compiled.get(1) or run.lower(shapes, *self.feed.chunk_args(rows[:1])).compile()
+            compiled.get(1) or program.lower(shapes, *self.feed.chunk_args(rows[:1])).compile()
         )
         return {c: compile_fn(c) for c in sorted(lengths)}
 
@@ -158,10 +158,10 @@ class Chunks:
             return
         feed.check_position(step, spe)
         state = sharding.place(self.state, self.shardings)
-        run = feed.train_program(self.train_step, self.shardings)
+        program = feed.train_program(self.train_step, self.shardings)
         clock, seconds = time.perf_counter, self.seconds
         t = clock()
-        programs = self._programs(run, state, feed.rows(step // spe), step % spe)
+        programs = self._programs(program, state, feed.rows(step // spe), step % spe)
         self.programs = programs
         seconds["compile"] += clock() - t
         self.compiled_at = clock()

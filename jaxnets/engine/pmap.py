@@ -9,8 +9,8 @@ gradients are the mean of the devices' (`pmean`), metrics their sum (`psum`), an
 per-example keys follow global positions (`train.example_keys`).
 
 Example:
-    >>> run = pmapped_steps(make_train_step(objective.loss_fn, tx), devices=jax.devices())
-    >>> state, metrics = run(state, batches)   # batches: [steps, global_batch, ...] on the host
+    >>> program = pmapped_steps(make_train_step(objective.loss_fn, tx), devices=jax.devices())
+    >>> state, metrics = program(state, batches)   # batches: [steps, global_batch, ...] on the host
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def pmapped_steps(
     devices: Sequence[Any] | None = None,
     axis_name: str = AXIS,
 ) -> Callable[[train.TrainState, Batch], tuple[train.TrainState, dict]]:
-    """`run(state, batches) -> (state, metrics)` with `jax.pmap` over `devices` (one process).
+    """`program(state, batches) -> (state, metrics)` with `jax.pmap` over `devices` (one process).
 
     Args:
       per_device_step: `make_train_step(loss_fn, tx, axis_name=axis_name)`.
@@ -85,12 +85,12 @@ def pmapped_steps(
     devices = list(devices or jax.local_devices())
     n = len(devices)
 
-    def run_fn(state, batches):
+    def body(state, batches):
         return jax.lax.scan(per_device_step, state, batches)
 
-    mapped = jax.pmap(run_fn, axis_name=axis_name, in_axes=(None, 1), devices=devices)
+    mapped = jax.pmap(body, axis_name=axis_name, in_axes=(None, 1), devices=devices)
 
-    def run(state: train.TrainState, batches: Batch) -> tuple[train.TrainState, dict]:
+    def program(state: train.TrainState, batches: Batch) -> tuple[train.TrainState, dict]:
         def split(x):
             x = np.asarray(x)
             if x.shape[1] % n:
@@ -104,4 +104,4 @@ def pmapped_steps(
         first = lambda x: np.asarray(x)[0]
         return jax.tree.map(first, state), jax.tree.map(first, metrics)
 
-    return run
+    return program

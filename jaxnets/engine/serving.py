@@ -24,7 +24,7 @@ import numpy as np
 from jax import export as jax_export  # not imported by `import jax` on jax 0.7
 
 from jaxnets.core.checks import POSITIVE_INT, check_argument
-from jaxnets.engine import sharding, train
+from jaxnets.engine import indices, sharding
 
 # (params, model_state, inputs) -> outputs: the forward pass in evaluation mode.
 ApplyFn = Callable[[Any, Any, Any], Any]
@@ -78,7 +78,7 @@ def predict(
     check_argument("batch_size", batch_size, POSITIVE_INT)
     apply = forward_fn(objective_or_apply_fn)
     mesh = sharding.make_mesh() if mesh is None else mesh
-    n = train.num_examples(data, "data")
+    n = indices.num_examples(data, "data")
     devices = sharding.num_devices(mesh)
     batch = -(-min(batch_size, n) // devices) * devices
     steps = -(-n // batch)
@@ -91,14 +91,16 @@ def predict(
         return padded.reshape(steps, batch, *x.shape[1:])
 
     chunks = jax.tree.map(pad, data)
-    run = jax.jit(lambda v, x: apply(v[0], v[1], x))
+    program = jax.jit(lambda v, x: apply(v[0], v[1], x))
     split = sharding.batch_sharding(mesh)
 
     def put(x, i):
         local = sharding.process_columns(mesh, x[i : i + 1])[0]  # this process's examples
         return jax.make_array_from_process_local_data(split, local)
 
-    outputs = [run(variables, jax.tree.map(lambda x, i=i: put(x, i), chunks)) for i in range(steps)]
+    outputs = [
+        program(variables, jax.tree.map(lambda x, i=i: put(x, i), chunks)) for i in range(steps)
+    ]
     host = sharding.to_host(outputs)
     return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *host)
 

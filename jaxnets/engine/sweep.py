@@ -27,7 +27,7 @@ Example:
     >>> configs = grid(**parse_sweep(["seed=0:2", "learning_rate=0.01,0.1"]))
     >>> [(c["seed"], c["learning_rate"]) for c in configs]
     [(0, 0.01), (0, 0.1), (1, 0.01), (1, 0.1)]
-    >>> result = run_sweep(objective, make_sweep_tx(DEFAULTS), configs, {"image": x, "label": y},
+    >>> result = fit_sweep(objective, make_sweep_tx(DEFAULTS), configs, {"image": x, "label": y},
     ...                    val_data, epochs=2, batch_size=100)      # doctest: +SKIP
     >>> print(format_results(result.results))                      # doctest: +SKIP
 """
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -49,8 +48,7 @@ import optax
 from jaxnets.core import optim
 from jaxnets.core.checks import POSITIVE_INT, check_argument
 from jaxnets.core.types import Batch, PRNGKey
-from jaxnets.engine import hooks, loop, sharding, train
-from jaxnets.runs import writers
+from jaxnets.engine import hooks, indices, loop, sharding, train
 
 # The seed CNN's optimiser (SEEDS.md): SGD 0.05, Nesterov 0.9, inverse-time decay 1e-6.
 SGD_HYPERPARAMETERS = ("learning_rate", "decay", "momentum", "weight_decay", "l1")
@@ -216,7 +214,7 @@ def complete_configs(
     return full
 
 
-def run_keys(seed: int) -> tuple[PRNGKey, PRNGKey]:
+def seed_keys(seed: int) -> tuple[PRNGKey, PRNGKey]:
     """`(model_key, data_key)` of a configuration's seed (module docstring)."""
     model_key, data_key = jax.random.split(jax.random.key(seed))
     return model_key, data_key
@@ -258,7 +256,7 @@ def create_sweep_state(
 ) -> train.TrainState:
     """K train states stacked along a leading model axis, initialised in one program.
 
-    Model k is `train.create_train_state(init_fn, tx_k, sample_batch, key=run_keys(seed_k)[0])`
+    Model k is `train.create_train_state(init_fn, tx_k, sample_batch, key=seed_keys(seed_k)[0])`
     where `tx_k` is `tx` with config k's injected hyperparameters, bit for bit.
 
     Args:
@@ -267,7 +265,7 @@ def create_sweep_state(
       configs: complete configurations (`complete_configs`).
       sample_batch: a batch of the right shapes and dtypes.
     """
-    keys = jnp.stack([train.raw_key(run_keys(c["seed"])[0]) for c in configs])
+    keys = jnp.stack([train.raw_key(seed_keys(c["seed"])[0]) for c in configs])
     names = sorted({k for c in configs for k in c if k != "seed"})
     values = {k: jnp.asarray([c[k] for c in configs], jnp.float32) for k in names}
 
@@ -303,7 +301,7 @@ def make_sweep_train_step(
     The returned step takes `states` with a leading model axis `[K, ...]` and a batch whose
     leaves are `[batch, K, ...]` (batch first: the layout in which
     `sharding.place_columns` splits `[steps, batch, K]` example indices over devices),
-    and returns the states and metrics with a `[K]` axis. `train.make_epoch_runner` runs it.
+    and returns the states and metrics with a `[K]` axis. `programs.make_epoch_program` runs it.
     """
     if vectorize not in VECTORIZE:
         raise ValueError(f"vectorize={vectorize!r}: use one of {VECTORIZE}")
@@ -327,9 +325,9 @@ def make_sweep_eval_step(eval_fn: train.EvalFn) -> Callable:
 def sweep_epoch_indices(
     data_keys: Sequence[PRNGKey], epoch: int, num_examples: int, batch_size: int
 ) -> np.ndarray:
-    """`[steps, batch_size, K]` example indices: model k's `train.epoch_indices`."""
+    """`[steps, batch_size, K]` example indices: model k's `indices.epoch_indices`."""
     return np.stack(
-        [train.epoch_indices(k, epoch, num_examples, batch_size) for k in data_keys], axis=-1
+        [indices.epoch_indices(k, epoch, num_examples, batch_size) for k in data_keys], axis=-1
     )
 
 
@@ -360,7 +358,7 @@ def _per_model(record: Mapping[str, Any], num_models: int) -> list[dict]:
     return out
 
 
-def run_sweep(
+def fit_sweep(
     objective: Any,
     tx: optax.GradientTransformation,
     configs: Sequence[Mapping[str, Any]],
@@ -408,7 +406,7 @@ def run_sweep(
     check_argument("epochs", epochs, POSITIVE_INT)
     check_argument("batch_size", batch_size, POSITIVE_INT)
     check_argument("log_every_steps", log_every_steps, POSITIVE_INT)
-    n = train.num_examples(train_data, "training data")
+    n = indices.num_examples(train_data, "training data")
     sample = jax.tree.map(lambda x: np.asarray(x[:1]), train_data)
     params_shape = jax.eval_shape(objective.init, jax.random.key(0), sample)[0]
     injected = injected_hyperparameters(tx, params_shape)
@@ -420,7 +418,7 @@ def run_sweep(
     full = complete_configs(configs, {**injected, **base}, names=tuple(sorted(injected)))
     mesh = sharding.make_mesh() if mesh is None else mesh
     sharding.check_batch(mesh, batch_size)
-    train.epoch_indices(jax.random.key(0), 0, n, batch_size)  # validates the batch
+    indices.epoch_indices(jax.random.key(0), 0, n, batch_size)  # validates the batch
     start = time.perf_counter()
     state = create_sweep_state(objective.init, tx, full, sample)
     step = make_sweep_train_step(objective.loss_fn, tx, vectorize=vectorize)
@@ -428,7 +426,7 @@ def run_sweep(
     if val_data is not None:
         eval_step = make_sweep_eval_step(objective.eval_fn)
         fit_hooks.append(hooks.Evaluate(eval_step, val_data, batch_size=batch_size))
-    data_keys = [run_keys(c["seed"])[1] for c in full]
+    data_keys = [seed_keys(c["seed"])[1] for c in full]
     curves: list[list[dict]] = [[] for _ in full]
     histories: list[list[dict]] = [[] for _ in full]
 
@@ -503,86 +501,3 @@ def best_index(results: Mapping[str, Any], metric: str = "val_loss") -> int:
     if not scored:
         raise ValueError(f"every run has a non-finite {metric}: all diverged; lower learning_rate")
     return min(scored)[1]
-
-
-def best(results: Mapping[str, Any], metric: str = "val_loss") -> dict:
-    """The run (a dict of `results["runs"]`) with the best final `metric` (`best_index`)."""
-    return results["runs"][best_index(results, metric)]
-
-
-def write_hparams(results: Mapping[str, Any], logdir: str | os.PathLike) -> list[str]:
-    """Every model of a sweep in TensorBoard's HParams dashboard (`writers.write_hparams`).
-
-    Session `run<i>` per configuration: its hyperparameters (`seed` and every injected
-    value) and its final metrics as `hparam/<name>` (loss, accuracy, val_loss...), at the
-    run's last step. `tensorboard --logdir <logdir>`, tab HPARAMS: one row per model.
-
-    Returns:
-      The session names, in the order of `results["runs"]`.
-    """
-    runs = results["runs"]
-    width = len(str(len(runs) - 1))
-    names = [f"run{i:0{width}d}" for i in range(len(runs))]
-    sessions = [
-        (
-            name,
-            dict(run["config"]),
-            {f"hparam/{k}": v for k, v in run["final"].items()},
-        )
-        for name, run in zip(names, runs)
-    ]
-    steps = [h[-1]["step"] for run in runs for h in [run["history"]] if h]
-    writers.write_hparams(logdir, sessions, step=max(steps) if steps else None)
-    return names
-
-
-def format_results(results: Mapping[str, Any], metric: str | None = None) -> str:
-    """A markdown table: one row per run, swept values, final metrics, best marked `*`."""
-    metric = metric or results["metric"]
-    winner = best_index(results, metric)
-    axes = list(results["axes"]) or ["seed"]
-    columns = ["run", *axes]
-    columns += [c for c in RESULT_COLUMNS if c in results["runs"][0]["final"]]
-    columns.append("best")
-    rows = []
-    for i, run in enumerate(results["runs"]):
-        row = {"run": i, **{a: run["config"][a] for a in axes}, **run["final"]}
-        row["best"] = "*" if i == winner else ""
-        rows.append(row)
-    return writers.format_table(rows, columns)
-
-
-def plot_results(results: Mapping[str, Any], path: str | os.PathLike, *, title: str = "") -> None:
-    """One PNG of every run's curves: train loss per log interval, validation loss per epoch.
-
-    The best run (by `results["metric"]`) is drawn thick; a legend when there are <= 12 runs.
-    """
-    from matplotlib.figure import Figure  # lazy: plotting is optional for the library
-
-    runs = results["runs"]
-    winner = results["best"]
-    has_val = "val_loss" in runs[0]["final"]
-    fig = Figure(figsize=(12 if has_val else 6, 4))
-    axes = fig.subplots(1, 2 if has_val else 1, squeeze=False)[0]
-    colors = [f"C{i % 10}" for i in range(len(runs))]
-    for i, run in enumerate(runs):
-        lw, alpha = (2.2, 1.0) if i == winner else (0.9, 0.7)
-        label = run["label"] + (" (best)" if i == winner else "")
-        pts = [(p["step"], p["loss"]) for p in run["curve"] if math.isfinite(p["loss"])]
-        if pts:
-            axes[0].plot(*zip(*pts), color=colors[i], lw=lw, alpha=alpha, label=label)
-        if has_val:
-            val = [(h["step"], h["val_loss"]) for h in run["history"]]
-            val = [(s, v) for s, v in val if math.isfinite(v)]
-            if val:
-                axes[1].plot(*zip(*val), "o-", color=colors[i], lw=lw, alpha=alpha, label=label)
-    axes[0].set(xlabel="step", ylabel="train loss (mean over log interval)", yscale="log")
-    if has_val:
-        axes[1].set(xlabel="step", ylabel="validation loss (per epoch)", yscale="log")
-    for ax in axes:
-        ax.grid(True, which="both", alpha=0.3)
-    if len(runs) <= 12:
-        axes[-1].legend(fontsize=7)
-    fig.suptitle(title or f"{len(runs)} models trained as one program")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)

@@ -1,5 +1,5 @@
-"""The train state, pure train/eval steps built from a user's loss function, and the runners
-that put many steps in one device call with the data set resident on the devices.
+"""The train state and the pure train/eval steps built from a user's loss function (the
+programs that run many of them per device call are in `jaxnets.engine.programs`).
 
 The contract (what every model, data set and loss goes through):
 - a **batch** is any pytree of arrays with a leading example axis, e.g.
@@ -23,19 +23,17 @@ A complete loop from the public parts (what `jaxnets.engine.loop.fit` does, with
     objective = adapters.linen(model, loss=..., metrics={...})
     state = create_train_state(objective.init, tx, sample_batch, key=jax.random.key(0))
     shardings = sharding.state_shardings(state, mesh)    # or rule=sharding.fsdp()
-    run = make_epoch_runner(make_train_step(objective.loss_fn, tx), mesh, shardings)
+    program = programs.make_epoch_program(make_train_step(objective.loss_fn, tx), mesh, shardings)
     state = sharding.place(state, shardings)
     data = sharding.place(train_set, sharding.state_shardings(train_set, mesh))
     for epoch in range(epochs):
-        idx = epoch_indices(data_key, epoch, num_examples(train_set), batch_size)
-        state, metrics = run(state, data, sharding.place_columns(mesh, idx))
+        idx = indices.epoch_indices(data_key, epoch, indices.num_examples(train_set), batch_size)
+        state, metrics = program(state, data, sharding.place_columns(mesh, idx))
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,8 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxnets.core import metrics as jmetrics
 from jaxnets.core.accumulation import microbatch_grad
@@ -251,172 +247,6 @@ def make_eval_step(eval_fn: EvalFn) -> Callable[[TrainState, Batch, Array], dict
         return eval_fn(state.params, state.model_state, batch, mask)
 
     return step_fn
-
-
-def gather(data: Batch, ix: Array) -> Batch:
-    """The examples `ix` of a resident data set (every leaf indexed along axis 0)."""
-    return jax.tree.map(lambda x: x[ix], data)
-
-
-def _scan_or_call(step: Callable, state: Any, xs: Any) -> tuple[Any, Any]:
-    """`lax.scan(step, state, xs)`, or one direct call for a chunk of one step."""
-    if jax.tree.leaves(xs)[0].shape[0] == 1:
-        state, metrics = step(state, jax.tree.map(lambda x: x[0], xs))
-        return state, jax.tree.map(lambda m: m[None], metrics)
-    return jax.lax.scan(step, state, xs)
-
-
-def _jit_runner(run_fn: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
-    """`run_fn(state, ...) -> (state, metrics)` jitted: the state stays on its shardings
-    (donated), the per-step metrics come back replicated."""
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(
-        in_mesh(run_fn, mesh), out_shardings=(state_shardings, replicated), donate_argnums=(0,)
-    )
-
-
-def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """`fn` traced with `mesh` as the abstract mesh in context, so per-device code inside a
-    model (`shard_map` over the data axis) finds the devices the batch is split over."""
-
-    def fn_in_mesh(*args):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args)
-
-    return fn_in_mesh
-
-
-def make_epoch_runner(train_step: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
-    """Runs many train steps per device call, the data set resident on the devices.
-
-    Returns `run(state, data, idx) -> (state, metrics)` where `state` is placed on
-    `state_shardings`, `data` (a batch pytree of the whole data set) is replicated, `idx`
-    is `[steps, global_batch]` example indices split over the data axis along axis 1, and
-    `metrics` are the per-step metrics with a leading `[steps]` axis. The state is donated.
-    """
-
-    def run_fn(state, data, idx):
-        return _scan_or_call(lambda s, ix: train_step(s, gather(data, ix)), state, idx)
-
-    return _jit_runner(run_fn, mesh, state_shardings)
-
-
-def make_stream_runner(train_step: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
-    """Runs many train steps per device call on batches streamed from the host.
-
-    Returns `run(state, batches) -> (state, metrics)` where `batches` has a leading
-    `[steps, global_batch, ...]` (split over the data axis along axis 1): the same steps as
-    `make_epoch_runner` on the batches it would gather. The state is donated.
-    """
-    return _jit_runner(
-        lambda state, batches: _scan_or_call(train_step, state, batches), mesh, state_shardings
-    )
-
-
-def _summed(eval_step: Callable, state: Any, xs: Any) -> dict:
-    def body(total, x):
-        return jax.tree.map(jnp.add, total, eval_step(state, *x)), None
-
-    first = jax.tree.map(lambda x: x[0], xs)
-    zero = jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(eval_step, state, *first)
-    )
-    return jax.lax.scan(body, zero, xs)[0]
-
-
-def make_eval_runner(eval_step: Callable, mesh: Mesh) -> Callable:
-    """`run(state, data, idx) -> metrics` summed over all of `idx` ([steps, batch]; -1 = pad)."""
-
-    def run_fn(state, data, idx):
-        return _summed(
-            lambda s, ix: eval_step(s, gather(data, jnp.maximum(ix, 0)), ix >= 0), state, (idx,)
-        )
-
-    return jax.jit(in_mesh(run_fn, mesh), out_shardings=NamedSharding(mesh, P()))
-
-
-def make_stream_eval_runner(eval_step: Callable, mesh: Mesh) -> Callable:
-    """`run(state, batches, mask) -> metrics` summed over streamed `[steps, batch, ...]`.
-
-    `mask` ([steps, batch] bool) is False on the padding of the last batch.
-    """
-    return jax.jit(
-        in_mesh(lambda state, batches, mask: _summed(eval_step, state, (batches, mask)), mesh),
-        out_shardings=NamedSharding(mesh, P()),
-    )
-
-
-def num_examples(data: Batch, what: str = "data") -> int:
-    """The common leading size of a batch pytree; a clear error when the leaves disagree."""
-    leaves = jax.tree_util.tree_leaves_with_path(data)
-    if not leaves:
-        raise ValueError(
-            f"{what} is empty: give a pytree of arrays, e.g. {{'image': x, 'label': y}}"
-        )
-    sizes = {jax.tree_util.keystr(p): (np.shape(x)[0] if np.ndim(x) else None) for p, x in leaves}
-    if None in sizes.values() or len(set(sizes.values())) != 1:
-        shown = ", ".join(f"{p or 'data'}: {s}" for p, s in sizes.items())
-        raise ValueError(
-            f"{what}: every array needs the same leading example axis, got leading sizes "
-            f"{shown}; pass the same examples' arrays, e.g. {{'image': x[:n], 'label': y[:n]}}"
-        )
-    return next(iter(sizes.values()))
-
-
-def epoch_indices(data_key: PRNGKey, epoch: int, num_examples: int, batch_size: int) -> np.ndarray:
-    """Example indices of every step of an epoch: `[num_examples // batch_size, batch_size]`.
-
-    The permutation is a pure function of `(data_key, epoch)`; the last partial batch is
-    dropped (a different remainder is dropped each epoch).
-    """
-    steps = num_examples // batch_size
-    if num_examples == 0:
-        raise ValueError(
-            "the training set has 0 examples: nothing to train on; give at least batch_size "
-            f"({batch_size}) examples (check the data's source and any limit or split applied)"
-        )
-    if steps == 0:
-        raise ValueError(
-            f"batch size {batch_size} is larger than the {num_examples} training examples; "
-            f"use a batch size of {num_examples} or less"
-        )
-    if num_examples % batch_size:
-        _warn_dropped(num_examples, batch_size)
-    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
-    return np.asarray(perm[: steps * batch_size], np.int32).reshape(steps, batch_size)
-
-
-def _warn_dropped(num_examples: int, batch_size: int) -> None:
-    """Says once per process (per data size and batch size) what the partial batch drops."""
-    if (num_examples, batch_size) in _WARNED_DROPPED:
-        return
-    _WARNED_DROPPED.add((num_examples, batch_size))
-    left = num_examples % batch_size
-    small = [d for d in range(1, math.isqrt(num_examples) + 1) if num_examples % d == 0]
-    divisors = small + [num_examples // d for d in small]
-    near = sorted(
-        {max(d for d in divisors if d <= batch_size), min(d for d in divisors if d >= batch_size)}
-    )
-    warnings.warn(
-        f"each epoch trains on {num_examples - left} of the {num_examples} training examples: "
-        f"the last {left} ({100 * left / num_examples:.0f}%) of each epoch's shuffled order do "
-        f"not fill a batch of {batch_size} and are left out (others each epoch). For every "
-        f"example every epoch, use a batch_size that divides {num_examples} (e.g. "
-        f"{' or '.join(map(str, near))})",
-        UserWarning,
-        stacklevel=3,
-    )
-
-
-_WARNED_DROPPED: set[tuple[int, int]] = set()
-
-
-def eval_indices(num_examples: int, batch_size: int) -> np.ndarray:
-    """`[steps, batch_size]` indices covering every example once, padded with -1."""
-    steps = math.ceil(num_examples / batch_size)
-    idx = np.full(steps * batch_size, -1, np.int32)
-    idx[:num_examples] = np.arange(num_examples, dtype=np.int32)
-    return idx.reshape(steps, batch_size)
 
 
 def params_sha256(params: PyTree) -> str:

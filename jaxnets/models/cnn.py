@@ -240,7 +240,7 @@ class _Weights(nn.Module):
 
 def _data_mesh(images: Array):
     """The mesh the program is traced under (`jax.sharding.use_abstract_mesh`, as the engine's
-    runners do) when its data axis splits this batch over several devices; else None."""
+    programs do) when its data axis splits this batch over several devices; else None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or DATA_AXIS not in mesh.axis_names:
         return None

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from jaxnets.core.types import PyTree
 from jaxnets.runs import fingerprint
 from jaxnets.runs.orbax_faults import (
     await_background_cleanup,
@@ -25,7 +26,6 @@ from jaxnets.runs.orbax_faults import (
     disk_errors,
     silence_abandoned_reads,
 )
-from jaxnets.core.types import PyTree
 from jaxnets.runs.workdir import check_free_space, check_workdir_writable
 
 FORMAT = "jaxnets.runs.checkpoint/1"

@@ -42,15 +42,15 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from jaxnets.runs import checkpoint as ckpt
-from jaxnets.runs import fingerprint, writers
-from jaxnets.engine import loop, monitoring, sharding, train
-from jaxnets.engine import hooks as jhooks
 from jaxnets.core.checks import RUN_CHECKS, Rule
-from jaxnets.runs.config import check_config
-from jaxnets.runs.lock import WorkdirLock, claim_workdir
+from jaxnets.engine import hooks as jhooks
+from jaxnets.engine import loop, monitoring, sharding, train
 from jaxnets.engine.platform import check_backend
 from jaxnets.engine.preemption import PreemptionGuard
+from jaxnets.runs import checkpoint as ckpt
+from jaxnets.runs import fingerprint, writers
+from jaxnets.runs.config import check_config
+from jaxnets.runs.lock import WorkdirLock, claim_workdir
 from jaxnets.runs.workdir import (
     START_FRESH,
     check_resumable,
@@ -511,46 +511,6 @@ def _warm_start(flags: RunConfig, state: train.TrainState, tx: Any, mesh: Any) -
     state = warm_start(state, tx, flags.warm_start, model_state=flags.warm_start_model_state)
     log.warning("warm start from %s (step 0, fresh optimiser)", flags.warm_start)
     return state
-
-
-def command_line(
-    get_config: Callable[[], Any],
-    main: Callable[[Any], Mapping[str, Any]],
-    description: str,
-    *,
-    shown: Sequence[str] = ("test", "params_sha256"),
-) -> None:
-    """An experiment's `__main__`: its flags parsed into its config, `main(config)` run, the
-    summary's `shown` entries printed with where the work directory's files are, and the
-    process exiting with the run's status (`exit_status`)."""
-    from jaxnets.runs.config import parse_config
-
-    logging.basicConfig(format="%(message)s", force=True)
-    logging.getLogger("jaxnets").setLevel(logging.INFO)  # the run's status lines
-    config = parse_config(get_config(), description=description)
-    out = main(config)
-    wd = Path(config.workdir)
-    print(json.dumps({k: out[k] for k in shown}, indent=2))
-    if out["stopped_early"]:
-        print(
-            f"stopped by a signal at step {out['step']} (checkpoint saved); "
-            "run the same command again to resume"
-        )
-    print(
-        f"plot: {wd / 'curves.png'}\nmetrics: {wd / 'metrics.jsonl'}\n"
-        f"summary: {wd / 'summary.json'}\ntensorboard events: {wd / 'tb'} (to view them: "
-        f"pip install tensorboard && tensorboard --logdir {wd / 'tb'})"
-    )
-    raise SystemExit(exit_status(out))
-
-
-def exit_status(summary: Mapping[str, Any]) -> int:
-    """The process exit status of a run: 0 when it finished; 128 + the signal's number
-    (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP) when a signal stopped it after saving,
-    as a shell reports a process the signal killed, so schedulers and `&&` know it did not
-    finish."""
-    signum = summary.get("stop_signal")
-    return 128 + int(signum) if summary.get("stopped_early") and signum else 0
 
 
 def _defaults(flags: RunConfig) -> dict:

@@ -18,9 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnets.runs import fingerprint
-
 from jaxnets.engine import train
+from jaxnets.runs import fingerprint
 
 PARTS = ("params", "model_state")
 

@@ -1,11 +1,10 @@
-"""Host-side writers: progress bar, metrics.jsonl, TensorBoard events, PNG plots, JSON."""
+"""Host-side writers: metrics.jsonl, TensorBoard events, PNG plots, tables, JSON."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -152,16 +151,6 @@ def _heatmap(array: np.ndarray) -> np.ndarray:
     return np.kron(scaled, np.ones((16, 16))).astype(np.float32)
 
 
-def _postfix(value: Any) -> str:
-    """A progress-bar value: a number to 4 decimals, an array metric as its values or shape."""
-    if isinstance(value, (int, float)):
-        return f"{value:.4f}"
-    array = np.asarray(value)
-    if array.size <= 4:
-        return "[" + " ".join(f"{v:.4g}" for v in array.reshape(-1)) + "]"
-    return "[" + "x".join(map(str, array.shape)) + "]"
-
-
 def write_hparams(
     logdir: str | os.PathLike,
     sessions: Sequence[tuple[str, dict, dict]],
@@ -196,31 +185,6 @@ def write_hparams(
                 writer.file_writer.add_summary(summary)
             for tag, value in metrics.items():
                 writer.add_scalar(tag, value, step)
-
-
-class ProgressBar:
-    """A tqdm bar for one epoch; `update(n, loss=..., accuracy=...)` after each log point."""
-
-    def __init__(self, epoch: int, epochs: int, steps: int, start: int = 0, *, disable=None):
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(
-            total=steps,
-            initial=start,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            unit="step",
-            dynamic_ncols=True,
-            leave=True,
-            file=sys.stderr,
-            disable=disable,
-        )
-
-    def update(self, n: int, **postfix: float) -> None:
-        self._bar.set_postfix({k: _postfix(v) for k, v in postfix.items()}, refresh=False)
-        self._bar.update(n)
-
-    def close(self) -> None:
-        self._bar.close()
 
 
 def plot_history(
