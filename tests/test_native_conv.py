@@ -130,6 +130,28 @@ def test_kernels_run_concurrently_on_eight_devices_with_the_same_results():
         np.testing.assert_allclose(got[1][n], want[1], rtol=1e-6, atol=1e-6)
 
 
+def test_the_kernels_targets_name_their_build_so_a_changed_kernel_is_another_program(
+    tmp_path, monkeypatch
+):
+    """The steps-per-call record is keyed on the program text: a kernel built from another
+    source (or compiler, flags, CPU) must lower to another text, or the record measured with
+    the old kernel's speed would be reused (it was: k=1 from a 6.5x slower build)."""
+    x, kernel = _random((2, 8, 8, 4), 0), _random((3, 3, 2, 4), 1)
+    key = native_conv._build_key()
+    text = jax.jit(native_conv.conv_chwn).lower(x, kernel).as_text()
+    assert f"@jaxnets_JaxnetsConvForward_{key[:8]}" in text
+    changed = tmp_path / "native_conv.cc"
+    changed.write_bytes(native_conv._SOURCE.read_bytes() + b"\n// another kernel\n")
+    monkeypatch.setattr(native_conv, "_SOURCE", changed)
+    native_conv._build_key.cache_clear()
+    try:
+        assert native_conv._build_key() != key
+    finally:
+        monkeypatch.undo()
+        native_conv._build_key.cache_clear()
+    assert native_conv._build_key() == key
+
+
 def test_lowers_to_the_kernels_on_cpu_and_to_a_convolution_elsewhere():
     x, kernel = _random((2, 8, 8, 4), 0), _random((3, 3, 2, 4), 1)
     fn = jax.jit(jax.grad(lambda x, w: jnp.sum(native_conv.conv_chwn(x, w) ** 2), (0, 1)))

@@ -72,17 +72,37 @@ FIX_CACHE = "set $JAXNETS_CACHE_DIR to a writable directory (or make {path} writ
 FIX_BUILD = "check the compiler output above, or set $CXX to another C++17 compiler"
 
 
-def _build() -> pathlib.Path:
-    """The compiled library, built now if this source/jaxlib/CPU has none cached."""
-    compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        raise _Unavailable(f"no C++ compiler {compiler!r} on PATH", FIX_COMPILER)
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+@functools.cache
+def _build_key() -> str:
+    """What the library is built from: this source, jaxlib, the compiler, its flags and the
+    CPU. It names the cached library and the FFI targets, so a program that calls the kernels
+    changes with them (the steps-per-call record is keyed on the program: a kernel that runs
+    at another speed is measured again)."""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), jaxlib.__version__, compiler, " ".join(flags)):
+    for part in (_SOURCE.read_bytes(), jaxlib.__version__, _compiler(), " ".join(_FLAGS)):
         key.update(part if isinstance(part, bytes) else part.encode())
     key.update(_cpu_identity().encode())
-    target = pathlib.Path(default_cache_dir()) / "native" / f"native_conv-{key.hexdigest()[:16]}.so"
+    return key.hexdigest()[:16]
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _target(name: str) -> str:
+    """The FFI target of kernel `name` (a key of `_TARGETS`) for this build."""
+    return f"jaxnets_{_TARGETS[name]}_{_build_key()[:8]}"
+
+
+def _build() -> pathlib.Path:
+    """The compiled library, built now if this source/jaxlib/CPU has none cached."""
+    compiler, flags = _compiler(), list(_FLAGS)
+    if shutil.which(compiler) is None:
+        raise _Unavailable(f"no C++ compiler {compiler!r} on PATH", FIX_COMPILER)
+    target = pathlib.Path(default_cache_dir()) / "native" / f"native_conv-{_build_key()}.so"
     if target.exists():
         return target
     # Built beside the target and renamed into place: concurrent builds (test workers) never
@@ -126,9 +146,9 @@ def _load() -> tuple[bool, str, str]:
         return False, *error.args
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return False, str(error), FIX_BUILD
-    for symbol in _TARGETS.values():
+    for name, symbol in _TARGETS.items():
         capsule = jax.ffi.pycapsule(getattr(library, symbol))
-        jax.ffi.register_ffi_target(f"jaxnets_{symbol}", capsule, platform="cpu")
+        jax.ffi.register_ffi_target(_target(name), capsule, platform="cpu")
     return True, "", ""
 
 
@@ -238,7 +258,7 @@ def _primitive(name: str, shape_rule) -> Primitive:
     impls = {f: jax.jit(functools.partial(prim.bind, fallback=f)) for f in (False, True)}
     prim.def_impl(lambda *args, fallback: impls[fallback](*args))
     prim.def_abstract_eval(lambda *args, fallback: shape_rule(*args))
-    ffi_lowering = jax.ffi.ffi_lowering(f"jaxnets_{_TARGETS[name]}")
+    ffi_lowering = jax.ffi.ffi_lowering(_target(name))
     twin_lowering = mlir.lower_fun(_CPU_TWIN[name], multiple_results=False)
 
     def cpu_lowering(ctx, *args, fallback):
