@@ -1,4 +1,5 @@
-"""Epoch order as a pure function of (key, epoch), Keras validation split, uint8 scaling."""
+"""Batches of examples: the size of a batch pytree, epoch order as a pure function of (key,
+epoch), Keras validation split, uint8 scaling."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnets.core.types import PRNGKey
+from jaxnets.core.types import Batch, PRNGKey
 
 
 def epoch_permutation(key: PRNGKey, epoch: int | jax.Array, num_examples: int) -> jax.Array:
@@ -81,3 +82,20 @@ NOT_UINT8 = (
     "[0, 1]) would be divided by 255 again; pass the raw uint8 pixels, or leave normalize out "
     "for images you have scaled yourself"
 )
+
+
+def num_examples(data: Batch, what: str = "data") -> int:
+    """The common leading size of a batch pytree; a clear error when the leaves disagree."""
+    leaves = jax.tree_util.tree_leaves_with_path(data)
+    if not leaves:
+        raise ValueError(
+            f"{what} is empty: give a pytree of arrays, e.g. {{'image': x, 'label': y}}"
+        )
+    sizes = {jax.tree_util.keystr(p): (np.shape(x)[0] if np.ndim(x) else None) for p, x in leaves}
+    if None in sizes.values() or len(set(sizes.values())) != 1:
+        shown = ", ".join(f"{p or 'data'}: {s}" for p, s in sizes.items())
+        raise ValueError(
+            f"{what}: every array needs the same leading example axis, got leading sizes "
+            f"{shown}; pass the same examples' arrays, e.g. {{'image': x[:n], 'label': y[:n]}}"
+        )
+    return next(iter(sizes.values()))

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from jaxnets.core.types import Batch
-from jaxnets.engine import indices
+from jaxnets.data.batching import num_examples
 
 
 class ArraySource:
@@ -25,7 +25,7 @@ class ArraySource:
 
     def __init__(self, tree: Batch):
         self.tree = tree
-        self._len = indices.num_examples(tree, "the streamed source")
+        self._len = num_examples(tree, "the streamed source")
 
     def __len__(self) -> int:
         return self._len

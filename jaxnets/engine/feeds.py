@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxnets.core.types import Batch, PRNGKey
+from jaxnets.data.batching import num_examples
 from jaxnets.engine import indices, inputs, programs, sharding, train
 
 log = logging.getLogger("jaxnets.engine.feeds")
@@ -83,7 +84,7 @@ class ResidentFeed(_Order):
     the scanned steps. Chunk arguments: `(data, idx)`."""
 
     def __init__(self, data: Batch, mesh: Mesh, batch_size: int, data_key, order=None):
-        super().__init__(mesh, indices.num_examples(data), batch_size, data_key, order)
+        super().__init__(mesh, num_examples(data), batch_size, data_key, order)
         self.data = sharding.place(data, sharding.state_shardings(data, mesh))
         self._eval: dict = {}
 
@@ -266,6 +267,6 @@ def make_feed(
     log.info("input (%s): %s", what, "streamed (Grain)" if streamed else "resident on the devices")
     if streamed:
         return StreamFeed(resolved, mesh, batch_size, data_key, order)
-    indices.num_examples(resolved, what)
+    num_examples(resolved, what)
     inputs.check_finite(resolved, what)
     return ResidentFeed(resolved, mesh, batch_size, data_key, order)

@@ -1,5 +1,5 @@
-"""The order of the examples: how many a data set has, which go in each step of an epoch (a pure
-function of the data key and the epoch), and the padded batches of an evaluation."""
+"""The order of the examples: which go in each step of an epoch (a pure function of the data
+key and the epoch), and the padded batches of an evaluation."""
 
 from __future__ import annotations
 
@@ -9,24 +9,7 @@ import warnings
 import jax
 import numpy as np
 
-from jaxnets.core.types import Batch, PRNGKey
-
-
-def num_examples(data: Batch, what: str = "data") -> int:
-    """The common leading size of a batch pytree; a clear error when the leaves disagree."""
-    leaves = jax.tree_util.tree_leaves_with_path(data)
-    if not leaves:
-        raise ValueError(
-            f"{what} is empty: give a pytree of arrays, e.g. {{'image': x, 'label': y}}"
-        )
-    sizes = {jax.tree_util.keystr(p): (np.shape(x)[0] if np.ndim(x) else None) for p, x in leaves}
-    if None in sizes.values() or len(set(sizes.values())) != 1:
-        shown = ", ".join(f"{p or 'data'}: {s}" for p, s in sizes.items())
-        raise ValueError(
-            f"{what}: every array needs the same leading example axis, got leading sizes "
-            f"{shown}; pass the same examples' arrays, e.g. {{'image': x[:n], 'label': y[:n]}}"
-        )
-    return next(iter(sizes.values()))
+from jaxnets.core.types import PRNGKey
 
 
 def epoch_indices(data_key: PRNGKey, epoch: int, num_examples: int, batch_size: int) -> np.ndarray:

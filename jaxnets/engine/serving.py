@@ -24,7 +24,8 @@ import numpy as np
 from jax import export as jax_export  # not imported by `import jax` on jax 0.7
 
 from jaxnets.core.checks import POSITIVE_INT, check_argument
-from jaxnets.engine import indices, sharding
+from jaxnets.data.batching import num_examples
+from jaxnets.engine import sharding
 
 # (params, model_state, inputs) -> outputs: the forward pass in evaluation mode.
 ApplyFn = Callable[[Any, Any, Any], Any]
@@ -78,7 +79,7 @@ def predict(
     check_argument("batch_size", batch_size, POSITIVE_INT)
     apply = forward_fn(objective_or_apply_fn)
     mesh = sharding.make_mesh() if mesh is None else mesh
-    n = indices.num_examples(data, "data")
+    n = num_examples(data, "data")
     devices = sharding.num_devices(mesh)
     batch = -(-min(batch_size, n) // devices) * devices
     steps = -(-n // batch)

@@ -48,6 +48,7 @@ import optax
 from jaxnets.core import optim
 from jaxnets.core.checks import POSITIVE_INT, check_argument
 from jaxnets.core.types import Batch, PRNGKey
+from jaxnets.data.batching import num_examples
 from jaxnets.engine import hooks, indices, loop, sharding, train
 
 # The seed CNN's optimiser (SEEDS.md): SGD 0.05, Nesterov 0.9, inverse-time decay 1e-6.
@@ -406,7 +407,7 @@ def fit_sweep(
     check_argument("epochs", epochs, POSITIVE_INT)
     check_argument("batch_size", batch_size, POSITIVE_INT)
     check_argument("log_every_steps", log_every_steps, POSITIVE_INT)
-    n = indices.num_examples(train_data, "training data")
+    n = num_examples(train_data, "training data")
     sample = jax.tree.map(lambda x: np.asarray(x[:1]), train_data)
     params_shape = jax.eval_shape(objective.init, jax.random.key(0), sample)[0]
     injected = injected_hyperparameters(tx, params_shape)

@@ -27,7 +27,7 @@ A complete loop from the public parts (what `jaxnets.engine.loop.fit` does, with
     state = sharding.place(state, shardings)
     data = sharding.place(train_set, sharding.state_shardings(train_set, mesh))
     for epoch in range(epochs):
-        idx = indices.epoch_indices(data_key, epoch, indices.num_examples(train_set), batch_size)
+        idx = indices.epoch_indices(data_key, epoch, batching.num_examples(train_set), batch_size)
         state, metrics = program(state, data, sharding.place_columns(mesh, idx))
 """
 
