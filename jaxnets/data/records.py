@@ -60,13 +60,13 @@ class RowFile:
     """
 
     def __init__(self, path, shape, dtype, offset, row_shape=None):
-        self.path, self._stored, self._offset = os.fspath(path), np.dtype(dtype), int(offset)
+        self.path, self._stored, self.offset = os.fspath(path), np.dtype(dtype), int(offset)
         row_shape = tuple(shape[1:]) if row_shape is None else tuple(row_shape)
         self.shape = (int(shape[0]), *row_shape)
         self.dtype, self.ndim = self._stored.newbyteorder("="), len(self.shape)
         self._row = int(np.prod(shape[1:], dtype=np.int64)) * self._stored.itemsize
         self.nbytes = self._row * self.shape[0]
-        need = self._offset + self.nbytes
+        need = self.offset + self.nbytes
         if os.path.getsize(self.path) < need:
             raise OSError(
                 f"{self.path} is truncated: {os.path.getsize(self.path)} bytes, its header "
@@ -84,7 +84,7 @@ class RowFile:
         for j, i in enumerate(rows.reshape(-1).tolist()):
             if not 0 <= i < self.shape[0]:
                 raise IndexError(f"row {i} of {self.path} ({self.shape[0]} rows)")
-            if os.preadv(self._fd, [flat[j]], self._offset + i * self._row) != self._row:
+            if os.preadv(self._fd, [flat[j]], self.offset + i * self._row) != self._row:
                 raise OSError(f"{self.path} is truncated: row {i} is incomplete")
         return out.astype(self.dtype, copy=False).reshape(*rows.shape, *self.shape[1:])
 

@@ -71,7 +71,8 @@ class Hook:
         """Takes back `checkpoint_state()` of the checkpoint a run resumes from."""
 
 
-def _check_schedule(every_steps: int, every_seconds: float) -> None:
+def check_schedule(every_steps: int, every_seconds: float) -> None:
+    """Refuses a hook schedule that is not a count of steps / seconds >= 0 (0: off)."""
     if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 0:
         raise ValueError(f"every_steps={every_steps!r}; use an int >= 0 (0: off)")
     if not every_seconds >= 0:
@@ -93,7 +94,7 @@ class Periodic(Hook):
     ):
         if not callable(fn):
             raise TypeError(f"Periodic's fn must be a function (step, state), got {fn!r}")
-        _check_schedule(every_steps, every_seconds)
+        check_schedule(every_steps, every_seconds)
         self.fn, self.every_steps, self.every_seconds = fn, every_steps, every_seconds
         self.at_epoch_end, self.on_stop = at_epoch_end, on_stop
 
@@ -169,7 +170,7 @@ class Log(Hook):
     every_steps, order, timer = 1, LOGGING, "logging"
 
     def __init__(self, *sinks: Any, every_steps: int = 10, close: bool = True):
-        _check_schedule(every_steps, 0.0)
+        check_schedule(every_steps, 0.0)
         if every_steps < 1:
             raise ValueError(f"Log(every_steps={every_steps}); use an int >= 1")
         for sink in sinks:
@@ -326,7 +327,7 @@ class Checkpoint(Hook):
         position: Mapping | None = None,
         hook_state: Mapping[str, Any] | None = None,
     ):
-        _check_schedule(every_steps, every_seconds)
+        check_schedule(every_steps, every_seconds)
         self.checkpointer, self.every_steps, self.every_seconds = (
             checkpointer,
             every_steps,

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from jaxnets.engine.hooks import LOGGING, Hook, _check_schedule
+from jaxnets.engine.hooks import LOGGING, Hook, check_schedule
 
 log = logging.getLogger("jaxnets.engine.monitoring")
 
@@ -99,7 +99,7 @@ class Throughput(Hook):
         flops_per_step: float | None = None,
         peak_flops_per_device: float | None = None,
     ):
-        _check_schedule(every_steps, 0.0)
+        check_schedule(every_steps, 0.0)
         if every_steps < 1:
             raise ValueError(f"Throughput(every_steps={every_steps}); use an int >= 1")
         self.window, self.flops_per_step, self.peak = (

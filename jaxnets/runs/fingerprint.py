@@ -95,9 +95,9 @@ def _hash_file(h: Any, path: str, offset: int = 0, size: int | None = None) -> N
 
 
 def _hash_array(h: Any, x: Any) -> None:
-    if hasattr(x, "path") and hasattr(x, "_offset") and hasattr(x, "nbytes"):  # a RowFile
+    if hasattr(x, "path") and hasattr(x, "offset") and hasattr(x, "nbytes"):  # a RowFile
         h.update(f"rows {tuple(x.shape)} {np.dtype(x.dtype).str}\n".encode())
-        _hash_file(h, x.path, x._offset, x.nbytes)
+        _hash_file(h, x.path, x.offset, x.nbytes)
         return
     x = np.asarray(x)  # a memory map stays one: only the sampled pages are read
     h.update(f"array {x.shape} {x.dtype.str}\n".encode())
