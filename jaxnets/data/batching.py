@@ -91,11 +91,15 @@ def num_examples(data: Batch, what: str = "data") -> int:
         raise ValueError(
             f"{what} is empty: give a pytree of arrays, e.g. {{'image': x, 'label': y}}"
         )
-    sizes = {jax.tree_util.keystr(p): (np.shape(x)[0] if np.ndim(x) else None) for p, x in leaves}
+    sizes: dict[str, int | None] = {
+        jax.tree_util.keystr(p): (int(np.shape(x)[0]) if np.ndim(x) else None) for p, x in leaves
+    }
     if None in sizes.values() or len(set(sizes.values())) != 1:
         shown = ", ".join(f"{p or 'data'}: {s}" for p, s in sizes.items())
         raise ValueError(
             f"{what}: every array needs the same leading example axis, got leading sizes "
             f"{shown}; pass the same examples' arrays, e.g. {{'image': x[:n], 'label': y[:n]}}"
         )
-    return next(iter(sizes.values()))
+    (size,) = set(sizes.values())
+    assert size is not None  # refused above
+    return size

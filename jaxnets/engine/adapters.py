@@ -128,7 +128,7 @@ class _Parts(NamedTuple):
                 f"the loss returned shape {value.shape}; return per-example losses [{n}] or a "
                 "scalar (e.g. reduction='none' or reduction='mean')"
             )
-        out = {"loss": reported}
+        out: dict[str, jmetrics.Metric] = {"loss": reported}
         if self.penalty is not None:
             p = self.penalty(params)
             loss = loss + p
@@ -367,7 +367,7 @@ def nnx(
     parts = _parts(inputs, targets, loss, metrics, penalty, preprocess)
     model = fnnx.clone(module)
     model.train()
-    train_def, params0, rest0 = fnnx.split(model, fnnx.Param, ...)
+    train_def, params0, rest0 = fnnx.split(model, fnnx.Param, ...)  # type: ignore[misc]
     model.eval()
     eval_def = fnnx.graphdef(model)
     streams = sorted(

@@ -37,6 +37,7 @@ EVAL_STEPS_PER_CALL = 50  # streamed evaluation: batches per device call
 class Feed(Protocol):
     """What `loop.fit` and `evaluation.evaluate` need of an input."""
 
+    mesh: Mesh
     num_examples: int
     batch_size: int
 

@@ -352,7 +352,7 @@ def _label(config: Mapping[str, Any], axes: Sequence[str]) -> str:
 
 def _per_model(record: Mapping[str, Any], num_models: int) -> list[dict]:
     """One record per model of a record whose metrics are lists of K values."""
-    out = [{} for _ in range(num_models)]
+    out: list[dict] = [{} for _ in range(num_models)]
     for name, value in record.items():
         for k in range(num_models):
             out[k][name] = float(value[k]) if isinstance(value, list) else value
