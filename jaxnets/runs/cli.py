@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxnets.runs.config import parse_config
+
 
 def command_line(
     get_config: Callable[[], Any],
@@ -20,8 +22,6 @@ def command_line(
     """An experiment's `__main__`: its flags parsed into its config, `main(config)` run, the
     summary's `shown` entries printed with where the work directory's files are, and the
     process exiting with the run's status (`exit_status`)."""
-    from jaxnets.runs.config import parse_config
-
     logging.basicConfig(format="%(message)s", force=True)
     logging.getLogger("jaxnets").setLevel(logging.INFO)  # the run's status lines
     config = parse_config(get_config(), description=description)
