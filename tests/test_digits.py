@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import chex
@@ -15,6 +18,8 @@ import pytest
 from experiments import digits
 from jaxnets import checkpoint as ckpt
 from jaxnets import ema, train, writers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # 1,079 training digits, batch 64: 16 steps an epoch, on 2 devices.
 TINY = dataclasses.replace(
@@ -120,6 +125,28 @@ def test_a_finished_run_says_so(full, caplog):
         again = digits.main(dataclasses.replace(TINY, workdir=full["config"]["workdir"]))
     assert "has already finished (step 32 of 32)" in caplog.text
     assert again["params_sha256"] == full["params_sha256"] and again["test"] == full["test"]
+
+
+def test_the_command_line_says_the_status_lines_in_its_flags(full):
+    """The library's status line names arguments (`epochs=`, `restart=True`); the experiment's
+    command line says its flags, as its errors do."""
+    wd = full["config"]["workdir"]
+    flags = ["--workdir", wd, "--epochs", "2", "--devices", "2", "--steps-per-dispatch", "1"]
+    flags += ["--log-every-steps", "8", "--no-progress", "--checkpoint-every-minutes", "0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.digits", *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stderr.splitlines() if "has already finished" in line]
+    assert said == [
+        f"the run in {wd} has already finished (step 32 of 32); to train on, raise --epochs "
+        "<more than it had>; to start over, --restart"
+    ]
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxnets.runs.config import parse_config
+from jaxnets.runs.config import flags_of, parse_config
 
 
 def command_line(
@@ -25,6 +25,8 @@ def command_line(
     logging.basicConfig(format="%(message)s", force=True)
     logging.getLogger("jaxnets").setLevel(logging.INFO)  # the run's status lines
     config = parse_config(get_config(), description=description)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_InFlags(config))
     out = main(config)
     wd = Path(config.workdir)
     print(json.dumps({k: out[k] for k in shown}, indent=2))
@@ -39,6 +41,20 @@ def command_line(
         f"pip install tensorboard && tensorboard --logdir {wd / 'tb'})"
     )
     raise SystemExit(exit_status(out))
+
+
+class _InFlags(logging.Filter):
+    """The library's status lines as the command line's user reads them: the arguments they
+    name (`restart=True`, `epochs=...`) written as this experiment's flags (`flags_of`)."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("jaxnets"):
+            record.msg, record.args = flags_of(record.getMessage(), self.config), None
+        return True
 
 
 def exit_status(summary: Mapping[str, Any]) -> int:
