@@ -433,3 +433,29 @@ def test_python_scalars_and_numpy_leaves_round_trip(tmp_path):
     assert isinstance(restored["counts"], np.ndarray)
     np.testing.assert_array_equal(restored["counts"], state["counts"])
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.ones(2, np.float32))
+
+
+def test_asyncio_reports_of_abandoned_reads_are_dropped_and_nothing_else():
+    """A failed restore abandons TensorStore reads; asyncio reports each as a Task (its
+    coroutine named) or, depending on timing, a bare Future holding TensorStore's error. Both
+    are dropped (the CheckpointError says what is wrong); any other report is kept."""
+    import logging
+
+    from jaxnets.runs.orbax_faults import _abandoned_read_log
+
+    def record(msg):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+
+    read = 'Error reading "key/.zarray" in OCDBT database at local file "/x/4/state/"'
+    assert _abandoned_read_log(
+        record("Task exception was never retrieved\nfuture: <Task coro=<async_deserialize()>>")
+    )
+    assert _abandoned_read_log(
+        record(f"Future exception was never retrieved\nfuture: <Future exception={read}>")
+    )
+    assert _abandoned_read_log(
+        record('Future exception was never retrieved\nError opening "zarr" driver: ...')
+    )
+    assert not _abandoned_read_log(record("Future exception was never retrieved\nKeyError: 3"))
+    assert not _abandoned_read_log(record("Task exception was never retrieved\n<Task coro=f()>"))
+    assert not _abandoned_read_log(record("Executing <Task ...> took 0.2 seconds"))

@@ -58,6 +58,17 @@ def _is_abandoned_read(exc_type, exc, tb) -> bool:
     return "call_soon_threadsafe" in frames or "_check_closed" in frames
 
 
+def _abandoned_read_log(record: logging.LogRecord) -> bool:
+    """asyncio's report of an abandoned array read: a Task (its coroutine named) or a bare
+    Future (only TensorStore's error in it) whose exception nobody retrieved."""
+    message = record.getMessage()
+    if message.startswith("Task exception was never retrieved"):
+        return "async_deserialize" in message
+    if message.startswith("Future exception was never retrieved"):
+        return "OCDBT database" in message or '"zarr" driver' in message
+    return False
+
+
 def silence_abandoned_reads() -> None:
     """Keeps a failed restore's message readable (installed once, process-wide).
 
@@ -65,19 +76,12 @@ def silence_abandoned_reads() -> None:
     event loop while TensorStore still reads the others; each of those reads then reports
     `RuntimeError: Event loop is closed` as an unraisable exception (hundreds of lines over
     the CheckpointError that says what is wrong), and asyncio logs each abandoned read's
-    own error ("Task exception was never retrieved"). Only those are dropped.
+    own error ("Task/Future exception was never retrieved"). Only those are dropped.
     """
     previous = sys.unraisablehook
     if getattr(previous, "_jaxnets_filter", False):
         return
-    logging.getLogger("asyncio").addFilter(
-        lambda record: (
-            not (
-                str(record.msg).startswith("Task exception was never retrieved")
-                and "async_deserialize" in record.getMessage()
-            )
-        )
-    )
+    logging.getLogger("asyncio").addFilter(lambda record: not _abandoned_read_log(record))
 
     def hook(args):
         if not _is_abandoned_read(args.exc_type, args.exc_value, args.exc_traceback):
