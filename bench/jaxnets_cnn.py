@@ -2,7 +2,7 @@
 
 Run: python bench/jaxnets_cnn.py [--conv-impl auto] [--steps-per-dispatch K] [--devices 1]
          [--input auto|resident|stream]
-Trains through `jaxnets.engine.loop.fit` (the public engine); epoch times are fit's `epoch_seconds`.
+Trains through `jaxnets.fit` (the public engine); epoch times are fit's `epoch_seconds`.
 Prints per-epoch seconds, images/s, validation accuracy after the last epoch, the convolution
 implementation that ran and, with --flops, XLA's FLOP count of one train step (forward +
 backward + update, batch 100; of the im2col twin when the native kernels run, whose FLOPs

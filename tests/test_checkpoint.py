@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -93,6 +94,26 @@ def test_round_trip_is_bit_exact(tmp_path, typed_key, async_save):
     with Checkpointer(tmp_path, read_only=True) as reader:
         again, _, _ = reader.restore(jax.eval_shape(lambda: state))
     assert_trees_equal(again, state)
+
+
+def test_the_on_disk_format_name_is_the_one_earlier_checkpoints_carry(tmp_path):
+    """Checkpoints written by earlier versions say `jaxnets.checkpoint/1` in their metadata;
+    a name that followed the module's move (`jaxnets.runs.checkpoint`) refused every one of
+    them as unreadable metadata. A new checkpoint still writes that name, and one whose
+    metadata says it restores."""
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, make_state(1), metadata={"epoch": 0})
+        ckpt.wait_until_finished()
+    written = [
+        json.loads(open(f).read())
+        for f in glob.glob(f"{tmp_path}/1/meta/**/*", recursive=True)
+        if os.path.isfile(f) and open(f, "rb").read(1) == b"{"
+    ]
+    assert any(w.get("format") == "jaxnets.checkpoint/1" for w in written), written
+    with Checkpointer(tmp_path, read_only=True) as reader:
+        state, meta, step = reader.restore(make_state(0))
+    assert (step, meta) == (1, {"epoch": 0})
+    assert_trees_equal(state, make_state(1))
 
 
 def test_keep_last_k(tmp_path):

@@ -71,8 +71,8 @@ inline void MulAdd(Vec& acc, const Vec& a, const Vec& b) {
 }
 
 // Blocks of 16 accumulators fit AVX-512's 32 registers; where a Vec takes 2-4 registers the
-// blocks are 4 accumulators. The block shape never changes what is summed in which order for
-// an output.
+// blocks are 4-6 accumulators. The block shape never changes what is summed in which order
+// for an output.
 constexpr bool kWideRegisters = kParts == 1;
 
 using Units = std::vector<std::function<void()>>;

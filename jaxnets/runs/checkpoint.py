@@ -28,7 +28,9 @@ from jaxnets.runs.orbax_faults import (
 )
 from jaxnets.runs.workdir import check_free_space, check_workdir_writable
 
-FORMAT = "jaxnets.runs.checkpoint/1"
+# The on-disk format name, in every checkpoint's metadata: not a module path (it did not move with
+# the module), and changing it would refuse every checkpoint written before.
+FORMAT = "jaxnets.checkpoint/1"
 _STATE, _META = "state", "meta"
 _QUARANTINE = "corrupted"
 # The library's words (a run's `open_run` adds the experiments' flags).
